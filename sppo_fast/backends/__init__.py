@@ -1,0 +1,27 @@
+"""Kernel backends: each serves the two vocabulary-sized kernels of SPEC §9, nothing else.
+
+A backend is a module with exactly these two functions. The dispatch layer (`sppo_fast.dispatch`)
+has already validated every argument, so a backend never checks input again:
+
+    token_logprobs_forward(logits, targets, temperature, ignore_index, compute_entropy)
+        -> (logp, entropy, lse)
+
+        logits  (N, V) fp32/bf16/fp16, logits.stride(1) == 1 (any row stride; N or V may be 0)
+        targets (N,) int64 contiguous, each in [0, V) or == ignore_index
+        returns three contiguous fp32 (N,) tensors; with z = logits / temperature:
+            lse     = log sum_j exp(z_j)           (kept for the backward; any value on ignored rows)
+            logp    = z[target] - lse              (0 where targets == ignore_index)
+            entropy = lse - sum_j p_j z_j          (0 where ignored; all zeros if not compute_entropy)
+        -inf logits are legal: p_j = 0 and 0 * -inf counts as 0. NaN in a row gives NaN in that row.
+
+    token_logprobs_backward(logits, targets, lse, entropy, grad_logp, grad_entropy,
+                            temperature, ignore_index, inplace) -> grad_logits
+
+        grad_logp (N,) fp32; grad_entropy (N,) fp32 or None (no entropy term)
+        with p_j = exp(z_j - lse), the gradient of the logits, in logits.dtype, (N, V):
+            grad_j = (grad_logp * (1[j == target] - p_j)
+                      - grad_entropy * p_j * (z_j - lse + entropy)) / temperature
+        where p_j == 0 the entropy term is 0 (never NaN from -inf); rows with targets == ignore_index
+        are 0. inplace=True writes the gradient into `logits` itself and returns it (the caller no
+        longer needs the logits); otherwise a new contiguous tensor is returned.
+"""
