@@ -1,0 +1,29 @@
+"""sppo-fast: fused kernels and a small trainer for reinforcement learning of reasoning LLMs with
+verifiable rewards (SPPO, GRPO, DAPO, Dr. GRPO, RLOO, GSPO, SSPO, PPO). The contract is SPEC.md."""
+
+from .advantages import gae, group_advantage, rloo_advantage, sequence_advantage, value_bce_loss
+from .dispatch import backend_info
+from .losses import EntropyAdaptiveClip, PolicyLossConfig, PolicyLossOutput, policy_loss
+from .ops import fused_linear_policy_loss, fused_policy_loss, linear_logprobs, token_logprobs
+from .segments import newline_token_ids, segment_ids
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "token_logprobs",
+    "linear_logprobs",
+    "segment_ids",
+    "newline_token_ids",
+    "PolicyLossConfig",
+    "EntropyAdaptiveClip",
+    "policy_loss",
+    "fused_policy_loss",
+    "fused_linear_policy_loss",
+    "PolicyLossOutput",
+    "sequence_advantage",
+    "value_bce_loss",
+    "group_advantage",
+    "rloo_advantage",
+    "gae",
+    "backend_info",
+]

@@ -1,0 +1,314 @@
+"""The fused ops: torch.library custom ops around the two kernels of SPEC §9, their autograd, and the
+public functions of SPEC §2 that check their arguments and compose them with the loss stage.
+
+Four custom ops (namespace `sppo_fast`) carry all vocabulary-sized work:
+    token_logprobs_forward / token_logprobs_backward(_)   on (N, V) logits
+    linear_logprobs_forward / linear_logprobs_backward     on (N, H) hidden x (V, H) weight, chunked
+Each has a fake (meta) implementation, so torch.compile traces them without graph breaks."""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import dispatch, reference
+from ._checks import (
+    check_float,
+    check_integer,
+    check_logits_and_targets,
+    check_same_device,
+    check_shape,
+    check_targets_range,
+    check_temperature,
+)
+from .losses import aggregate, check_loss_inputs
+
+# ----------------------------------------------------------------------------------------------------
+# Kernel ops on (N, V) logits
+
+
+@torch.library.custom_op("sppo_fast::token_logprobs_forward", mutates_args=())
+def token_logprobs_forward(logits: Tensor, targets: Tensor, temperature: float, ignore_index: int,
+                           compute_entropy: bool, inplace_backward: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(logp, entropy, lse), fp32 (N,). `inplace_backward` only tells the autograd formula where to
+    write the gradient."""
+    backend = dispatch.backend_for(logits.device)
+    return backend.token_logprobs_forward(logits, targets, temperature, ignore_index, compute_entropy)
+
+
+@token_logprobs_forward.register_fake
+def _(logits, targets, temperature, ignore_index, compute_entropy, inplace_backward):
+    n = logits.shape[0]
+    return tuple(logits.new_empty(n, dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("sppo_fast::token_logprobs_backward", mutates_args=())
+def token_logprobs_backward(logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Tensor,
+                            grad_entropy: Optional[Tensor], temperature: float, ignore_index: int) -> Tensor:
+    backend = dispatch.backend_for(logits.device)
+    return backend.token_logprobs_backward(logits, targets, lse, entropy, grad_logp, grad_entropy,
+                                           temperature, ignore_index, False)
+
+
+@token_logprobs_backward.register_fake
+def _(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("sppo_fast::token_logprobs_backward_", mutates_args=("logits",))
+def token_logprobs_backward_(logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Tensor,
+                             grad_entropy: Optional[Tensor], temperature: float, ignore_index: int) -> None:
+    """The in-place backward: overwrites `logits` with their gradient (Liger-Kernel's convention)."""
+    backend = dispatch.backend_for(logits.device)
+    backend.token_logprobs_backward(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature,
+                                    ignore_index, True)
+
+
+@token_logprobs_backward_.register_fake
+def _(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index):
+    return None
+
+
+def _token_setup_context(ctx, inputs, output):
+    logits, targets, temperature, ignore_index, compute_entropy, inplace_backward = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(logits, targets, lse, entropy)
+    ctx.options = (temperature, ignore_index, compute_entropy, inplace_backward)
+    ctx.mark_non_differentiable(lse)
+
+
+def _token_backward(ctx, grad_logp, grad_entropy, _grad_lse):
+    logits, targets, lse, entropy = ctx.saved_tensors
+    temperature, ignore_index, compute_entropy, inplace = ctx.options
+    grad_logp = _coefficients(grad_logp, lse)
+    grad_entropy = _coefficients(grad_entropy, lse) if compute_entropy and grad_entropy is not None else None
+    args = (targets, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index)
+    if inplace:
+        token_logprobs_backward_(logits, *args)
+        grad = logits
+    else:
+        grad = token_logprobs_backward(logits, *args)
+    return grad, None, None, None, None, None
+
+
+def _coefficients(grad, like):
+    if grad is None:
+        return torch.zeros_like(like)
+    return grad.to(torch.float32).contiguous()
+
+
+token_logprobs_forward.register_autograd(_token_backward, setup_context=_token_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernel ops on hidden states x lm_head: a chunked matmul with the two kernels as its epilogue
+
+
+def default_chunk_size(n_rows, vocab):
+    """Rows per chunk: about 64 MiB of fp32 logits, at least 128 rows so the matmul stays efficient."""
+    rows = max(128, (1 << 24) // max(vocab, 1))
+    return max(1, min(n_rows, rows))
+
+
+def _chunk_logits(hidden, weight, bias, a, b):
+    h = hidden[a:b]
+    return h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
+
+
+@torch.library.custom_op("sppo_fast::linear_logprobs_forward", mutates_args=())
+def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                            temperature: float, ignore_index: int, compute_entropy: bool,
+                            chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    backend = dispatch.backend_for(hidden.device)
+    n = hidden.shape[0]
+    logp, entropy, lse = (hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
+    for a in range(0, n, chunk_size):
+        b = min(a + chunk_size, n)
+        out = backend.token_logprobs_forward(_chunk_logits(hidden, weight, bias, a, b), targets[a:b],
+                                             temperature, ignore_index, compute_entropy)
+        logp[a:b], entropy[a:b], lse[a:b] = out
+    return logp, entropy, lse
+
+
+@linear_logprobs_forward.register_fake
+def _(hidden, weight, bias, targets, temperature, ignore_index, compute_entropy, chunk_size):
+    return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("sppo_fast::linear_logprobs_backward", mutates_args=())
+def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                             lse: Tensor, entropy: Tensor, grad_logp: Tensor, grad_entropy: Optional[Tensor],
+                             temperature: float, ignore_index: int,
+                             chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_hidden, grad_weight, grad_bias); the chunk's logits are recomputed, never stored."""
+    backend = dispatch.backend_for(hidden.device)
+    n = hidden.shape[0]
+    grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    grad_bias = torch.zeros(weight.shape[0] if bias is not None else 0, dtype=torch.float32,
+                            device=weight.device)
+    for a in range(0, n, chunk_size):
+        b = min(a + chunk_size, n)
+        g_ent = None if grad_entropy is None else grad_entropy[a:b]
+        logits = _chunk_logits(hidden, weight, bias, a, b)
+        grad = backend.token_logprobs_backward(logits, targets[a:b], lse[a:b], entropy[a:b], grad_logp[a:b],
+                                               g_ent, temperature, ignore_index, True)
+        grad_hidden[a:b] = grad @ weight
+        grad_weight.addmm_(grad.T.to(torch.float32), hidden[a:b].to(torch.float32))
+        if bias is not None:
+            grad_bias += grad.sum(0, dtype=torch.float32)
+    return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+
+
+@linear_logprobs_backward.register_fake
+def _(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index,
+      chunk_size):
+    n_bias = weight.shape[0] if bias is not None else 0
+    return (torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(weight),
+            weight.new_empty(n_bias))
+
+
+def _linear_setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, temperature, ignore_index, compute_entropy, chunk_size = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+    ctx.options = (temperature, ignore_index, compute_entropy, chunk_size)
+    ctx.mark_non_differentiable(lse)
+
+
+def _linear_backward(ctx, grad_logp, grad_entropy, _grad_lse):
+    hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+    temperature, ignore_index, compute_entropy, chunk_size = ctx.options
+    grad_logp = _coefficients(grad_logp, lse)
+    grad_entropy = _coefficients(grad_entropy, lse) if compute_entropy and grad_entropy is not None else None
+    g_hidden, g_weight, g_bias = linear_logprobs_backward(hidden, weight, bias, targets, lse, entropy, grad_logp,
+                                                          grad_entropy, temperature, ignore_index, chunk_size)
+    return g_hidden, g_weight, (g_bias if bias is not None else None), None, None, None, None, None
+
+
+linear_logprobs_forward.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public functions (SPEC §2)
+
+
+def _rows(x, width):
+    """(N, width) view with unit stride along the last dim; copies only when it must."""
+    x = x.reshape(-1, width)
+    return x if x.stride(-1) == 1 or x.shape[0] == 0 else x.contiguous()
+
+
+def _flat_targets(targets):
+    return targets.reshape(-1).to(torch.long).contiguous()
+
+
+def _check_vocab(logits, name):
+    if logits.shape[-1] == 0 and logits.numel() == 0 and logits.shape[:-1].numel() > 0:
+        raise ValueError(f"{name} has an empty vocabulary dimension: shape {tuple(logits.shape)}")
+
+
+def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, return_entropy=False,
+                   inplace_backward=False):
+    """Per-token log-probs of `targets` under softmax(logits / temperature), fp32 with the leading shape
+    of `targets`; with return_entropy, also the entropy of each distribution (SPEC §3.1)."""
+    temperature = check_logits_and_targets(logits, targets, temperature, ignore_index)
+    _check_vocab(logits, "logits")
+    if logits.dtype == torch.float64:  # the fp64 oracle path: eager, differentiable by autograd
+        return reference.token_logprobs(logits, targets, temperature=temperature, ignore_index=ignore_index,
+                                        return_entropy=return_entropy)
+    lead, vocab = targets.shape, logits.shape[-1]
+    logp, entropy, _ = token_logprobs_forward(_rows(logits, vocab), _flat_targets(targets), temperature,
+                                              ignore_index, bool(return_entropy), bool(inplace_backward))
+    logp = logp.reshape(lead)
+    return (logp, entropy.reshape(lead)) if return_entropy else logp
+
+
+def _check_linear(hidden, weight, bias, targets, temperature, ignore_index, chunk_size):
+    check_float("hidden", hidden)
+    check_float("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (V, H), got {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden must have shape (..., H) with H = weight.shape[1] = {weight.shape[1]}, "
+                         f"got {tuple(hidden.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    if bias is not None:
+        check_shape("bias", check_float("bias", bias), weight.shape[:1], "one entry per row of weight (V,)")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias ({bias.dtype}) and weight ({weight.dtype}) must share a dtype")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_integer("targets", targets)
+    check_shape("targets", targets, hidden.shape[:-1], "the leading shape of hidden (..., H)")
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
+    check_targets_range(targets, weight.shape[0], ignore_index)
+    return check_temperature(temperature)
+
+
+def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
+                    return_entropy=False, chunk_size=None):
+    """`token_logprobs(hidden @ weight.T + bias, ...)` without materialising the (N, V) logits: a
+    chunked matmul whose chunks are consumed by the kernels and recomputed in the backward."""
+    temperature = _check_linear(hidden, weight, bias, targets, temperature, ignore_index, chunk_size)
+    if hidden.dtype == torch.float64:
+        return reference.linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                                         ignore_index=ignore_index, return_entropy=return_entropy)
+    lead, (vocab, width) = targets.shape, weight.shape
+    rows = _rows(hidden, width)
+    chunk = chunk_size or default_chunk_size(rows.shape[0], vocab)
+    logp, entropy, _ = linear_logprobs_forward(rows, weight, bias, _flat_targets(targets), temperature,
+                                               ignore_index, bool(return_entropy), int(chunk))
+    logp = logp.reshape(lead)
+    return (logp, entropy.reshape(lead)) if return_entropy else logp
+
+
+def _check_bt(name, x):
+    if x.dim() != 3:
+        raise ValueError(f"{name} must have shape (B, T, {'V' if name == 'logits' else 'H'}), "
+                         f"got {tuple(x.shape)}")
+
+
+def fused_policy_loss(logits, targets, old_logp, advantages, mask, config, *, segment_ids=None, ref_logp=None,
+                      temperature=1.0, normalizer=None, inplace_backward=False):
+    """The policy loss of SPEC §3 straight from (B, T, V) logits: one forward kernel, the (B, T) loss
+    stage, one backward kernel. Equals policy_loss(token_logprobs(logits, ...), ...)."""
+    check_float("logits", logits)
+    _check_bt("logits", logits)
+    temperature = check_logits_and_targets(logits, targets, temperature, -100)
+    valid, advantages = _check_loss_args(logits[..., 0], old_logp, advantages, mask, config, segment_ids,
+                                         ref_logp, normalizer)
+    logp, entropy = token_logprobs(logits, targets, temperature=temperature, return_entropy=True,
+                                   inplace_backward=inplace_backward)
+    return aggregate(logp, old_logp, advantages, valid, config, segment_ids=segment_ids, entropy=entropy,
+                     ref_logp=ref_logp, normalizer=normalizer)
+
+
+def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask, config, *, bias=None,
+                             segment_ids=None, ref_logp=None, temperature=1.0, normalizer=None,
+                             chunk_size=None):
+    """The policy loss of SPEC §3 from hidden states and the lm_head weight, never holding the logits."""
+    check_float("hidden", hidden)
+    _check_bt("hidden", hidden)
+    _check_linear(hidden, weight, bias, targets, temperature, -100, chunk_size)
+    valid, advantages = _check_loss_args(hidden[..., 0], old_logp, advantages, mask, config, segment_ids,
+                                         ref_logp, normalizer)
+    logp, entropy = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                                    return_entropy=True, chunk_size=chunk_size)
+    return aggregate(logp, old_logp, advantages, valid, config, segment_ids=segment_ids, entropy=entropy,
+                     ref_logp=ref_logp, normalizer=normalizer)
+
+
+def _check_loss_args(like, old_logp, advantages, mask, config, segment_ids, ref_logp, normalizer):
+    """The (B, T) checks of policy_loss, run before any kernel; `like` stands in for logp."""
+    stand_in = torch.empty(like.shape, dtype=torch.float32, device=like.device)
+    needs_entropy = None if config is None else stand_in  # the fused ops always compute the entropy
+    return check_loss_inputs(stand_in, old_logp, advantages, mask, config, segment_ids=segment_ids,
+                             entropy=needs_entropy, ref_logp=ref_logp, normalizer=normalizer,
+                             logp_name="targets")
+
+

@@ -1,0 +1,79 @@
+"""Eager PyTorch for every formula of SPEC §3: the executable specification that each kernel is tested
+against. Pass float64 tensors to get the oracle; other dtypes compute in float32 (SPEC §3: all
+accumulation in fp32). The loss family itself (§3.2-§3.6) is `sppo_fast.losses`, written once in
+PyTorch on (B, T) tensors and shared by every backend, so the references here compose with it."""
+
+import torch
+
+from .losses import policy_loss
+
+
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def logprobs_entropy_lse(logits, targets, temperature=1.0, ignore_index=-100):
+    """SPEC §3.1 forward on (..., V): returns (logp, entropy, lse) in the compute dtype."""
+    z = logits.to(_compute_dtype(logits.dtype)) / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    ignored = targets == ignore_index
+    safe_targets = torch.where(ignored, torch.zeros_like(targets), targets).long()
+    logp = z.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1) - lse
+    # entropy = lse - sum p z, written as sum p (lse - z): the same number without the cancellation of
+    # two large terms (logits of 1e4); p == 0 terms are 0 (0 * -inf counts as 0, SPEC §3.1).
+    p = torch.exp(z - lse.unsqueeze(-1))
+    surprisal = lse.unsqueeze(-1) - z
+    entropy = torch.where(p > 0, p * surprisal, torch.zeros_like(p)).sum(-1)
+    zero = torch.zeros_like(logp)
+    return torch.where(ignored, zero, logp), torch.where(ignored, zero, entropy), lse
+
+
+def logprobs_grad(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature=1.0,
+                  ignore_index=-100):
+    """SPEC §3.1 backward: the gradient of the logits given per-row coefficients (compute dtype)."""
+    z = logits.to(_compute_dtype(logits.dtype)) / temperature
+    log_p = z - lse.unsqueeze(-1)
+    p = torch.exp(log_p)
+    ignored = targets == ignore_index
+    safe_targets = torch.where(ignored, torch.zeros_like(targets), targets).long()
+    onehot = torch.zeros_like(p).scatter_(-1, safe_targets.unsqueeze(-1), 1.0)
+    grad = grad_logp.unsqueeze(-1).to(p.dtype) * (onehot - p)
+    if grad_entropy is not None:
+        dent = torch.where(p > 0, p * (log_p + entropy.unsqueeze(-1)), torch.zeros_like(p))
+        grad = grad - grad_entropy.unsqueeze(-1).to(p.dtype) * dent
+    grad = torch.where(ignored.unsqueeze(-1), torch.zeros_like(grad), grad)
+    return grad / temperature
+
+
+def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, return_entropy=False):
+    """Eager `sppo_fast.token_logprobs`, differentiable by autograd."""
+    logp, entropy, _ = logprobs_entropy_lse(logits, targets, temperature, ignore_index)
+    return (logp, entropy) if return_entropy else logp
+
+
+def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
+                    return_entropy=False):
+    """Eager `sppo_fast.linear_logprobs`: materialises the full logits."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    return token_logprobs(logits, targets, temperature=temperature, ignore_index=ignore_index,
+                          return_entropy=return_entropy)
+
+
+def fused_policy_loss(logits, targets, old_logp, advantages, mask, config, *, segment_ids=None,
+                      ref_logp=None, temperature=1.0, normalizer=None):
+    """Eager `sppo_fast.fused_policy_loss`: token_logprobs, then the shared loss stage."""
+    logp, entropy = token_logprobs(logits, targets, temperature=temperature, return_entropy=True)
+    return policy_loss(logp, old_logp, advantages, mask, config, segment_ids=segment_ids,
+                       entropy=entropy, ref_logp=ref_logp, normalizer=normalizer)
+
+
+def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask, config, *, bias=None,
+                             segment_ids=None, ref_logp=None, temperature=1.0, normalizer=None):
+    """Eager `sppo_fast.fused_linear_policy_loss`: materialises the full logits."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    return fused_policy_loss(logits, targets, old_logp, advantages, mask, config, segment_ids=segment_ids,
+                             ref_logp=ref_logp, temperature=temperature, normalizer=normalizer)
