@@ -1,0 +1,27 @@
+"""The Triton backend (SPEC §7): CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+
+The two functions of the backend interface (see sppo_fast.backends), each one kernel launch from
+kernels/ (shipped as sppo_fast.kernels): a forward that reads the logits once and a backward that reads
+them once and writes the gradient once. Arguments arrive validated by the dispatch layer.
+"""
+
+import triton
+
+from sppo_fast.kernels.token_logprobs_backward import launch_token_logprobs_backward
+from sppo_fast.kernels.token_logprobs_forward import launch_token_logprobs_forward
+
+
+def token_logprobs_forward(logits, targets, temperature, ignore_index, compute_entropy):
+    return launch_token_logprobs_forward(logits, targets, temperature, ignore_index, compute_entropy)
+
+
+def token_logprobs_backward(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature,
+                            ignore_index, inplace):
+    return launch_token_logprobs_backward(logits, targets, lse, entropy, grad_logp, grad_entropy,
+                                          temperature, ignore_index, inplace)
+
+
+def describe():
+    """One line for sppo_fast.backend_info()."""
+    mode = "interpreter (TRITON_INTERPRET=1)" if triton.knobs.runtime.interpret else "compiled"
+    return f"triton {triton.__version__}, {mode}"
