@@ -22,8 +22,9 @@ def logprobs_entropy_lse(logits, targets, temperature=1.0, ignore_index=-100):
     # entropy = lse - sum p z, written as sum p (lse - z): the same number without the cancellation of
     # two large terms (logits of 1e4); p == 0 terms are 0 (0 * -inf counts as 0, SPEC §3.1).
     p = torch.exp(z - lse.unsqueeze(-1))
-    surprisal = lse.unsqueeze(-1) - z
-    entropy = torch.where(p > 0, p * surprisal, torch.zeros_like(p)).sum(-1)
+    # masking the surprisal itself (not only the product) keeps inf out of autograd's backward too
+    surprisal = torch.where(p > 0, lse.unsqueeze(-1) - z, torch.zeros_like(z))
+    entropy = (p * surprisal).sum(-1)
     zero = torch.zeros_like(logp)
     return torch.where(ignored, zero, logp), torch.where(ignored, zero, entropy), lse
 
