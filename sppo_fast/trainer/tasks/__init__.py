@@ -64,7 +64,7 @@ def held_out(key: str, test_fraction: float, salt: str = "") -> bool:
 
 # After this many consecutive draws of an already used prompt, a split's pool is deemed exhausted and
 # repeats are allowed (small pools, e.g. arithmetic difficulty 1, asked for many examples).
-REPEAT_AFTER = 1000
+REPEAT_AFTER = 200
 
 
 def draw_examples(sample, is_test, split: str, n: int, rng) -> list[Example]:

@@ -45,11 +45,24 @@ def apply(op: str, left: Fraction, right: Fraction) -> Fraction:
     raise ValueError(f"op must be one of + - * /, got {op!r}")
 
 
-def evaluate(node: Node) -> Fraction:
+def walk(node: Node) -> tuple[Fraction, list[tuple[str, Fraction, Fraction, Fraction]]]:
+    """The value of the tree and its operations ``(op, left, right, result)`` in evaluation order
+    (operands before the operation that uses them), in one post-order pass."""
     if isinstance(node, int):
-        return Fraction(node)
+        return Fraction(node), []
     op, left, right = node
-    return apply(op, evaluate(left), evaluate(right))
+    left_value, left_ops = walk(left)
+    right_value, right_ops = walk(right)
+    value = apply(op, left_value, right_value)
+    return value, left_ops + right_ops + [(op, left_value, right_value, value)]
+
+
+def evaluate(node: Node) -> Fraction:
+    return walk(node)[0]
+
+
+def operations(node: Node) -> list[tuple[str, Fraction, Fraction, Fraction]]:
+    return walk(node)[1]
 
 
 def render(node: Node) -> str:
@@ -66,24 +79,9 @@ def render(node: Node) -> str:
 
 
 def worked_steps(node: Node) -> list[str]:
-    """One ``"a op b=c"`` line per operation, operands before the operation that uses them."""
-    if isinstance(node, int):
-        return []
-    op, left, right = node
-    lines = worked_steps(left) + worked_steps(right)
-    lines.append(f"{format_number(evaluate(left))}{op}{format_number(evaluate(right))}"
-                 f"={format_number(evaluate(node))}")
-    return lines
-
-
-def operations(node: Node):
-    """Yield ``(op, left value, right value, result)`` for every operation of the tree."""
-    if isinstance(node, int):
-        return
-    op, left, right = node
-    yield from operations(left)
-    yield from operations(right)
-    yield op, evaluate(left), evaluate(right), evaluate(node)
+    """One ``"a op b=c"`` line per operation, in evaluation order."""
+    return [f"{format_number(left)}{op}{format_number(right)}={format_number(result)}"
+            for op, left, right, result in operations(node)]
 
 
 def flat_tree(numbers: list[int], ops: list[str]) -> Node:

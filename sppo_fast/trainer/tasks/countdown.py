@@ -21,9 +21,10 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass
+from fractions import Fraction
 
 from . import Example, check_count, check_split, draw_examples, held_out
-from .arithmetic import evaluate, operations, random_tree, render, solution_text, worked_steps
+from .arithmetic import Node, apply, render, solution_text, worked_steps
 from .verify import ExpressionError, extract_marked, format_number, parse_expression
 
 _PROMPT = re.compile(r"((?:[0-9]+ )+)-> ([0-9]+)\n")
@@ -69,12 +70,27 @@ def countdown_reward(response: str, numbers: list[int], target: int) -> float:
     return 1.0 if value == target else 0.0
 
 
-def is_clean(tree, max_target: int) -> bool:
-    """Every intermediate value a positive integer (exact division only), the target in range."""
-    for _, _, _, result in operations(tree):
-        if result <= 0 or result.denominator != 1 or result > MAX_INTERMEDIATE:
-            return False
-    return evaluate(tree) <= max_target
+def allowed_ops(left: Fraction, right: Fraction) -> list[str]:
+    """The operations that keep an intermediate value a positive integer no larger than
+    MAX_INTERMEDIATE (exact division only); ``+`` is always among them for positive operands."""
+    ops = [op for op in "+*" if apply(op, left, right) <= MAX_INTERMEDIATE]
+    if left > right:
+        ops.append("-")
+    if left % right == 0:
+        ops.append("/")
+    return ops or ["+"]
+
+
+def random_clean_tree(rng: random.Random, leaves: list[int]) -> tuple[Node, Fraction]:
+    """A random bracketing of ``leaves`` whose operations are drawn among those that keep every
+    intermediate value clean (built bottom-up, so no rejection is needed for the operations)."""
+    if len(leaves) == 1:
+        return leaves[0], Fraction(leaves[0])
+    cut = rng.randrange(1, len(leaves))
+    left, left_value = random_clean_tree(rng, leaves[:cut])
+    right, right_value = random_clean_tree(rng, leaves[cut:])
+    op = rng.choice(allowed_ops(left_value, right_value))
+    return (op, left, right), apply(op, left_value, right_value)
 
 
 class CountdownTask:
@@ -91,12 +107,12 @@ class CountdownTask:
         level = self.level
         while True:
             numbers = [rng.randint(1, level.high) for _ in range(level.count)]
-            tree = random_tree(rng, numbers, "+-*/")
-            if is_clean(tree, level.max_target):
+            tree, value = random_clean_tree(rng, numbers)
+            if value <= level.max_target:
                 break
         shown = numbers[:]
         rng.shuffle(shown)
-        target = format_number(evaluate(tree))
+        target = format_number(value)
         expression = render(tree)
         return Example(prompt=f"{' '.join(map(str, shown))} -> {target}\n", answer=expression,
                        solution=solution_text(worked_steps(tree), expression))
@@ -108,7 +124,10 @@ class CountdownTask:
         return draw_examples(self.sample, self.is_test, split, n, rng)
 
     def is_test(self, example: Example) -> bool:
-        return held_out(example.prompt, self.test_fraction, salt="countdown")
+        # Keyed by the problem, not the prompt text: the same numbers in another order are the same
+        # problem and must not sit on both sides of the split.
+        numbers, target = parse_prompt(example.prompt)
+        return held_out(f"{sorted(numbers)}->{target}", self.test_fraction, salt="countdown")
 
     def reward(self, response: str, example: Example) -> float:
         numbers, target = parse_prompt(example.prompt)
