@@ -225,10 +225,10 @@ def per_token_loss(logp, old_logp, advantages, valid, config, segment_ids=None, 
     return TokenLoss(loss, rho.detach(), (clipped > unclipped) & valid, dual_clipped & valid, kl)
 
 
-def token_weights(valid, config, normalizer=None):
+def token_weights(valid, config, normalizer=None, dtype=torch.float32):
     """SPEC §3.5 as per-token weights: the loss is sum_t w_t l_t. `normalizer` replaces the local
     denominator (the token count, or the sequence count) for data-parallel jobs."""
-    m = valid.to(torch.float32)
+    m = valid.to(dtype)
     per_seq = m.sum(-1, keepdim=True)
     if config.aggregation == "token-mean":
         denom = m.sum() if normalizer is None else normalizer
@@ -241,12 +241,12 @@ def token_weights(valid, config, normalizer=None):
     B, T = valid.shape
     length = config.max_length_norm or T
     n_seqs = B if normalizer is None else normalizer
-    return m / _positive(torch.as_tensor(n_seqs, dtype=torch.float32) * length)
+    return m / _positive(torch.as_tensor(n_seqs, dtype=dtype) * length)
 
 
 def _positive(denom):
     """A denominator of 0 means no valid token: every weight is then 0 anyway, so use 1 (never NaN)."""
-    denom = torch.as_tensor(denom, dtype=torch.float32)
+    denom = torch.as_tensor(denom)
     return torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
@@ -269,7 +269,7 @@ def aggregate(logp, old_logp, advantages, valid, config, *, segment_ids=None, en
     old_logp = old_logp.to(torch.float32)
     ref_logp = None if ref_logp is None else ref_logp.to(torch.float32)
     terms = per_token_loss(logp, old_logp, advantages, valid, config, segment_ids, entropy, ref_logp)
-    weights = token_weights(valid, config, normalizer)
+    weights = token_weights(valid, config, normalizer, dtype=terms.loss.dtype)
     loss = torch.where(valid, weights * terms.loss, torch.zeros_like(terms.loss)).sum()
     metrics = loss_metrics(terms, logp, old_logp, entropy, valid)
     entropy = torch.zeros_like(logp) if entropy is None else entropy
