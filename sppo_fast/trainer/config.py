@@ -1,0 +1,163 @@
+"""The one configuration of `sppo-fast train`: a dataclass whose field metadata is the `--help` text.
+
+Load order: dataclass defaults < `--config FILE.yaml|json` < `--field value` on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import typing
+from dataclasses import dataclass, field
+
+ALGOS = ("sppo", "grpo", "dapo", "dr_grpo", "rloo", "gspo", "sspo", "ppo")
+# Algorithms whose advantage needs several samples of the same prompt.
+GROUP_ALGOS = ("grpo", "dapo", "dr_grpo", "rloo", "gspo", "sspo")
+
+
+def _f(default, help_text, **kw):
+    return field(default=default, metadata={"help": help_text, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train ---
+    algo: str = _f("sppo", "RL algorithm: " + ", ".join(ALGOS) + ". Its loss preset follows SPEC section 4.",
+                   choices=ALGOS)
+    task: str = _f("arithmetic", "task: arithmetic, countdown, or jsonl (with --task_path)")
+    task_difficulty: int = _f(2, "difficulty of the arithmetic task (1-3)")
+    task_path: str | None = _f(None, "JSONL file of {prompt, answer[, solution]} records for --task jsonl")
+    # --- models ---
+    model: str | None = _f(None, "local Hugging Face causal-LM directory (offline); default: a tiny "
+                                 "Llama-style model built from the fields below with a local char tokenizer")
+    hidden_size: int = _f(128, "tiny policy: hidden size")
+    num_layers: int = _f(4, "tiny policy: number of decoder layers")
+    num_heads: int = _f(4, "tiny policy: attention heads")
+    intermediate_size: int = _f(0, "tiny policy: MLP width (0 means 4 x hidden_size)")
+    critic_hidden_size: int = _f(64, "critic (SPPO prompt critic / PPO token critic): hidden size")
+    critic_layers: int = _f(2, "critic: number of decoder layers")
+    critic_heads: int = _f(2, "critic: attention heads")
+    attn_implementation: str = _f("auto", "attention: auto (flash_attention_2 when installed on a GPU, "
+                                          "else sdpa), sdpa or eager")
+    # --- warm start (supervised fine-tuning on the task's worked solutions, cached on disk) ---
+    warm_start: bool = _f(True, "run (or load from the cache) the supervised warm start before RL")
+    sft_steps: int = _f(300, "warm start: optimizer steps")
+    sft_batch_size: int = _f(64, "warm start: examples per step")
+    sft_lr: float = _f(3e-3, "warm start: peak learning rate (cosine decay, 5%% warmup)")
+    sft_examples: int = _f(20000, "warm start: distinct training examples drawn from the task")
+    cache_dir: str | None = _f(None, "warm-start cache directory (default $SPPO_FAST_CACHE or "
+                                     "~/.cache/sppo-fast)")
+    # --- RL loop ---
+    steps: int = _f(60, "RL steps (one rollout batch and its update per step)")
+    rollouts_per_step: int = _f(128, "responses sampled per step over all ranks (prompts x samples)")
+    samples_per_prompt: int = _f(0, "responses per prompt (0: 1 for sppo and ppo, 8 for the group "
+                                    "algorithms)")
+    ppo_epochs: int = _f(1, "passes over each rollout batch")
+    mini_batches: int = _f(2, "optimizer steps per pass (the batch is split into this many parts)")
+    lr: float = _f(1e-3, "policy learning rate (AdamW)")
+    critic_lr: float = _f(3e-3, "critic learning rate (AdamW)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
+    lr_schedule: str = _f("constant", "learning-rate schedule after warmup: constant, cosine or linear",
+                          choices=("constant", "cosine", "linear"))
+    warmup_steps: int = _f(0, "RL steps of linear learning-rate warmup")
+    temperature: float = _f(1.0, "sampling temperature of the rollouts (and of the loss' log-probs)")
+    max_new_tokens: int = _f(48, "longest response; longer ones are cut and counted as truncated")
+    clip_low: float | None = _f(None, "override the preset's clip_low")
+    clip_high: float | None = _f(None, "override the preset's clip_high")
+    kl_coef: float = _f(0.0, "KL penalty to the warm-start policy (0: no reference model)")
+    entropy_coef: float = _f(0.0, "entropy bonus coefficient")
+    gamma: float = _f(1.0, "PPO: GAE discount")
+    lam: float = _f(1.0, "PPO: GAE lambda")
+    chunk_size: int | None = _f(None, "rows per chunk of the fused linear loss (None: the library's choice)")
+    # --- evaluation, logging, checkpoints ---
+    eval_examples: int = _f(256, "held-out test examples per evaluation")
+    eval_every: int = _f(10, "evaluate every this many RL steps (and always before and after)")
+    eval_temperature: float = _f(0.0, "evaluation decoding temperature (0: greedy)")
+    save_every: int = _f(20, "checkpoint every this many steps (and at the end; 0: only at the end)")
+    seed: int = _f(0, "random seed of everything (models, data, sampling)")
+    device: str = _f("auto", "auto (cuda when available), cpu or cuda")
+    threads: int = _f(1, "torch CPU threads (0: leave torch's default). One by default: the tiny model's "
+                         "matrices gain little from a second thread, and OpenMP threads that spin on shared "
+                         "cores slow every small op down by orders of magnitude")
+    out: str | None = _f(None, "run directory (default runs/<algo>-<timestamp>)")
+    progress: bool = _f(True, "show a progress bar")
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        if self.algo not in ALGOS:
+            raise ValueError(f"algo: unknown {self.algo!r}; choose one of {', '.join(ALGOS)}")
+        for name in ("steps", "rollouts_per_step", "ppo_epochs", "mini_batches", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.samples_per_prompt < 0:
+            raise ValueError(f"samples_per_prompt must be >= 0, got {self.samples_per_prompt}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.rollouts_per_step % self.group_size:
+            raise ValueError(f"rollouts_per_step ({self.rollouts_per_step}) must be a multiple of "
+                             f"samples_per_prompt ({self.group_size})")
+
+    @property
+    def group_size(self) -> int:
+        """Responses per prompt: SPPO's point is one; the group baselines need several."""
+        if self.samples_per_prompt:
+            return self.samples_per_prompt
+        return 8 if self.algo in GROUP_ALGOS else 1
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.rollouts_per_step // self.group_size
+
+    def resolved_out(self) -> str:
+        return self.out or os.path.join("runs", f"{self.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"config: unknown field(s) {', '.join(unknown)}")
+        return cls(**data)
+
+
+def load_config_file(path: str) -> dict:
+    """A YAML or JSON mapping of field -> value."""
+    with open(path) as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: expected a mapping of field names to values")
+    return data
+
+
+def field_types() -> dict[str, type]:
+    """The scalar type of each field (the `X` of `X | None`)."""
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        out[f.name] = args[0] if args else hint
+    return out
+
+
+def parse_bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected a boolean (true/false), got {text!r}")

@@ -1,0 +1,444 @@
+"""The training loop of `sppo-fast train`, in one readable function (`train`) and its few helpers.
+
+Per step: draw prompts, sample responses (KV cache), score them, compute the old log-probs and the
+critic's values (both before any update), the advantages of the algorithm, then PPO epochs of
+mini-batch updates of the policy with the fused linear policy loss (the full logits never exist) and
+of the critic. Everything the run writes goes to its run directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+import sppo_fast
+from sppo_fast.trainer import algorithms as algos
+from sppo_fast.trainer.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from sppo_fast.trainer.config import TrainConfig
+from sppo_fast.trainer.distributed import Dist, init_distributed, shutdown, wrap_for_training
+from sppo_fast.trainer.models import (PolicyHidden, build_critic, build_policy, describe_model, lm_head_of,
+                                      load_tokenizer)
+from sppo_fast.trainer.rollout import Rollout, generate
+
+EVAL_BATCH = 256
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_task(cfg):
+    from sppo_fast.trainer.tasks import get_task
+
+    if cfg.task == "arithmetic":
+        return get_task("arithmetic", difficulty=cfg.task_difficulty)
+    if cfg.task == "countdown":
+        return get_task("countdown")
+    if cfg.task == "jsonl":
+        if not cfg.task_path:
+            raise ValueError("task_path: --task jsonl needs --task_path FILE.jsonl")
+        return get_task("jsonl", path=cfg.task_path)
+    raise ValueError(f"task: unknown {cfg.task!r}; choose arithmetic, countdown or jsonl")
+
+
+def step_examples(task, cfg, step: int):
+    """The prompts of RL step `step` (1-based): a function of (seed, step) only, so a resumed run draws
+    exactly what the uninterrupted one would have."""
+    return task.examples("train", cfg.prompts_per_step, seed=cfg.seed * 1_000_003 + step)
+
+
+def lr_lambda(cfg):
+    def factor(step):
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if cfg.lr_schedule == "linear":
+            return 1.0 - progress
+        return 1.0
+    return factor
+
+
+def autocast_for(device):
+    """bf16 autocast for the forward passes on a GPU; nothing on CPU (fp32 throughout)."""
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return None
+
+
+def maybe_autocast(device):
+    make = autocast_for(device)
+    return make() if make else contextlib.nullcontext()
+
+
+# --- evaluation ------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(lm, tokenizer, task, examples, cfg, device, d: Dist) -> float:
+    """Held-out accuracy (mean reward) of `lm`, this rank's share of `examples` summed over ranks."""
+    from sppo_fast.trainer.tasks import score_responses
+
+    mine = d.shard(examples)
+    correct = 0.0
+    for i in range(0, len(mine), EVAL_BATCH):
+        batch = mine[i: i + EVAL_BATCH]
+        rollout = generate(lm, tokenizer, [ex.prompt for ex in batch], max_new_tokens=cfg.max_new_tokens,
+                           temperature=cfg.eval_temperature, device=device, autocast=autocast_for(device))
+        rewards, _ = score_responses(task, rollout.texts, batch)
+        correct += sum(rewards)
+    total = d.all_sum(torch.tensor([correct, float(len(mine))]))
+    return float(total[0] / total[1])
+
+
+# --- one RL step -----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def response_logprobs(hidden_model, lm, rollout: Rollout, temperature, device):
+    """Log-probs of the sampled response tokens, from hidden states times lm_head (never full logits)."""
+    with maybe_autocast(device):
+        hidden = rollout.response_slice(hidden_model(rollout.input_ids, rollout.attention_mask))
+    weight, bias = lm_head_of(lm)
+    hidden, weight, bias = match_dtype(hidden, weight, bias)
+    return sppo_fast.linear_logprobs(hidden, weight, rollout.response_ids, bias=bias, temperature=temperature)
+
+
+def match_dtype(hidden, weight, bias):
+    """Feed the fused op one dtype: the hidden states' (bf16 under autocast), gradients still reach the
+    fp32 master weight through the cast."""
+    if weight.dtype != hidden.dtype:
+        weight = weight.to(hidden.dtype)
+        bias = None if bias is None else bias.to(hidden.dtype)
+    return hidden, weight, bias
+
+
+def loss_normalizer(policy_loss_config, mask: torch.Tensor, d: Dist):
+    """The global denominator of the loss across ranks (None in a single process: the local one)."""
+    if not d.enabled:
+        return None
+    if policy_loss_config.aggregation == "token-mean":
+        local = mask.sum()
+    elif policy_loss_config.aggregation == "seq-mean-token-sum-norm":
+        local = torch.tensor(mask.shape[0])  # Dr. GRPO: B * L, every sequence counts
+    else:  # the other sequence means divide by the number of sequences with a token
+        local = (mask.sum(1) > 0).sum()
+    return float(d.all_sum(local.float()))
+
+
+class Trainer:
+    """State of a run; `train()` below drives it."""
+
+    def __init__(self, cfg: TrainConfig, d: Dist, device, log):
+        self.cfg, self.d, self.device, self.log = cfg, d, device, log
+        self.tokenizer = load_tokenizer(cfg)
+        self.task = make_task(cfg)
+        seed_everything(cfg.seed)  # identical initial weights on every rank
+        self.lm = build_policy(cfg, self.tokenizer, device)
+        self.critic = build_critic(cfg, self.tokenizer, device)
+        self.loss_cfg = algos.loss_config(cfg)
+        self.estimator = algos.estimator_name(cfg, self.loss_cfg)
+        self.ref = None
+
+    def setup_training(self):
+        cfg = self.cfg
+        if cfg.kl_coef > 0:
+            self.ref = copy.deepcopy(self.lm).eval().requires_grad_(False)
+        self.hidden_model = PolicyHidden(self.lm)
+        self.policy_ddp = wrap_for_training(self.hidden_model, self.d, self.device)
+        self.critic_ddp = wrap_for_training(self.critic, self.d, self.device) if self.critic is not None else None
+        self.opt = torch.optim.AdamW(self.lm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
+        self.critic_opt = None
+        if self.critic is not None:
+            self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr,
+                                                weight_decay=cfg.weight_decay)
+
+    def rollout(self, step):
+        """Sample this rank's share of the step's prompts, `group_size` responses each, and score them."""
+        from sppo_fast.trainer.tasks import score_responses
+
+        cfg = self.cfg
+        examples = self.d.shard(step_examples(self.task, cfg, step))
+        examples = [ex for ex in examples for _ in range(cfg.group_size)]
+        rollout = generate(self.lm, self.tokenizer, [ex.prompt for ex in examples],
+                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                           device=self.device, autocast=autocast_for(self.device))
+        rewards, counts = score_responses(self.task, rollout.texts, examples)
+        return rollout, torch.tensor(rewards, dtype=torch.float32, device=self.device), counts
+
+    @torch.no_grad()
+    def critic_values(self, rollout):
+        """SPPO: the prompt critic's logits; PPO: token values over the response. Taken before the
+        critic's update (SPEC 3.7)."""
+        if self.cfg.algo == "sppo":
+            return self.critic(rollout.prompt_ids, rollout.prompt_mask), None
+        if self.cfg.algo == "ppo":
+            with maybe_autocast(self.device):
+                values = self.critic(rollout.input_ids, rollout.attention_mask)
+            return None, rollout.response_slice(values).float()
+        return None, None
+
+    def policy_update(self, mb: Rollout, old_logp, advantages, ref_logp, segments):
+        cfg = self.cfg
+        with maybe_autocast(self.device):
+            hidden = mb.response_slice(self.policy_ddp(mb.input_ids, mb.attention_mask))
+        weight, bias = lm_head_of(self.lm)
+        hidden, weight, bias = match_dtype(hidden, weight, bias)
+        out = sppo_fast.fused_linear_policy_loss(
+            hidden, weight, mb.response_ids, old_logp, advantages, mb.response_mask, self.loss_cfg,
+            bias=bias, segment_ids=segments, ref_logp=ref_logp, temperature=cfg.temperature,
+            normalizer=loss_normalizer(self.loss_cfg, mb.response_mask, self.d), chunk_size=cfg.chunk_size)
+        # DDP averages gradients over ranks; the loss is already divided by the global count, so undo
+        # the average to get the gradient of the global loss.
+        self.opt.zero_grad(set_to_none=True)
+        (out.loss * self.d.world_size).backward()
+        grad_norm = clip(self.lm.parameters(), cfg.grad_clip)
+        self.opt.step()
+        metrics = {k: float(v) for k, v in out.metrics.items()}
+        metrics.update(loss=float(out.loss), grad_norm=grad_norm)
+        return metrics
+
+    def critic_update(self, mb: Rollout, rewards, returns):
+        with maybe_autocast(self.device):
+            loss = algos.critic_loss(self.cfg.algo, self.critic_ddp, mb, rewards, returns)
+        self.critic_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip(self.critic.parameters(), self.cfg.grad_clip)
+        self.critic_opt.step()
+        return float(loss)
+
+    def step(self, step: int) -> dict:
+        cfg, d = self.cfg, self.d
+        t0 = time.time()
+        self.lm.train()
+        rollout, rewards, counts = self.rollout(step)
+        t_rollout = time.time() - t0
+        mask = rollout.response_mask
+        old_logp = response_logprobs(self.hidden_model, self.lm, rollout, cfg.temperature, self.device)
+        ref_logp = None
+        if self.ref is not None:
+            ref_logp = response_logprobs(PolicyHidden(self.ref), self.ref, rollout, cfg.temperature, self.device)
+        critic_logits, values = self.critic_values(rollout)
+        advantages, returns = algos.compute_advantages(self.estimator, algos.AdvantageInputs(
+            rewards=rewards, response_mask=mask, group_size=cfg.group_size, critic_logits=critic_logits,
+            values=values, gamma=cfg.gamma, lam=cfg.lam))
+        segments = algos.segment_ids_for(cfg, self.loss_cfg, self.tokenizer, rollout.response_ids, mask)
+
+        policy_metrics, critic_losses = [], []
+        n = len(rollout.texts)
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(n)
+            for part in torch.chunk(order, cfg.mini_batches):
+                if len(part) == 0:
+                    continue
+                idx = part.to(self.device)
+                mb = rollout.select(part)
+                policy_metrics.append(self.policy_update(
+                    mb, old_logp[idx], advantages[idx], None if ref_logp is None else ref_logp[idx],
+                    None if segments is None else segments[idx]))
+                if self.critic is not None:
+                    critic_losses.append(self.critic_update(
+                        mb, rewards[idx], None if returns is None else returns[idx]))
+        self.sched.step()
+        step_time = time.time() - t0
+        return self.step_metrics(step, rollout, rewards, counts, critic_logits, values, returns,
+                                 policy_metrics, critic_losses, step_time, t_rollout)
+
+    def step_metrics(self, step, rollout, rewards, counts, critic_logits, values, returns,
+                     policy_metrics, critic_losses, step_time, t_rollout) -> dict:
+        d = self.d
+        lengths = rollout.response_mask.sum(1).float()
+        local = {
+            "reward": rewards.sum(), "accuracy": (rewards > 0.5).float().sum(),
+            "response_length": lengths.sum(), "truncated": rollout.truncated.float().sum(),
+            "verifier_errors": float(counts["verifier_errors"]),
+            "verifier_timeouts": float(counts["verifier_timeouts"]),
+        }
+        keys = list(local)
+        sums = d.all_sum(torch.stack([torch.as_tensor(local[k], dtype=torch.float64).cpu() for k in keys]))
+        n = float(d.all_sum(float(len(rollout.texts))))
+        m = {"step": step}
+        for k, v in zip(keys, sums.tolist()):
+            m[k] = v if k.startswith("verifier") else v / n
+        m["truncated_frac"] = m.pop("truncated")
+        # Mean over mini-batches, then over ranks.
+        for key in policy_metrics[0]:
+            m[key] = float(d.all_sum(np.mean([pm[key] for pm in policy_metrics]))) / d.world_size
+        if critic_losses:
+            m["critic_loss"] = float(d.all_sum(float(np.mean(critic_losses)))) / d.world_size
+            m["critic_explained_variance"] = self.explained_variance(rewards, critic_logits, values, returns,
+                                                                     rollout.response_mask)
+        m["lr"] = self.sched.get_last_lr()[0]
+        m["tokens_per_s"] = float(d.all_sum(lengths.sum())) / step_time
+        m["step_time"] = step_time
+        m["rollout_time"] = t_rollout
+        return m
+
+    def explained_variance(self, rewards, critic_logits, values, returns, mask):
+        if critic_logits is not None:
+            return algos.explained_variance(torch.sigmoid(critic_logits), rewards)
+        return algos.explained_variance(values, returns, mask)
+
+    def state_objects(self):
+        return dict(optimizers={"policy": self.opt, "critic": self.critic_opt},
+                    schedulers={"policy": self.sched})
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+def _broadcast_out(cfg, d: Dist) -> str:
+    out = [cfg.resolved_out()]
+    if d.enabled:
+        torch.distributed.broadcast_object_list(out, src=0)
+    return out[0]
+
+
+def _clean(obj):
+    """JSON-safe floats (nan -> None)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    return obj
+
+
+def clip(params, max_norm):
+    params = [p for p in params if p.grad is not None]
+    if max_norm and max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+
+
+def append_jsonl(path, row):
+    with open(path, "a") as f:
+        f.write(json.dumps(_clean(row)) + "\n")
+
+
+def truncate_metrics(path, last_step):
+    """On resume, drop rows written after the checkpoint (a crash between checkpoint and exit)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    with open(path, "w") as f:
+        f.writelines(rows)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
+    """Run (or resume) a training run; returns the summary (also written to RUN_DIR/summary.json)."""
+    start_wall = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    d, device = init_distributed(cfg.device)
+    try:
+        return _train(cfg, d, device, resume, start_wall)
+    finally:
+        shutdown(d)
+
+
+def _train(cfg, d, device, resume, start_wall):
+    from tqdm import tqdm
+
+    out = _broadcast_out(cfg, d)
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if d.is_main else (lambda msg: None)
+    if d.is_main:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+    d.barrier()
+    tr = Trainer(cfg, d, device, log)
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    ckpt = find_checkpoint(out) if resume else None
+    if resume and ckpt is None:
+        raise ValueError(f"resume: no checkpoint in {out}")
+
+    warm_seconds = 0.0
+    if cfg.warm_start:
+        from sppo_fast.trainer.warmstart import warm_start
+
+        t = time.time()
+        warm_start(cfg, tr.lm, tr.tokenizer, tr.task, device, is_main=d.is_main, barrier=d.barrier, log=log,
+                   progress=cfg.progress and d.is_main)
+        warm_seconds = time.time() - t
+    tr.setup_training()
+    test_examples = tr.task.examples("test", cfg.eval_examples, seed=cfg.seed + 1)
+    log(f"run dir: {out}; algo {cfg.algo} (advantage: {tr.estimator}); policy "
+        f"{describe_model(tr.lm)['parameters']:,} params; {cfg.prompts_per_step} prompts x {cfg.group_size} "
+        f"samples per step; world size {d.world_size}; device {device}")
+
+    step0, extra = 0, {}
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, policy=tr.lm, critic=tr.critic, device=device, **tr.state_objects())
+        step0, extra = int(state["step"]), dict(state["extra"])
+        if d.is_main:
+            truncate_metrics(metrics_path, step0)
+        log(f"resumed from {ckpt} at step {step0}")
+        acc_before = extra["eval_accuracy_before"]
+    else:
+        if d.is_main and os.path.exists(metrics_path):
+            os.remove(metrics_path)
+        seed_everything(cfg.seed * 7 + 1 + d.rank)  # each rank samples its own responses
+        acc_before = evaluate(tr.lm, tr.tokenizer, tr.task, test_examples, cfg, device, d)
+        log(f"eval accuracy before RL: {acc_before:.3f}")
+        if d.is_main:
+            append_jsonl(metrics_path, {"step": 0, "wall": time.time() - start_wall, "eval_accuracy": acc_before})
+    # Time already spent by earlier invocations of this run (resume), so wall-clock plots continue.
+    wall_offset = float(extra.get("wall_seconds", 0.0))
+    rl_start = time.time()
+
+    def wall():
+        return wall_offset + time.time() - start_wall
+
+    acc = extra.get("eval_accuracy_last", acc_before)
+    bar = tqdm(range(step0 + 1, cfg.steps + 1), desc=f"{cfg.algo}", initial=step0, total=cfg.steps,
+               disable=not (cfg.progress and d.is_main), dynamic_ncols=True)
+    for step in bar:
+        m = tr.step(step)
+        m["wall"] = wall()
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            acc = evaluate(tr.lm, tr.tokenizer, tr.task, test_examples, cfg, device, d)
+            m["eval_accuracy"] = acc
+        if d.is_main:
+            append_jsonl(metrics_path, m)
+        bar.set_postfix(reward=f"{m['reward']:.2f}", eval=f"{acc:.2f}", ent=f"{m.get('entropy', 0):.2f}")
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+            extra = {"eval_accuracy_before": acc_before, "eval_accuracy_last": acc, "wall_seconds": wall()}
+            if d.is_main:
+                save_checkpoint(out, step=step, policy=tr.lm, critic=tr.critic, device=device,
+                                extra=extra, **tr.state_objects())
+            d.barrier()
+    bar.close()
+
+    summary = {
+        "algo": cfg.algo, "task": cfg.task, "task_difficulty": cfg.task_difficulty,
+        "eval_accuracy_before": acc_before, "eval_accuracy_after": acc,
+        "wall_seconds": wall(), "warm_start_seconds": warm_seconds, "rl_seconds": time.time() - rl_start,
+        "steps": cfg.steps, "resumed_from_step": step0 if ckpt is not None else None,
+        "rollouts_per_step": cfg.rollouts_per_step, "samples_per_prompt": cfg.group_size,
+        "policy_parameters": describe_model(tr.lm)["parameters"],
+        "critic_parameters": describe_model(tr.critic)["parameters"] if tr.critic is not None else 0,
+        "world_size": d.world_size, "device": str(device), "torch_threads": torch.get_num_threads(),
+        "run_dir": out,
+    }
+    if d.is_main:
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(_clean(summary), f, indent=2)
+        try:
+            from sppo_fast.trainer.plots import plot_runs
+
+            plot_runs([out], out_dir=out)
+        except Exception as error:  # a plot must never lose a finished run
+            log(f"plotting failed: {error!r}")
+        log(f"done: eval accuracy {acc_before:.3f} -> {acc:.3f} in {summary['wall_seconds']:.0f}s; {out}")
+    return summary

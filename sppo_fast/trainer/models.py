@@ -1,0 +1,150 @@
+"""Policy and critics: a tiny Llama-style causal LM built from a config (or any local Hugging Face
+causal-LM directory), SPPO's prompt critic (one scalar per prompt) and PPO's token critic."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import nn
+
+
+def attention_implementation(requested: str, device: torch.device) -> str:
+    """flash-attn 2 when it is installed and we are on a GPU, else PyTorch's sdpa."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def tiny_llama_config(cfg, tokenizer, *, hidden, layers, heads, intermediate=0, attn="sdpa"):
+    from transformers import LlamaConfig
+
+    max_positions = 512
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads,
+        intermediate_size=intermediate or 4 * hidden, max_position_embeddings=max_positions,
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config._attn_implementation = attn
+    return config
+
+
+def build_policy(cfg, tokenizer, device: torch.device):
+    """The policy `LlamaForCausalLM` (or the `--model` checkpoint) in fp32 on `device`."""
+    attn = attention_implementation(cfg.attn_implementation, device)
+    if cfg.model:
+        from transformers import AutoModelForCausalLM
+
+        # fp32 master weights; on a GPU the loop runs the forward passes under bf16 autocast.
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.model, local_files_only=True, attn_implementation=attn, dtype=torch.float32)
+    else:
+        from transformers import LlamaForCausalLM
+
+        config = tiny_llama_config(cfg, tokenizer, hidden=cfg.hidden_size, layers=cfg.num_layers,
+                                   heads=cfg.num_heads, intermediate=cfg.intermediate_size, attn=attn)
+        model = LlamaForCausalLM(config)
+    return model.to(device)
+
+
+def load_tokenizer(cfg):
+    """The `--model` directory's tokenizer, or the local char-level one; left padding for generation."""
+    if cfg.model:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    else:
+        from sppo_fast.trainer.tokenizer import build_tokenizer
+
+        tokenizer = build_tokenizer()
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as `generate` computes them, so that a forward pass over a
+    left-padded batch sees the same positions as the sampler did."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class PolicyHidden(nn.Module):
+    """Wraps a causal LM so that its forward returns the decoder's last hidden states, never the logits:
+    the fused loss multiplies them by `lm_head.weight` chunk by chunk. Being a module, it can be wrapped by
+    DDP so that gradient synchronisation sees every parameter."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask):
+        decoder = self.lm.get_decoder()
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        return out.last_hidden_state
+
+
+def lm_head_of(lm):
+    """(weight, bias) of the output projection."""
+    head = lm.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+class PromptCritic(nn.Module):
+    """SPPO's critic: a small decoder over the prompt with a scalar head read at the last prompt token;
+    `sigmoid(z)` is the predicted probability that the policy answers this prompt correctly."""
+
+    def __init__(self, config):
+        super().__init__()
+        from transformers import LlamaModel
+
+        self.body = LlamaModel(config)
+        self.head = nn.Linear(config.hidden_size, 1)
+
+    def forward(self, prompt_ids, prompt_mask):
+        hidden = self.body(input_ids=prompt_ids, attention_mask=prompt_mask,
+                           position_ids=position_ids_from_mask(prompt_mask), use_cache=False).last_hidden_state
+        # Prompts are left-padded, so the last column is every prompt's last token.
+        return self.head(hidden[:, -1]).squeeze(-1).float()
+
+
+class TokenCritic(nn.Module):
+    """PPO's critic: a value for every position of prompt + response."""
+
+    def __init__(self, config):
+        super().__init__()
+        from transformers import LlamaModel
+
+        self.body = LlamaModel(config)
+        self.head = nn.Linear(config.hidden_size, 1)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+        return self.head(hidden).squeeze(-1).float()
+
+
+def build_critic(cfg, tokenizer, device: torch.device):
+    """The critic the algorithm needs (None for the critic-free group baselines)."""
+    if cfg.algo not in ("sppo", "ppo"):
+        return None
+    attn = attention_implementation(cfg.attn_implementation, device)
+    if attn == "flash_attention_2":
+        attn = "sdpa"  # the critic stays fp32, which flash-attn does not take
+    config = tiny_llama_config(cfg, tokenizer, hidden=cfg.critic_hidden_size, layers=cfg.critic_layers,
+                               heads=cfg.critic_heads, attn=attn)
+    critic = PromptCritic(config) if cfg.algo == "sppo" else TokenCritic(config)
+    return critic.to(device)
+
+
+def describe_model(model) -> dict:
+    n = sum(p.numel() for p in model.parameters())
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    return {"name": os.path.basename(str(name)) or type(model).__name__, "parameters": n}

@@ -1,0 +1,65 @@
+"""PNG plots of one or more runs, overlaid: held-out accuracy and training reward, against the RL step
+and against wall-clock seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise ValueError(f"run directory {run_dir!r} has no metrics.jsonl")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_label(run_dir: str) -> str:
+    path = os.path.join(run_dir, "config.json")
+    name = os.path.basename(os.path.normpath(run_dir))
+    if os.path.exists(path):
+        with open(path) as f:
+            algo = json.load(f).get("algo")
+        if algo and algo not in name:
+            name = f"{algo} ({name})"
+    return name
+
+
+def _series(rows, key, x):
+    pts = [(r[x], r[key]) for r in rows if r.get(key) is not None and r.get(x) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_runs(run_dirs: list[str], out_dir: str) -> list[str]:
+    """Write accuracy.png (held-out accuracy) and reward.png (training reward), each with a panel against
+    step and one against wall-clock, every run overlaid. Returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(run_label(r), read_metrics(r)) for r in run_dirs]
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for key, title, fname in (("eval_accuracy", "held-out accuracy", "accuracy.png"),
+                              ("reward", "training reward (mean)", "reward.png")):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for label, rows in runs:
+            for ax, x in zip(axes, ("step", "wall")):
+                xs, ys = _series(rows, key, x)
+                if xs:
+                    ax.plot(xs, ys, marker="o" if key == "eval_accuracy" else None, markersize=3, label=label)
+        axes[0].set_xlabel("RL step")
+        axes[1].set_xlabel("wall-clock seconds (warm start included)")
+        for ax in axes:
+            ax.set_ylabel(title)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(title)
+        fig.tight_layout()
+        path = os.path.join(out_dir, fname)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written

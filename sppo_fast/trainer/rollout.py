@@ -1,0 +1,93 @@
+"""Rollouts: sample responses with the KV cache and lay them out as (B, T) tensors for the loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor       # (B, P) left-padded
+    prompt_mask: torch.Tensor      # (B, P)
+    response_ids: torch.Tensor     # (B, R) right-padded with pad; the EOS is part of the response
+    response_mask: torch.Tensor    # (B, R) 1 on response tokens up to and including EOS
+    texts: list[str]               # decoded responses without EOS/padding
+    truncated: torch.Tensor        # (B,) bool: no EOS within max_new_tokens
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+    def response_slice(self, per_position: torch.Tensor) -> torch.Tensor:
+        """Rows of a per-position tensor over `input_ids` that predict the response tokens: position t
+        predicts token t + 1, so the response's R tokens come from positions P - 1 .. P + R - 2."""
+        p, r = self.prompt_ids.shape[1], self.response_ids.shape[1]
+        return per_position[:, p - 1: p - 1 + r]
+
+    def select(self, index: torch.Tensor) -> Rollout:
+        return Rollout(self.prompt_ids[index], self.prompt_mask[index], self.response_ids[index],
+                       self.response_mask[index], [self.texts[i] for i in index.tolist()],
+                       self.truncated[index])
+
+
+def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+def response_mask_after_eos(response_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of the tokens up to and including the first EOS, and whether a row never reached one."""
+    is_eos = response_ids == eos_id
+    # Number of EOS seen strictly before each position: 0 means the token is still part of the response.
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    mask = (eos_before == 0).long()
+    truncated = ~is_eos.any(dim=1)
+    return mask, truncated
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float,
+             device, autocast=None) -> Rollout:
+    """Sample one response per prompt (repeat prompts for groups). `temperature <= 0` decodes greedily.
+    Sampling draws from torch's global generator, which the checkpoints save and restore."""
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
+    sample = temperature > 0
+    kwargs = dict(do_sample=sample, max_new_tokens=max_new_tokens, use_cache=True,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if sample:
+        kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
+    was_training = model.training
+    model.eval()
+    with autocast() if autocast else _null():
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
+    model.train(was_training)
+    response_ids = out[:, prompt_ids.shape[1]:]
+    if response_ids.shape[1] == 0:  # max_new_tokens was 0 in effect: keep one pad column
+        response_ids = torch.full((len(prompts), 1), tokenizer.pad_token_id, device=device)
+    mask, truncated = response_mask_after_eos(response_ids, tokenizer.eos_token_id)
+    response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, tokenizer.pad_token_id))
+    texts = decode_responses(tokenizer, response_ids, mask)
+    return Rollout(prompt_ids, prompt_mask, response_ids, mask, texts, truncated)
+
+
+def decode_responses(tokenizer, response_ids, mask) -> list[str]:
+    texts = []
+    eos = tokenizer.eos_token_id
+    for ids, m in zip(response_ids.tolist(), mask.tolist()):
+        kept = [t for t, keep in zip(ids, m) if keep and t != eos]
+        texts.append(tokenizer.decode(kept, skip_special_tokens=True))
+    return texts
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
