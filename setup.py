@@ -13,6 +13,18 @@ PACKAGES = ["sppo_fast", "sppo_fast.backends", "sppo_fast.kernels", "sppo_fast.t
 PACKAGE_DIR = {"sppo_fast.kernels": "kernels"}
 
 
+# One build of csrc/ per x86 ISA, as ATen does for its own CPU kernels: the same source compiled with
+# each CPU_CAPABILITY (which selects at::vec::Vectorized's width) and its -m flags, as separate modules,
+# so that no AVX-512 code can reach a CPU without it. sppo_fast/backends/native.py imports the best
+# module that torch.backends.cpu.get_cpu_capability() allows; sppo_fast._C (DEFAULT) runs anywhere.
+NATIVE_ISA_BUILDS = {
+    "sppo_fast._C": ("DEFAULT", []),
+    "sppo_fast._C_avx2": ("AVX2", ["-mavx2", "-mfma", "-mf16c"]),
+    "sppo_fast._C_avx512": ("AVX512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                                       "-mfma", "-mf16c"]),
+}
+
+
 def native_extension():
     """The C++ kernels, or ([], {}) with a message when torch or a compiler is missing."""
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
@@ -20,8 +32,9 @@ def native_extension():
         return [], {}
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
-    except ImportError as exc:
-        print(f"sppo-fast: skipping the native CPU kernels ({exc})", file=sys.stderr)
+    except ImportError as exc:  # an isolated build has no torch: install with --no-build-isolation
+        print(f"sppo-fast: skipping the native CPU kernels ({exc}); install torch first and use "
+              "`pip install --no-build-isolation -e .` to build them", file=sys.stderr)
         return [], {}
 
     class OptionalBuildExtension(BuildExtension):
@@ -29,13 +42,22 @@ def native_extension():
             try:
                 super().build_extension(ext)
             except Exception as exc:  # a missing compiler must not fail the install
-                print(f"sppo-fast: the native CPU kernels were not built ({exc}); "
-                      "the reference backend will serve CPU tensors", file=sys.stderr)
+                print(f"sppo-fast: the native CPU kernels {ext.name} were not built ({exc}); "
+                      "the reference backend will serve CPU tensors unless another ISA build did",
+                      file=sys.stderr)
 
+    import platform
+
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
     flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast"]
-    ext = CppExtension("sppo_fast._C", sources, extra_compile_args={"cxx": flags},
-                       extra_link_args=["-fopenmp"])
-    return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
+    exts = []
+    for name, (capability, isa_flags) in NATIVE_ISA_BUILDS.items():
+        if isa_flags and not x86:
+            continue
+        defines = [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
+        exts.append(CppExtension(name, sources, extra_compile_args={"cxx": flags + isa_flags + defines},
+                                 extra_link_args=["-fopenmp"]))
+    return exts, {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = native_extension()
