@@ -18,11 +18,12 @@ from hypothesis import given, settings  # noqa: E402
 
 pytest.importorskip("triton")
 
-from sppo_fast import reference  # noqa: E402
-from sppo_fast.backends import triton as backend  # noqa: E402
+from spec_helpers import assert_spec_close, eager_logprobs, max_error  # noqa: E402
 from sppo_fast.kernels.token_logprobs_backward import launch_token_logprobs_backward  # noqa: E402
 from sppo_fast.kernels.token_logprobs_forward import launch_token_logprobs_forward  # noqa: E402
-from spec_helpers import assert_spec_close, eager_logprobs, max_error  # noqa: E402
+
+from sppo_fast import reference  # noqa: E402
+from sppo_fast.backends import triton as backend  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -232,7 +233,7 @@ def test_random_small_cases(rows, vocab, dtype, temperature, scale, neg_inf_frac
 
 
 COMPILE_FOR_SM90 = textwrap.dedent("""
-    import re, triton
+    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from sppo_fast.kernels import token_logprobs_backward as bwd, token_logprobs_forward as fwd
@@ -258,8 +259,9 @@ COMPILE_FOR_SM90 = textwrap.dedent("""
             asm = compile_ptx(bwd.token_logprobs_backward_kernel, b_sig,
                               {"SCALE": flag, "HAS_GRAD_ENTROPY": flag, "BLOCK_V": 4096}, 8)
             assert "cubin" in asm
-            # the row offset is a 64-bit product even when the stride arrives as a 32-bit integer
-            assert re.search(r"mul\\.(wide\\.s32|lo\\.s64)", asm["ptx"]), "row * stride is 32-bit"
+            # row * stride is a 64-bit product even when the stride arrives as a 32-bit integer
+            for stride in ("logits_row_stride", "grad_row_stride"):
+                assert f"arith.extsi %{stride} : i32 to i64" in asm["ttir"], f"row * {stride} is 32-bit"
     print("compiled")
 """)
 
