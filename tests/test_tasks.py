@@ -72,6 +72,9 @@ HOSTILE = [
 ]
 
 
+_settings = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
 def task_of(name, options) -> Task:
     return get_task(name, **options)
 
@@ -151,6 +154,24 @@ def test_arithmetic_solution_follows_precedence():
     assert example == Example(prompt="3+5*2\n", answer="13", solution="5*2=10\n3+10=13\n#### 13")
     example = task.make_example(("*", ("-", 9, 4), 2))
     assert example.prompt == "(9-4)*2\n" and example.solution == "9-4=5\n5*2=10\n#### 10"
+
+
+_TREES = st.recursive(st.integers(0, 60), lambda sub: st.tuples(st.sampled_from("+-*/"), sub, sub),
+                      max_leaves=8)
+
+
+@_settings
+@given(_TREES)
+def test_render_parses_back_to_the_same_value(tree):
+    from sppo_fast.trainer.tasks.arithmetic import operations, render, walk
+
+    try:
+        value, ops = walk(tree)
+    except ZeroDivisionError:
+        return
+    parsed, used = parse_expression(render(tree))
+    assert parsed == value and len(used) == len(ops) + 1
+    assert [op for op, *_ in ops] == [op for op, *_ in operations(tree)]
 
 
 @pytest.mark.parametrize("difficulty", [1, 2])
@@ -284,9 +305,6 @@ def test_parse_expression_values():
     assert parse_expression("8-3-2")[0] == 3  # left-associative
     assert parse_expression("8/4/2")[0] == 1
     assert parse_expression("(" * 32 + "7" + ")" * 32)[0] == 7  # nesting up to the limit is fine
-
-
-_settings = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @_settings

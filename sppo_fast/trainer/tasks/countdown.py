@@ -72,7 +72,8 @@ def countdown_reward(response: str, numbers: list[int], target: int) -> float:
 
 def allowed_ops(left: Fraction, right: Fraction) -> list[str]:
     """The operations that keep an intermediate value a positive integer no larger than
-    MAX_INTERMEDIATE (exact division only); ``+`` is always among them for positive operands."""
+    MAX_INTERMEDIATE (exact division only). When none does, ``+``: the value then exceeds every
+    target and the sampler rejects the tree."""
     ops = [op for op in "+*" if apply(op, left, right) <= MAX_INTERMEDIATE]
     if left > right:
         ops.append("-")
