@@ -26,7 +26,7 @@ class Example:
     """One problem. The policy sees ``prompt`` verbatim (it already ends with its cue, a newline)."""
 
     prompt: str
-    answer: str  # the reference final answer, canonical string
+    answer: str  # the reference final answer, canonical string (countdown: one expression that works)
     solution: str  # reasoning lines ending in "\n", then "#### <answer>" (no trailing newline)
 
 
