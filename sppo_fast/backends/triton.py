@@ -5,20 +5,30 @@ kernels/ (shipped as sppo_fast.kernels): a forward that reads the logits once an
 them once and writes the gradient once. Arguments arrive validated by the dispatch layer.
 """
 
+import contextlib
+
+import torch
 import triton
 
 from sppo_fast.kernels.token_logprobs_backward import launch_token_logprobs_backward
 from sppo_fast.kernels.token_logprobs_forward import launch_token_logprobs_forward
 
 
+def _on_device_of(tensor):
+    """Triton launches on the current CUDA device: make it the tensor's (logits on cuda:1, say)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def token_logprobs_forward(logits, targets, temperature, ignore_index, compute_entropy):
-    return launch_token_logprobs_forward(logits, targets, temperature, ignore_index, compute_entropy)
+    with _on_device_of(logits):
+        return launch_token_logprobs_forward(logits, targets, temperature, ignore_index, compute_entropy)
 
 
 def token_logprobs_backward(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature,
                             ignore_index, inplace):
-    return launch_token_logprobs_backward(logits, targets, lse, entropy, grad_logp, grad_entropy,
-                                          temperature, ignore_index, inplace)
+    with _on_device_of(logits):
+        return launch_token_logprobs_backward(logits, targets, lse, entropy, grad_logp, grad_entropy,
+                                              temperature, ignore_index, inplace)
 
 
 def describe():
