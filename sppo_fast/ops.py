@@ -21,6 +21,7 @@ from ._checks import (
     check_targets_range,
     check_temperature,
 )
+from .fused_linear import sequence_chunked_policy_loss
 from .losses import aggregate, check_loss_inputs
 
 # ----------------------------------------------------------------------------------------------------
@@ -297,6 +298,15 @@ def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask
     _check_linear(hidden, weight, bias, targets, temperature, -100, chunk_size)
     valid, advantages = _check_loss_args(hidden[..., 0], old_logp, advantages, mask, config, segment_ids,
                                          ref_logp, normalizer)
+    B, T, _ = hidden.shape
+    tokens_per_chunk = chunk_size or default_chunk_size(B * T, weight.shape[0])
+    one_pass = (hidden.dtype != torch.float64 and not torch.compiler.is_compiling()
+                and T <= tokens_per_chunk and B * T > 0)
+    if one_pass:  # chunks of whole sequences: three matmuls instead of four (see fused_linear.py)
+        return sequence_chunked_policy_loss(
+            hidden, weight, bias, targets, old_logp, advantages, valid, config, segment_ids=segment_ids,
+            ref_logp=ref_logp, temperature=float(temperature), normalizer=normalizer,
+            seqs_per_chunk=max(1, tokens_per_chunk // T))
     logp, entropy = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                     return_entropy=True, chunk_size=chunk_size)
     return aggregate(logp, old_logp, advantages, valid, config, segment_ids=segment_ids, entropy=entropy,
