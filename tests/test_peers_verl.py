@@ -54,9 +54,16 @@ def loss_inputs(seed, B=6, T=9, empty_row=True):
 
 def actor_config(clip_low=0.2, clip_high=0.2, clip_c=3.0, global_batch_info=None):
     """The minimal verl ActorConfig its policy losses read."""
-    return verl_config.ActorConfig(strategy="fsdp", rollout_n=1, use_dynamic_bsz=True, clip_ratio=clip_low,
-                                   clip_ratio_low=clip_low, clip_ratio_high=clip_high, clip_ratio_c=clip_c,
-                                   global_batch_info=global_batch_info or {})
+    return verl_config.ActorConfig(
+        strategy="fsdp",
+        rollout_n=1,
+        use_dynamic_bsz=True,
+        clip_ratio=clip_low,
+        clip_ratio_low=clip_low,
+        clip_ratio_high=clip_high,
+        clip_ratio_c=clip_c,
+        global_batch_info=global_batch_info or {},
+    )
 
 
 def run_ours(logp, old, adv, mask, config, **kwargs):
@@ -78,10 +85,17 @@ def run_verl(loss_fn, logp, old, adv, mask, mode, config):
 
 def assert_metrics_match(ours, verl_metrics):
     """verl's pg_clipfrac, pg_clipfrac_lower, ppo_kl are our clipfrac, dual_clipfrac, approx_kl."""
-    for mine, theirs in (("clipfrac", "pg_clipfrac"), ("dual_clipfrac", "pg_clipfrac_lower"),
-                         ("approx_kl", "ppo_kl")):
-        torch.testing.assert_close(ours.metrics[mine].double(), torch.tensor(verl_metrics["actor/" + theirs],
-                                   dtype=torch.float64), **METRIC_TOL, msg=f"{mine} vs verl {theirs}")
+    for mine, theirs in (
+        ("clipfrac", "pg_clipfrac"),
+        ("dual_clipfrac", "pg_clipfrac_lower"),
+        ("approx_kl", "ppo_kl"),
+    ):
+        torch.testing.assert_close(
+            ours.metrics[mine].double(),
+            torch.tensor(verl_metrics["actor/" + theirs], dtype=torch.float64),
+            **METRIC_TOL,
+            msg=f"{mine} vs verl {theirs}",
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -92,23 +106,39 @@ def assert_metrics_match(ours, verl_metrics):
 def test_vanilla_dual_clip_equals_ppo_preset(seed):
     logp, old, adv, mask = loss_inputs(seed)
     ours, grad = run_ours(logp, old, adv, mask, PolicyLossConfig.preset("ppo"))
-    loss, vgrad, metrics = run_verl(core_algos.compute_policy_loss_vanilla, logp, old, adv, mask, "token-mean",
-                                    actor_config(0.2, 0.2, 3.0))
+    loss, vgrad, metrics = run_verl(
+        core_algos.compute_policy_loss_vanilla,
+        logp,
+        old,
+        adv,
+        mask,
+        "token-mean",
+        actor_config(0.2, 0.2, 3.0),
+    )
     torch.testing.assert_close(ours.loss.double(), loss, **LOSS_TOL)
     torch.testing.assert_close(grad, vgrad, **LOSS_TOL)
     assert_metrics_match(ours, metrics)
     assert ours.metrics["dual_clipfrac"] > 0 and ours.metrics["clipfrac"] > 0  # both branches were hit
 
 
-@pytest.mark.parametrize("preset, clip_high", [("grpo", 0.2), ("dapo", 0.28), ("dr_grpo", 0.2), ("rloo", 0.2)])
+@pytest.mark.parametrize(
+    "preset, clip_high", [("grpo", 0.2), ("dapo", 0.28), ("dr_grpo", 0.2), ("rloo", 0.2)]
+)
 def test_vanilla_without_dual_clip_equals_presets(preset, clip_high):
     """Our GRPO-family presets have no dual clip: verl agrees once its clip_ratio_c is out of reach.
     (dr_grpo is compared without an empty sequence: see the pin on seq-mean-token-sum-norm.)"""
     config = PolicyLossConfig.preset(preset)
     logp, old, adv, mask = loss_inputs(3, empty_row=preset != "dr_grpo")
     ours, grad = run_ours(logp, old, adv, mask, config)
-    loss, vgrad, metrics = run_verl(core_algos.compute_policy_loss_vanilla, logp, old, adv, mask,
-                                    config.aggregation, actor_config(0.2, clip_high, NO_DUAL_CLIP))
+    loss, vgrad, metrics = run_verl(
+        core_algos.compute_policy_loss_vanilla,
+        logp,
+        old,
+        adv,
+        mask,
+        config.aggregation,
+        actor_config(0.2, clip_high, NO_DUAL_CLIP),
+    )
     torch.testing.assert_close(ours.loss.double(), loss, **LOSS_TOL)
     torch.testing.assert_close(grad, vgrad, **LOSS_TOL)
     assert_metrics_match(ours, metrics)
@@ -122,8 +152,9 @@ def test_pin_verl_vanilla_always_dual_clips():
     logp, old, adv, mask = loss_inputs(4, empty_row=False)
     dapo = PolicyLossConfig.preset("dapo")
     ours, _ = run_ours(logp, old, adv, mask, dapo)
-    verl_default, _, _ = run_verl(core_algos.compute_policy_loss_vanilla, logp, old, adv, mask, "token-mean",
-                                  actor_config(0.2, 0.28))  # verl's defaults: clip_ratio_c = 3.0
+    verl_default, _, _ = run_verl(
+        core_algos.compute_policy_loss_vanilla, logp, old, adv, mask, "token-mean", actor_config(0.2, 0.28)
+    )  # verl's defaults: clip_ratio_c = 3.0
     rho = torch.exp(logp - old)
     per_token = torch.maximum(-adv * rho, -adv * rho.clamp(0.8, 1.28))
     capped = (adv < 0) & (per_token > -3.0 * adv) & mask
@@ -141,11 +172,20 @@ def test_extreme_log_ratios_clamp_alike_but_ppo_kl_metric_differs():
     logp, old, adv, mask = loss_inputs(5, empty_row=False)
     logp[0, 0], logp[0, 1] = old[0, 0] + 30.0, old[0, 1] - 25.0
     adv[0, 0] = -1.0
-    for clip_c, config in ((3.0, PolicyLossConfig.preset("ppo")),
-                           (NO_DUAL_CLIP, PolicyLossConfig.preset("grpo", aggregation="token-mean"))):
+    for clip_c, config in (
+        (3.0, PolicyLossConfig.preset("ppo")),
+        (NO_DUAL_CLIP, PolicyLossConfig.preset("grpo", aggregation="token-mean")),
+    ):
         ours, grad = run_ours(logp, old, adv, mask, config)
-        loss, vgrad, metrics = run_verl(core_algos.compute_policy_loss_vanilla, logp, old, adv, mask,
-                                        "token-mean", actor_config(0.2, 0.2, clip_c))
+        loss, vgrad, metrics = run_verl(
+            core_algos.compute_policy_loss_vanilla,
+            logp,
+            old,
+            adv,
+            mask,
+            "token-mean",
+            actor_config(0.2, 0.2, clip_c),
+        )
         torch.testing.assert_close(ours.loss.double(), loss, **LOSS_TOL)
         torch.testing.assert_close(grad, vgrad, **LOSS_TOL)
         n = mask.sum()
@@ -159,8 +199,13 @@ def test_extreme_log_ratios_clamp_alike_but_ppo_kl_metric_differs():
 
 
 @settings(max_examples=25)
-@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 5), T=st.integers(1, 12),
-       preset=st.sampled_from(["ppo", "grpo", "dapo", "rloo"]), per_sequence_advantage=st.booleans())
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    B=st.integers(1, 5),
+    T=st.integers(1, 12),
+    preset=st.sampled_from(["ppo", "grpo", "dapo", "rloo"]),
+    per_sequence_advantage=st.booleans(),
+)
 def test_vanilla_agrees_on_random_batches(seed, B, T, preset, per_sequence_advantage):
     config = PolicyLossConfig.preset(preset)
     logp, old, adv, mask = loss_inputs(seed, B=B, T=T, empty_row=B > 1)
@@ -168,8 +213,15 @@ def test_vanilla_agrees_on_random_batches(seed, B, T, preset, per_sequence_advan
         adv = adv[:, 0]
     ours, grad = run_ours(logp, old, adv, mask, config)
     clip_c = config.dual_clip or NO_DUAL_CLIP
-    loss, vgrad, metrics = run_verl(core_algos.compute_policy_loss_vanilla, logp, old, adv, mask,
-                                    config.aggregation, actor_config(config.clip_low, config.clip_high, clip_c))
+    loss, vgrad, metrics = run_verl(
+        core_algos.compute_policy_loss_vanilla,
+        logp,
+        old,
+        adv,
+        mask,
+        config.aggregation,
+        actor_config(config.clip_low, config.clip_high, clip_c),
+    )
     torch.testing.assert_close(ours.loss.double(), loss, **LOSS_TOL)
     torch.testing.assert_close(grad, vgrad, **LOSS_TOL)
     assert_metrics_match(ours, metrics)
@@ -200,8 +252,9 @@ def test_gspo_equals_ours_for_sequence_advantages(mode, clips):
     config = PolicyLossConfig.preset("gspo", clip_low=clips[0], clip_high=clips[1], aggregation=mode)
     adv = adv[:, 0]
     ours, grad = run_ours(logp, old, adv, mask, config)
-    loss, vgrad, metrics = run_verl(core_algos.compute_policy_loss_gspo, logp, old, adv, mask, mode,
-                                    actor_config(*clips))
+    loss, vgrad, metrics = run_verl(
+        core_algos.compute_policy_loss_gspo, logp, old, adv, mask, mode, actor_config(*clips)
+    )
     torch.testing.assert_close(ours.loss.double(), loss, **LOSS_TOL)
     torch.testing.assert_close(grad, vgrad, **LOSS_TOL)
     assert grad.abs().sum() > 0
@@ -216,8 +269,15 @@ def test_pin_gspo_gradient_with_token_advantages():
     logp, old, adv, mask = gspo_inputs(8)
     config = PolicyLossConfig.preset("gspo", clip_low=0.2, clip_high=0.2)
     ours, grad = run_ours(logp, old, adv, mask, config)
-    loss, vgrad, _ = run_verl(core_algos.compute_policy_loss_gspo, logp, old, adv, mask,
-                              "seq-mean-token-mean", actor_config(0.2, 0.2))
+    loss, vgrad, _ = run_verl(
+        core_algos.compute_policy_loss_gspo,
+        logp,
+        old,
+        adv,
+        mask,
+        "seq-mean-token-mean",
+        actor_config(0.2, 0.2),
+    )
     torch.testing.assert_close(ours.loss.double(), loss, **LOSS_TOL)
     n_b = mask.sum(-1, keepdim=True).clamp(min=1)
     verl_sequence_mean = (vgrad * mask).sum(-1, keepdim=True) / n_b * mask
@@ -236,16 +296,26 @@ def test_pin_gspo_log_ratio_clamps():
     mask = torch.ones(B, T, dtype=torch.bool)
     config = PolicyLossConfig.preset("gspo", aggregation="seq-mean-token-sum")
     ours, grad = run_ours(logp, old, adv, mask, config)
-    loss, vgrad, _ = run_verl(core_algos.compute_policy_loss_gspo, logp, old, adv, mask,
-                              "seq-mean-token-sum", actor_config(3e-4, 4e-4))
+    loss, vgrad, _ = run_verl(
+        core_algos.compute_policy_loss_gspo,
+        logp,
+        old,
+        adv,
+        mask,
+        "seq-mean-token-sum",
+        actor_config(3e-4, 4e-4),
+    )
     # per sequence, token-sum of l = 2 rho; seq-mean over 2 sequences
     ours_rho = (math.exp(12.0), math.exp((20.0 - 20.0) / 2))
     verl_rho = (math.exp(10.0), math.exp(5.0))  # exp(min(12, 10)) and exp(min((30 - 20) / 2, 10))
-    torch.testing.assert_close(ours.loss.double(), torch.tensor(sum(ours_rho), dtype=torch.float64), **LOSS_TOL)
+    torch.testing.assert_close(
+        ours.loss.double(), torch.tensor(sum(ours_rho), dtype=torch.float64), **LOSS_TOL
+    )
     torch.testing.assert_close(loss, torch.tensor(sum(verl_rho), dtype=torch.float64), **LOSS_TOL)
     # verl: the clamp at 10 stops row 0's gradient; row 1 (unclamped) gets rho_1 / 2 on each token
-    torch.testing.assert_close(vgrad, torch.tensor([[0.0, 0.0], [verl_rho[1] / 2] * 2], dtype=torch.float64),
-                               **LOSS_TOL)
+    torch.testing.assert_close(
+        vgrad, torch.tensor([[0.0, 0.0], [verl_rho[1] / 2] * 2], dtype=torch.float64), **LOSS_TOL
+    )
     # ours: d/dlogp_t of (sum_b 2 rho_b) / 2 = rho_b / n_b, except where the token clamp at 20 bites
     expected = torch.tensor([[ours_rho[0] / 2] * 2, [0.0, ours_rho[1] / 2]], dtype=torch.float64)
     torch.testing.assert_close(grad, expected, **LOSS_TOL)
@@ -275,15 +345,22 @@ def verl_aggregate(adv, mask, mode, **kwargs):
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 def test_agg_loss_modes_match_with_an_empty_sequence(mode):
     logp, adv, mask = aggregation_case(10)
-    torch.testing.assert_close(ours_aggregate(logp, adv, mask, mode), verl_aggregate(adv, mask, mode), **LOSS_TOL)
+    torch.testing.assert_close(
+        ours_aggregate(logp, adv, mask, mode), verl_aggregate(adv, mask, mode), **LOSS_TOL
+    )
 
 
 def test_agg_loss_token_sum_norm_matches_without_empty_sequences():
     logp, adv, mask = aggregation_case(11, empty_row=False)
     mode = "seq-mean-token-sum-norm"
-    torch.testing.assert_close(ours_aggregate(logp, adv, mask, mode), verl_aggregate(adv, mask, mode), **LOSS_TOL)
-    torch.testing.assert_close(ours_aggregate(logp, adv, mask, mode, max_length_norm=64),
-                               verl_aggregate(adv, mask, mode, loss_scale_factor=64), **LOSS_TOL)
+    torch.testing.assert_close(
+        ours_aggregate(logp, adv, mask, mode), verl_aggregate(adv, mask, mode), **LOSS_TOL
+    )
+    torch.testing.assert_close(
+        ours_aggregate(logp, adv, mask, mode, max_length_norm=64),
+        verl_aggregate(adv, mask, mode, loss_scale_factor=64),
+        **LOSS_TOL,
+    )
 
 
 def test_pin_token_sum_norm_counts_empty_sequences():
@@ -294,8 +371,9 @@ def test_pin_token_sum_norm_counts_empty_sequences():
     B, nonempty = mask.shape[0], int(mask.any(-1).sum())
     assert nonempty < B
     mode = "seq-mean-token-sum-norm"
-    torch.testing.assert_close(verl_aggregate(adv, mask, mode), ours_aggregate(logp, adv, mask, mode) * B / nonempty,
-                               **LOSS_TOL)
+    torch.testing.assert_close(
+        verl_aggregate(adv, mask, mode), ours_aggregate(logp, adv, mask, mode) * B / nonempty, **LOSS_TOL
+    )
 
 
 @pytest.mark.parametrize("mode", AGG_MODES)
@@ -308,8 +386,9 @@ def test_agg_loss_data_parallel_arguments_map_to_normalizer(mode):
     if mode == "token-mean":
         theirs = verl_aggregate(adv, mask, mode, dp_size=dp_size, batch_num_tokens=global_count)
     else:
-        theirs = verl_aggregate(adv, mask, mode, dp_size=dp_size, global_batch_size=global_count,
-                                loss_scale_factor=length)
+        theirs = verl_aggregate(
+            adv, mask, mode, dp_size=dp_size, global_batch_size=global_count, loss_scale_factor=length
+        )
     extra = {"max_length_norm": length} if mode == "seq-mean-token-sum-norm" else {}
     ours = ours_aggregate(logp, adv, mask, mode, normalizer=global_count / dp_size, **extra)
     torch.testing.assert_close(ours, theirs, **LOSS_TOL)
@@ -335,7 +414,9 @@ def test_pin_token_sum_mode_is_token_mean_times_count():
         PolicyLossConfig(aggregation="token-sum")
     theirs = verl_aggregate(adv, mask, "token-sum")
     torch.testing.assert_close(theirs, ours_aggregate(logp, adv, mask, "token-mean") * mask.sum(), **LOSS_TOL)
-    torch.testing.assert_close(theirs, ours_aggregate(logp, adv, mask, "token-mean", normalizer=1.0), **LOSS_TOL)
+    torch.testing.assert_close(
+        theirs, ours_aggregate(logp, adv, mask, "token-mean", normalizer=1.0), **LOSS_TOL
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -355,14 +436,17 @@ def test_kl_penalty_in_the_loss_matches_verl_actor(ours_name, verl_name):
     config = PolicyLossConfig.preset("grpo", kl_coef=coef, kl_estimator=ours_name)
     ours, grad = run_ours(logp, old, adv, mask, config, ref_logp=ref)
     lp = logp.clone().requires_grad_(True)
-    pg, _ = core_algos.compute_policy_loss_vanilla(old, lp, adv, mask.double(), "seq-mean-token-mean",
-                                                   actor_config(0.2, 0.2, NO_DUAL_CLIP))
+    pg, _ = core_algos.compute_policy_loss_vanilla(
+        old, lp, adv, mask.double(), "seq-mean-token-mean", actor_config(0.2, 0.2, NO_DUAL_CLIP)
+    )
     kl = core_algos.kl_penalty(lp, ref, verl_name)
     total = pg + coef * core_algos.agg_loss(kl, mask.double(), "seq-mean-token-mean")
     total.backward()
     torch.testing.assert_close(ours.loss.double(), total.detach(), **LOSS_TOL)
     torch.testing.assert_close(grad, lp.grad, **LOSS_TOL)
-    torch.testing.assert_close(ours.metrics["kl"].double(), (kl.detach() * mask).sum() / mask.sum(), **METRIC_TOL)
+    torch.testing.assert_close(
+        ours.metrics["kl"].double(), (kl.detach() * mask).sum() / mask.sum(), **METRIC_TOL
+    )
 
 
 def test_pin_k1_k2_clamp_the_log_ratio():
@@ -388,7 +472,7 @@ def outcome_rewards(seed, n_groups, group_size, T=5):
     B = n_groups * group_size
     scores = torch.randn(B, generator=g).double()
     scores[:group_size] = (torch.rand(group_size, generator=g) < 0.5).double()
-    scores[group_size:2 * group_size] = 1.0
+    scores[group_size : 2 * group_size] = 1.0
     lengths = torch.randint(1, T + 1, (B,), generator=g)
     mask = (torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)).double()
     token_rewards = torch.zeros(B, T, dtype=torch.float64)
@@ -403,8 +487,9 @@ def outcome_rewards(seed, n_groups, group_size, T=5):
 def test_grpo_advantage_matches(group_size, eps, norm_by_std):
     """Same unbiased std, same eps added to the std; verl broadcasts over the response mask."""
     scores, token_rewards, mask, index = outcome_rewards(20 + group_size, 4, group_size)
-    theirs, _ = core_algos.compute_grpo_outcome_advantage(token_rewards, mask, index, epsilon=eps,
-                                                          norm_adv_by_std_in_grpo=norm_by_std)
+    theirs, _ = core_algos.compute_grpo_outcome_advantage(
+        token_rewards, mask, index, epsilon=eps, norm_adv_by_std_in_grpo=norm_by_std
+    )
     scale = "std" if norm_by_std else "none"
     ours = sppo_fast.group_advantage(scores, group_size, scale=scale, eps=eps)
     torch.testing.assert_close(ours.unsqueeze(1) * mask, theirs, rtol=1e-12, atol=1e-12)
@@ -414,7 +499,9 @@ def test_grpo_std_is_unbiased_on_both_sides():
     """The estimator itself, by hand: rewards (0, 1) give std = sqrt(1/2) (unbiased), not 1/2."""
     scores = torch.tensor([0.0, 1.0], dtype=torch.float64)
     expected = torch.tensor([-0.5, 0.5], dtype=torch.float64) / (math.sqrt(0.5) + 1e-6)
-    theirs, _ = core_algos.compute_grpo_outcome_advantage(scores.unsqueeze(1), torch.ones(2, 1), np.array([0, 0]))
+    theirs, _ = core_algos.compute_grpo_outcome_advantage(
+        scores.unsqueeze(1), torch.ones(2, 1), np.array([0, 0])
+    )
     torch.testing.assert_close(theirs.squeeze(1), expected, rtol=1e-12, atol=0)
     torch.testing.assert_close(sppo_fast.group_advantage(scores, 2), expected, rtol=1e-12, atol=0)
 
@@ -424,7 +511,9 @@ def test_grpo_verl_index_order_is_a_permutation_of_consecutive_groups():
     one onto the other."""
     scores, token_rewards, mask, index = outcome_rewards(30, 3, 4)
     perm = torch.randperm(len(scores), generator=torch.Generator().manual_seed(31))
-    theirs, _ = core_algos.compute_grpo_outcome_advantage(token_rewards[perm], mask[perm], index[perm.numpy()])
+    theirs, _ = core_algos.compute_grpo_outcome_advantage(
+        token_rewards[perm], mask[perm], index[perm.numpy()]
+    )
     ours = sppo_fast.group_advantage(scores, 4)
     torch.testing.assert_close(ours[perm].unsqueeze(1) * mask[perm], theirs, rtol=1e-12, atol=1e-12)
 
@@ -478,7 +567,9 @@ def test_pin_gae_verl_whitens(gamma, lam):
     estimate, 0 off the mask (whitening is a trainer choice). verl's advantages = whiten(ours) on the
     mask, and verl's returns - values = ours on the mask."""
     rewards, values, mask = gae_inputs(50)
-    theirs_adv, theirs_ret = core_algos.compute_gae_advantage_return(rewards, values, mask.double(), gamma, lam)
+    theirs_adv, theirs_ret = core_algos.compute_gae_advantage_return(
+        rewards, values, mask.double(), gamma, lam
+    )
     ours_adv, ours_ret = sppo_fast.gae(rewards, values, mask, gamma=gamma, lam=lam)
     ours_adv, ours_ret = ours_adv.double(), ours_ret.double()
     tol = dict(rtol=1e-5, atol=1e-5)  # our gae accumulates in fp32 (SPEC §3)
