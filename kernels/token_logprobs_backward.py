@@ -75,7 +75,7 @@ def token_logprobs_backward_kernel(
         p = tl.exp(log_p)
         grad = tl.where(offs == target, g_logp, 0.0) - g_logp * p
         if HAS_GRAD_ENTROPY:
-            grad -= g_ent * tl.where(p == 0.0, 0.0, p * (log_p + ent))
+            grad -= g_ent * p * tl.where(p == 0.0, 0.0, log_p + ent)  # p = 0: 0, never 0 * -inf
         if SCALE:  # one rounding of a value ~1: the forward's care is not needed here
             grad = grad * inv_temperature
         tl.store(row_grad + offs, grad.to(grad_ptr.dtype.element_ty), mask=offs < V)

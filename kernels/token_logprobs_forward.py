@@ -79,12 +79,13 @@ def token_logprobs_forward_kernel(
         scale_old = tl.exp(m - ref)  # 0 when m == -inf, where S = W = 0 anyway
         if COMPUTE_ENTROPY:
             shift = tl.where(m == float("-inf"), 0.0, m - ref)  # avoid S * -inf = 0 * -inf
-            terms = tl.where(e == 0.0, 0.0, e * (z - ref))  # p_j = 0 adds 0, not 0 * -inf
-            w = scale_old * (w + s * shift) + tl.sum(terms, axis=0)
+            offset = tl.where(e == 0.0, 0.0, z - ref)  # p_j = 0 adds 0 to W, never 0 * -inf
+            w = scale_old * (w + s * shift) + tl.sum(e * offset, axis=0)
         s = scale_old * s + tl.sum(e, axis=0)
         m = m_new
 
     ref = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.where(ignored, 1.0, s)  # an ignored row read nothing: no log(0) or 0 / 0 to discard later
     log_s = tl.log(s)
     safe_target = tl.where(ignored, 0, target)
     z_target = tl.load(row_logits + safe_target, mask=valid, other=0.0).to(tl.float32)
