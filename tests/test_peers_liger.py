@@ -223,7 +223,7 @@ def test_pin_grpo_divides_by_all_sequences():
 
 
 def liger_stage(
-    logp, old, adv, mask, loss_type, level, eps_low=0.2, eps_high=0.2, beta=0.0, ref=None, delta=None
+    logp, old, adv, mask, loss_type, level, eps_low=0.2, eps_high=0.2, beta=0.0, ref=None, delta=None, **extra
 ):
     """Liger's ppo_loss_fn (the stage after its log-probs): (loss, grad wrt logp, clipfrac)."""
     lp = logp.clone().requires_grad_(True)
@@ -242,6 +242,7 @@ def liger_stage(
         max_completion_length=MAX_COMPLETION_LENGTH,
         importance_sampling_level=level,
         delta=delta,
+        **extra,
     )
     loss.backward()
     return loss.detach(), lp.grad, metrics[-1]
@@ -286,6 +287,17 @@ def test_loss_stage_agrees_on_random_batches(seed, b, t, loss_type, level, empty
     torch.testing.assert_close(ours, loss, **FP64_TOL)
     torch.testing.assert_close(our_grad, grad, **FP64_TOL)
     torch.testing.assert_close(metrics["clipfrac"].double(), clipfrac, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_dapo_num_items_in_batch_is_our_normalizer(level):
+    """Liger's num_items_in_batch (the global token count, TRL's convention) replaces the local token
+    count exactly as our `normalizer` does."""
+    logp, old, adv, mask = stage_inputs(22, empty_row=True)
+    loss, grad, _ = liger_stage(logp, old, adv, mask, "dapo", level, num_items_in_batch=57)
+    ours, our_grad, _ = our_stage(logp, old, adv, mask, our_config("dapo", level), normalizer=57)
+    torch.testing.assert_close(ours, loss, **FP64_TOL)
+    torch.testing.assert_close(our_grad, grad, **FP64_TOL)
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
