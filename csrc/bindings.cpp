@@ -1,0 +1,24 @@
+// Python bindings of the two CPU kernels. setup.py builds this module once per ISA (sppo_fast._C,
+// sppo_fast._C_avx2, sppo_fast._C_avx512); sppo_fast/backends/native.py imports the best one.
+#include "token_logprobs.h"
+
+#include <torch/csrc/utils/pybind.h>
+
+#define SPPO_STRINGIFY_(x) #x
+#define SPPO_STRINGIFY(x) SPPO_STRINGIFY_(x)
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "sppo-fast native CPU kernels: token log-probs and entropy, forward and backward";
+  m.def("token_logprobs_forward", &sppo_fast::token_logprobs_forward, pybind11::arg("logits"),
+        pybind11::arg("targets"), pybind11::arg("temperature"), pybind11::arg("ignore_index"),
+        pybind11::arg("compute_entropy"), pybind11::arg("lse_fp64") = false,
+        "(logits (N, V), targets (N,), temperature, ignore_index, compute_entropy, lse_fp64) -> "
+        "(logp, entropy, lse), (N,) each: fp32, fp32, fp32 or fp64");
+  m.def("token_logprobs_backward", &sppo_fast::token_logprobs_backward, pybind11::arg("logits"),
+        pybind11::arg("targets"), pybind11::arg("lse"), pybind11::arg("entropy"),
+        pybind11::arg("grad_logp"), pybind11::arg("grad_entropy"), pybind11::arg("temperature"),
+        pybind11::arg("ignore_index"), pybind11::arg("inplace"),
+        "the gradient of the logits (N, V) from per-row grad_logp and grad_entropy");
+  // The ATen CPU_CAPABILITY this module was compiled for: DEFAULT, AVX2 or AVX512.
+  m.attr("CPU_CAPABILITY") = SPPO_STRINGIFY(CPU_CAPABILITY);
+}

@@ -1,0 +1,36 @@
+// The two vocabulary-sized CPU kernels of SPEC §9 (interface in sppo_fast/backends/__init__.py).
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+// Logits come as fp32, bf16 or fp16; the kernels accumulate in fp32 for all three.
+#define SPPO_DISPATCH_LOGITS(TYPE, NAME, ...)                \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                             \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
+namespace sppo_fast {
+
+// Per row of logits (N, V): (logp, entropy, lse), (N,) tensors, in one read of the row; logp and
+// entropy are fp32, lse fp32 (the backend interface) or fp64 (exact for any magnitude of logits).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_forward(
+    const at::Tensor& logits, const at::Tensor& targets, double temperature, int64_t ignore_index,
+    bool compute_entropy, bool lse_fp64);
+
+// The gradient of the logits from per-row coefficients, in one read and one write of the logits;
+// lse may be fp32 or fp64.
+at::Tensor token_logprobs_backward(
+    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+    const at::Tensor& entropy, const at::Tensor& grad_logp,
+    const std::optional<at::Tensor>& grad_entropy, double temperature, int64_t ignore_index,
+    bool inplace);
+
+// Rows per parallel task: about 64k elements, so that short rows are not one task each.
+inline int64_t rows_per_task(int64_t V) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1)); }
+
+}  // namespace sppo_fast

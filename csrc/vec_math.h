@@ -1,0 +1,114 @@
+// Vector helpers shared by the two row kernels: a fast exp for non-positive arguments, and loads and
+// stores of fp32/bf16/fp16 rows as pairs of fp32 vectors.
+//
+// Everything is written with at::vec::Vectorized, so the same source compiles for every ISA that ATen
+// knows (setup.py builds one extension per ISA, each with its CPU_CAPABILITY define and -m flags, and
+// sppo_fast/backends/native.py imports the best one the running CPU supports).
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <limits>
+
+namespace sppo_fast {
+
+using Vec = at::vec::Vectorized<float>;
+using VecI = at::vec::Vectorized<int32_t>;
+
+// Elements handled per step: two fp32 vectors, which is one vector of bf16/fp16.
+constexpr int64_t kBlock = 2 * Vec::size();
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Below this, exp(x) is under FLT_MIN (1.18e-38): the result is flushed to exactly 0, so that a
+// -inf logit gets p = 0 (and a zero gradient), and 2^n below stays a normal float.
+constexpr float kExpLowest = -87.3f;
+
+// exp(d) for d <= 0 (small positive d is fine too), -inf -> 0, NaN -> NaN.
+// Cody-Waite reduction d = n ln2 + r with |r| <= ln2/2, then Cephes' degree-7 polynomial for e^r
+// (about 1 ulp), then the exponent bits of 2^n. One evaluation per element is the whole cost of a
+// pass, so this replaces Sleef's exp (1 ulp, slower) and ATen's exp_u20 (20 ulp).
+inline Vec exp_nonpositive(const Vec& d) {
+  // max(lowest, d) keeps a NaN d (the second operand wins on NaN), so NaN propagates.
+  const Vec x = at::vec::clamp_min(d, Vec(kExpLowest));
+  const Vec n = (x * Vec(1.44269504088896341f)).round();
+  Vec r = at::vec::fmadd(n, Vec(-0.693359375f), x);
+  r = at::vec::fmadd(n, Vec(2.12194440e-4f), r);
+  Vec p(1.9875691500e-4f);
+  p = at::vec::fmadd(p, r, Vec(1.3981999507e-3f));
+  p = at::vec::fmadd(p, r, Vec(8.3334519073e-3f));
+  p = at::vec::fmadd(p, r, Vec(4.1665795894e-2f));
+  p = at::vec::fmadd(p, r, Vec(1.6666665459e-1f));
+  p = at::vec::fmadd(p, r, Vec(5.0000001201e-1f));
+  p = at::vec::fmadd(p, r * r, r + Vec(1.0f));
+  // 2^n from its exponent bits; n >= -126 after the clamp, so the result is a normal float.
+  const VecI bits = (at::vec::convert_to_int_of_same_size(n) + VecI(127)) << VecI(23);
+  const Vec y = p * at::vec::cast<float>(bits);
+  return Vec::blendv(y, Vec(0.0f), d < Vec(kExpLowest));
+}
+
+// Loads kBlock elements starting at `src` as two fp32 vectors.
+template <typename scalar_t>
+inline void load_block(const scalar_t* src, Vec& lo, Vec& hi) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    lo = Vec::loadu(src);
+    hi = Vec::loadu(src + Vec::size());
+  } else {
+    auto both = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(src));
+    lo = std::get<0>(both);
+    hi = std::get<1>(both);
+  }
+}
+
+// Loads the last `count` (< kBlock) elements of a row, padding with `fill`.
+template <typename scalar_t>
+inline void load_tail(const scalar_t* src, int64_t count, float fill, Vec& lo, Vec& hi) {
+  alignas(64) float buf[kBlock];
+  for (int64_t i = 0; i < kBlock; ++i) buf[i] = i < count ? static_cast<float>(src[i]) : fill;
+  lo = Vec::loadu(buf);
+  hi = Vec::loadu(buf + Vec::size());
+}
+
+// Stores the first `count` (<= kBlock) of the two fp32 vectors into `dst`, rounded to scalar_t.
+template <typename scalar_t>
+inline void store_block(scalar_t* dst, const Vec& lo, const Vec& hi, int64_t count = kBlock) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (count == kBlock) {
+      lo.store(dst);
+      hi.store(dst + Vec::size());
+    } else {
+      lo.store(dst, std::min<int64_t>(count, Vec::size()));
+      if (count > Vec::size()) hi.store(dst + Vec::size(), count - Vec::size());
+    }
+  } else {
+    auto packed = at::vec::convert_from_float<scalar_t>(lo, hi);
+    if (count == kBlock) {
+      packed.store(dst);
+    } else {
+      packed.store(dst, static_cast<int>(count));
+    }
+  }
+}
+
+// Largest lane of v, NaN if any lane is NaN.
+inline float reduce_max(const Vec& v) {
+  alignas(64) float buf[Vec::size()];
+  v.store(buf);
+  float m = buf[0];
+  for (int64_t i = 1; i < Vec::size(); ++i) m = (buf[i] > m || buf[i] != buf[i]) ? buf[i] : m;
+  return m;
+}
+
+inline float reduce_sum(const Vec& v) {
+  alignas(64) float buf[Vec::size()];
+  v.store(buf);
+  float s = 0.0f;
+  for (int64_t i = 0; i < Vec::size(); ++i) s += buf[i];
+  return s;
+}
+
+}  // namespace sppo_fast
