@@ -30,12 +30,16 @@ import triton.language as tl
 #   wider than the (next power of two of the) vocabulary, which would only load masked lanes.
 # Compiled for sm_90a without a GPU (ptxas -v), every config uses 30-96 registers and spills nothing,
 # so none is excluded on that ground; which one is fastest only a GPU can say.
-# The choice is made by measurement, once per (V, dtype, entropy flag, temperature flag); N is not in
-# the key, so batch size changes do not re-tune. Re-running this kernel during tuning is harmless: it
-# only writes its three (N,) outputs, never its input.
+# The choice is made by measurement, once per (V, dtype, entropy flag, temperature flag, row bucket).
+# The row count enters only as a power-of-two bucket capped at ROWS_BUCKET_CAP: below it the GPU is
+# not full (one program per row) and wider tiles/more warps per row pay off, above it every batch size
+# behaves alike, so a run of varying RL micro-batches tunes a handful of times, not once per batch,
+# and a tiny first call does not fix the config of the large ones. Re-running this kernel during
+# tuning is harmless: it only writes its three (N,) outputs, never its input.
 GPU_BLOCK_SIZES = (1024, 2048, 4096, 8192)
 GPU_NUM_WARPS = (4, 8, 16)
 MIN_ELEMENTS_PER_THREAD = 4
+ROWS_BUCKET_CAP = 2048  # ~16 rows per SM on an H100: past this, more rows change nothing per program
 
 # Under TRITON_INTERPRET=1 (CPU, numpy) timing means nothing and each config costs a full run, so one
 # small tile is used: it also drives the multi-tile path (max rescaling) on the small test vocabularies.
@@ -53,6 +57,7 @@ def token_logprobs_forward_kernel(
     V,
     temperature,
     ignore_index,
+    rows_bucket,  # autotuning key only (see _rows_bucket); unused by the kernel
     SCALE: tl.constexpr,
     COMPUTE_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -113,6 +118,10 @@ def _prune_configs(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
+def _rows_bucket(n_rows):
+    return triton.next_power_of_2(min(n_rows, ROWS_BUCKET_CAP))
+
+
 def _interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
@@ -123,7 +132,7 @@ if _interpreting():
 else:
     _launch = triton.autotune(
         configs=[triton.Config({"BLOCK_V": b}, num_warps=w) for b in GPU_BLOCK_SIZES for w in GPU_NUM_WARPS],
-        key=["V", "SCALE", "COMPUTE_ENTROPY"],
+        key=["V", "rows_bucket", "SCALE", "COMPUTE_ENTROPY"],
         prune_configs_by={"early_config_prune": _prune_configs},
     )(token_logprobs_forward_kernel)
     _FIXED_META = {}
@@ -147,7 +156,7 @@ def launch_token_logprobs_forward(logits, targets, temperature, ignore_index, co
         return logp.zero_(), entropy.zero_(), lse.fill_(float("-inf"))
     _launch[(n_rows,)](
         logits, logits.stride(0), targets, logp, entropy, lse,
-        vocab, float(temperature), int(ignore_index),
+        vocab, float(temperature), int(ignore_index), _rows_bucket(n_rows),
         SCALE=float(temperature) != 1.0, COMPUTE_ENTROPY=bool(compute_entropy), **_FIXED_META,
     )
     return logp, entropy, lse

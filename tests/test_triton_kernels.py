@@ -243,7 +243,7 @@ COMPILE_FOR_SM90 = textwrap.dedent("""
             common = {"V": "i32", "ignore_index": "i32", "targets_ptr": "*i64", "entropy_ptr": "*fp32",
                       "logits_ptr": dtype, "logits_row_stride": "i32", "lse_ptr": "*fp32",
                       "temperature": "fp32", "SCALE": "constexpr", "BLOCK_V": "constexpr"}
-            f_sig = dict(common, logp_ptr="*fp32", COMPUTE_ENTROPY="constexpr")
+            f_sig = dict(common, logp_ptr="*fp32", rows_bucket="i32", COMPUTE_ENTROPY="constexpr")
             f_sig = {k: f_sig[k] for k in fwd.token_logprobs_forward_kernel.arg_names}
             for block, warps in ((8192, 4), (1024, 16)):
                 asm = compile_ptx(fwd.token_logprobs_forward_kernel, f_sig,
