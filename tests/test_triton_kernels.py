@@ -19,8 +19,6 @@ from hypothesis import given, settings  # noqa: E402
 pytest.importorskip("triton")
 
 from spec_helpers import assert_spec_close, eager_logprobs, max_error  # noqa: E402
-from sppo_fast.kernels.token_logprobs_backward import launch_token_logprobs_backward  # noqa: E402
-from sppo_fast.kernels.token_logprobs_forward import launch_token_logprobs_forward  # noqa: E402
 
 from sppo_fast import reference  # noqa: E402
 from sppo_fast.backends import triton as backend  # noqa: E402
@@ -51,9 +49,9 @@ def coefficients(rows, seed=1):
 
 def run_kernels(logits, targets, g_logp, g_ent, *, temperature=1.0, inplace=False, lse_dtype=torch.float32):
     """Forward then backward through the kernels; returns (logp, entropy, lse, grad)."""
-    logp, entropy, lse = launch_token_logprobs_forward(logits, targets, temperature, IGNORE, True, lse_dtype)
-    grad = launch_token_logprobs_backward(logits, targets, lse, entropy, g_logp, g_ent, temperature, IGNORE,
-                                          inplace)
+    logp, entropy, lse = backend.token_logprobs_forward(logits, targets, temperature, IGNORE, True, lse_dtype)
+    grad = backend.token_logprobs_backward(logits, targets, lse, entropy, g_logp, g_ent, temperature, IGNORE,
+                                           inplace)
     return logp, entropy, lse, grad
 
 

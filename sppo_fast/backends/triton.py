@@ -19,13 +19,19 @@ def _on_device_of(tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-def token_logprobs_forward(logits, targets, temperature, ignore_index, compute_entropy):
+def token_logprobs_forward(logits, targets, temperature, ignore_index, compute_entropy,
+                           lse_dtype=torch.float32):
+    """The interface's forward; `lse_dtype=torch.float64` (beyond the interface, as the native backend
+    has it) returns an fp64 lse, with which the backward is exact to fp32 rounding even where
+    |logits| ~ 1e4 (an fp32 lse of that size is off by up to 5e-4)."""
     with _on_device_of(logits):
-        return launch_token_logprobs_forward(logits, targets, temperature, ignore_index, compute_entropy)
+        return launch_token_logprobs_forward(logits, targets, temperature, ignore_index, compute_entropy,
+                                             lse_dtype)
 
 
 def token_logprobs_backward(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature,
                             ignore_index, inplace):
+    """The interface's backward; `lse` may be fp32 or fp64."""
     with _on_device_of(logits):
         return launch_token_logprobs_backward(logits, targets, lse, entropy, grad_logp, grad_entropy,
                                               temperature, ignore_index, inplace)
