@@ -177,7 +177,7 @@ def clip_bounds(config, valid, segment_ids=None, entropy=None):
     if ea is None:
         return lo, hi
     groups = segment_ids if segment_ids is not None else sequence_groups(valid)
-    hs = group_mean(entropy.detach().to(torch.float32), valid, groups)
+    hs = group_mean(entropy.detach().to(torch.promote_types(entropy.dtype, torch.float32)), valid, groups)
     high, low = hs > ea.high_threshold, hs < ea.low_threshold
     lo_t = torch.where(low, torch.full_like(hs, ea.low_entropy_lower), torch.full_like(hs, lo))
     hi_t = torch.where(high, 1.0 + ea.alpha + hs, torch.full_like(hs, hi))
@@ -266,14 +266,15 @@ def policy_loss(logp, old_logp, advantages, mask, config, *, segment_ids=None, e
 def aggregate(logp, old_logp, advantages, valid, config, *, segment_ids=None, entropy=None, ref_logp=None,
               normalizer=None):
     """policy_loss after its checks: `valid` is the boolean mask, `advantages` already (B, T) fp32."""
-    old_logp = old_logp.to(torch.float32)
-    ref_logp = None if ref_logp is None else ref_logp.to(torch.float32)
+    dtype = torch.promote_types(logp.dtype, torch.float32)  # fp64 in, fp64 throughout: the oracle
+    old_logp, advantages = old_logp.to(dtype), advantages.to(dtype)
+    ref_logp = None if ref_logp is None else ref_logp.to(dtype)
     terms = per_token_loss(logp, old_logp, advantages, valid, config, segment_ids, entropy, ref_logp)
     weights = token_weights(valid, config, normalizer, dtype=terms.loss.dtype)
     loss = torch.where(valid, weights * terms.loss, torch.zeros_like(terms.loss)).sum()
     metrics = loss_metrics(terms, logp, old_logp, entropy, valid)
     entropy = torch.zeros_like(logp) if entropy is None else entropy
-    return PolicyLossOutput(loss, logp.detach(), entropy.detach().to(torch.float32), metrics)
+    return PolicyLossOutput(loss, logp.detach().to(dtype), entropy.detach().to(dtype), metrics)
 
 
 def loss_metrics(terms, logp, old_logp, entropy, valid):
@@ -341,4 +342,4 @@ def check_loss_inputs(logp, old_logp, advantages, mask, config, *, segment_ids=N
     valid = mask.bool() if mask.dtype != torch.bool else mask
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1).expand(shape)
-    return valid, advantages.detach().to(torch.float32)
+    return valid, advantages.detach().to(torch.promote_types(logp.dtype, torch.float32))
