@@ -104,7 +104,8 @@ def critic_loss(algo: str, critic, batch, rewards, returns):
     return 0.5 * (((values - returns) ** 2) * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+                       ) -> float:
     """1 - Var(target - predicted) / Var(target) over the masked entries (nan when Var(target) = 0)."""
     if mask is not None:
         keep = mask.bool()

@@ -22,7 +22,8 @@ def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sppo-fast train",
         description="Train a small policy with SPPO (one sample per prompt, a scalar prompt critic) or a "
-                    "baseline (GRPO, DAPO, Dr. GRPO, RLOO, GSPO, SSPO, PPO) on a task with verifiable rewards. "
+                    "baseline (GRPO, DAPO, Dr. GRPO, RLOO, GSPO, SSPO, PPO) on a task with verifiable "
+                    "rewards. "
                     "With no arguments: SPPO on arithmetic with a tiny Llama-style model, warm-started by "
                     "cached supervised fine-tuning. Under `torchrun --nproc_per_node K` the same command "
                     "shards the rollouts over K processes.",

@@ -54,6 +54,8 @@ class TrainConfig:
     rollouts_per_step: int = _f(128, "responses sampled per step over all ranks (prompts x samples)")
     samples_per_prompt: int = _f(0, "responses per prompt (0: 1 for sppo and ppo, 8 for the group "
                                     "algorithms)")
+    critic_warmup_steps: int = _f(5, "first RL steps that train only the critic (the policy waits), so that the "
+                                     "first advantages are not taken against an untrained critic")
     ppo_epochs: int = _f(1, "passes over each rollout batch")
     mini_batches: int = _f(2, "optimizer steps per pass (the batch is split into this many parts)")
     lr: float = _f(1e-3, "policy learning rate (AdamW)")

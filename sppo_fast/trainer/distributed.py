@@ -66,7 +66,9 @@ def init_distributed(device_request: str) -> tuple[Dist, torch.device]:
 
 
 def wrap_for_training(module: torch.nn.Module, d: Dist, device: torch.device):
-    """DDP over the ranks (FSDP2 on GPU where `fully_shard` exists and it is asked for); as is otherwise."""
+    """DDP over the ranks; the module as is in a single process. (FSDP2 is not wired in: the fused loss
+    reads `lm_head.weight` outside the wrapped forward and generation calls the LM's own forward, which
+    FSDP2's hooks would need to see unsharded; see the report in docs.)"""
     if not d.enabled:
         return module
     from torch.nn.parallel import DistributedDataParallel

@@ -25,8 +25,14 @@ from sppo_fast.trainer import algorithms as algos
 from sppo_fast.trainer.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from sppo_fast.trainer.config import TrainConfig
 from sppo_fast.trainer.distributed import Dist, init_distributed, shutdown, wrap_for_training
-from sppo_fast.trainer.models import (PolicyHidden, build_critic, build_policy, describe_model, lm_head_of,
-                                      load_tokenizer)
+from sppo_fast.trainer.models import (
+    PolicyHidden,
+    build_critic,
+    build_policy,
+    describe_model,
+    lm_head_of,
+    load_tokenizer,
+)
 from sppo_fast.trainer.rollout import Rollout, generate
 
 EVAL_BATCH = 256
@@ -90,7 +96,7 @@ def evaluate(lm, tokenizer, task, examples, cfg, device, d: Dist) -> float:
     """Held-out accuracy (mean reward) of `lm`, this rank's share of `examples` summed over ranks."""
     from sppo_fast.trainer.tasks import score_responses
 
-    mine = d.shard(examples)
+    mine = examples[d.rank::d.world_size]  # any count works: the totals are summed over ranks
     correct = 0.0
     for i in range(0, len(mine), EVAL_BATCH):
         batch = mine[i: i + EVAL_BATCH]
@@ -156,7 +162,9 @@ class Trainer:
             self.ref = copy.deepcopy(self.lm).eval().requires_grad_(False)
         self.hidden_model = PolicyHidden(self.lm)
         self.policy_ddp = wrap_for_training(self.hidden_model, self.d, self.device)
-        self.critic_ddp = wrap_for_training(self.critic, self.d, self.device) if self.critic is not None else None
+        self.critic_ddp = None
+        if self.critic is not None:
+            self.critic_ddp = wrap_for_training(self.critic, self.d, self.device)
         self.opt = torch.optim.AdamW(self.lm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.critic_opt = None
@@ -206,7 +214,7 @@ class Trainer:
         grad_norm = clip(self.lm.parameters(), cfg.grad_clip)
         self.opt.step()
         metrics = {k: float(v) for k, v in out.metrics.items()}
-        metrics.update(loss=float(out.loss), grad_norm=grad_norm)
+        metrics.update(loss=float(out.loss.detach()), grad_norm=grad_norm)
         return metrics
 
     def critic_update(self, mb: Rollout, rewards, returns):
@@ -216,10 +224,10 @@ class Trainer:
         loss.backward()
         clip(self.critic.parameters(), self.cfg.grad_clip)
         self.critic_opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     def step(self, step: int) -> dict:
-        cfg, d = self.cfg, self.d
+        cfg = self.cfg
         t0 = time.time()
         self.lm.train()
         rollout, rewards, counts = self.rollout(step)
@@ -228,7 +236,8 @@ class Trainer:
         old_logp = response_logprobs(self.hidden_model, self.lm, rollout, cfg.temperature, self.device)
         ref_logp = None
         if self.ref is not None:
-            ref_logp = response_logprobs(PolicyHidden(self.ref), self.ref, rollout, cfg.temperature, self.device)
+            ref_logp = response_logprobs(PolicyHidden(self.ref), self.ref, rollout, cfg.temperature,
+                                         self.device)
         critic_logits, values = self.critic_values(rollout)
         advantages, returns = algos.compute_advantages(self.estimator, algos.AdvantageInputs(
             rewards=rewards, response_mask=mask, group_size=cfg.group_size, critic_logits=critic_logits,
@@ -244,9 +253,10 @@ class Trainer:
                     continue
                 idx = part.to(self.device)
                 mb = rollout.select(part)
-                policy_metrics.append(self.policy_update(
-                    mb, old_logp[idx], advantages[idx], None if ref_logp is None else ref_logp[idx],
-                    None if segments is None else segments[idx]))
+                if step > cfg.critic_warmup_steps or self.critic is None:
+                    policy_metrics.append(self.policy_update(
+                        mb, old_logp[idx], advantages[idx], None if ref_logp is None else ref_logp[idx],
+                        None if segments is None else segments[idx]))
                 if self.critic is not None:
                     critic_losses.append(self.critic_update(
                         mb, rewards[idx], None if returns is None else returns[idx]))
@@ -273,7 +283,7 @@ class Trainer:
             m[k] = v if k.startswith("verifier") else v / n
         m["truncated_frac"] = m.pop("truncated")
         # Mean over mini-batches, then over ranks.
-        for key in policy_metrics[0]:
+        for key in (policy_metrics[0] if policy_metrics else ()):
             m[key] = float(d.all_sum(np.mean([pm[key] for pm in policy_metrics]))) / d.world_size
         if critic_losses:
             m["critic_loss"] = float(d.all_sum(float(np.mean(critic_losses)))) / d.world_size
@@ -392,7 +402,8 @@ def _train(cfg, d, device, resume, start_wall):
         acc_before = evaluate(tr.lm, tr.tokenizer, tr.task, test_examples, cfg, device, d)
         log(f"eval accuracy before RL: {acc_before:.3f}")
         if d.is_main:
-            append_jsonl(metrics_path, {"step": 0, "wall": time.time() - start_wall, "eval_accuracy": acc_before})
+            append_jsonl(metrics_path, {"step": 0, "wall": time.time() - start_wall,
+                                        "eval_accuracy": acc_before})
     # Time already spent by earlier invocations of this run (resume), so wall-clock plots continue.
     wall_offset = float(extra.get("wall_seconds", 0.0))
     rl_start = time.time()

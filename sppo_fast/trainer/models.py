@@ -19,7 +19,7 @@ def attention_implementation(requested: str, device: torch.device) -> str:
     return "sdpa"
 
 
-def tiny_llama_config(cfg, tokenizer, *, hidden, layers, heads, intermediate=0, attn="sdpa"):
+def tiny_llama_config(tokenizer, *, hidden, layers, heads, intermediate=0, attn="sdpa"):
     from transformers import LlamaConfig
 
     max_positions = 512
@@ -47,7 +47,7 @@ def build_policy(cfg, tokenizer, device: torch.device):
     else:
         from transformers import LlamaForCausalLM
 
-        config = tiny_llama_config(cfg, tokenizer, hidden=cfg.hidden_size, layers=cfg.num_layers,
+        config = tiny_llama_config(tokenizer, hidden=cfg.hidden_size, layers=cfg.num_layers,
                                    heads=cfg.num_heads, intermediate=cfg.intermediate_size, attn=attn)
         model = LlamaForCausalLM(config)
     return model.to(device)
@@ -109,8 +109,8 @@ class PromptCritic(nn.Module):
         self.head = nn.Linear(config.hidden_size, 1)
 
     def forward(self, prompt_ids, prompt_mask):
-        hidden = self.body(input_ids=prompt_ids, attention_mask=prompt_mask,
-                           position_ids=position_ids_from_mask(prompt_mask), use_cache=False).last_hidden_state
+        hidden = self.body(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=False,
+                           position_ids=position_ids_from_mask(prompt_mask)).last_hidden_state
         # Prompts are left-padded, so the last column is every prompt's last token.
         return self.head(hidden[:, -1]).squeeze(-1).float()
 
@@ -126,8 +126,8 @@ class TokenCritic(nn.Module):
         self.head = nn.Linear(config.hidden_size, 1)
 
     def forward(self, input_ids, attention_mask):
-        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask,
-                           position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                           position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
         return self.head(hidden).squeeze(-1).float()
 
 
@@ -138,7 +138,7 @@ def build_critic(cfg, tokenizer, device: torch.device):
     attn = attention_implementation(cfg.attn_implementation, device)
     if attn == "flash_attention_2":
         attn = "sdpa"  # the critic stays fp32, which flash-attn does not take
-    config = tiny_llama_config(cfg, tokenizer, hidden=cfg.critic_hidden_size, layers=cfg.critic_layers,
+    config = tiny_llama_config(tokenizer, hidden=cfg.critic_hidden_size, layers=cfg.critic_layers,
                                heads=cfg.critic_heads, attn=attn)
     critic = PromptCritic(config) if cfg.algo == "sppo" else TokenCritic(config)
     return critic.to(device)

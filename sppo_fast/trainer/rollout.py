@@ -71,7 +71,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempe
     if response_ids.shape[1] == 0:  # max_new_tokens was 0 in effect: keep one pad column
         response_ids = torch.full((len(prompts), 1), tokenizer.pad_token_id, device=device)
     mask, truncated = response_mask_after_eos(response_ids, tokenizer.eos_token_id)
-    response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, tokenizer.pad_token_id))
+    response_ids = response_ids.masked_fill(~mask.bool(), tokenizer.pad_token_id)
     texts = decode_responses(tokenizer, response_ids, mask)
     return Rollout(prompt_ids, prompt_mask, response_ids, mask, texts, truncated)
 

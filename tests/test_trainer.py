@@ -1,0 +1,359 @@
+"""The trainer: config and CLI, rollout layout, critics, one step of every algorithm, warm-start cache,
+resume, plots. Tiny models (hidden 32, 2 layers) so the whole file runs in a minute or two on 2 cores."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import sppo_fast
+from sppo_fast.trainer import algorithms as algos
+from sppo_fast.trainer.cli import config_from_args, plot_main, train_parser
+from sppo_fast.trainer.config import ALGOS, TrainConfig
+from sppo_fast.trainer.loop import train
+from sppo_fast.trainer.models import (
+    PolicyHidden,
+    PromptCritic,
+    build_policy,
+    lm_head_of,
+    load_tokenizer,
+    tiny_llama_config,
+)
+from sppo_fast.trainer.rollout import generate, response_mask_after_eos
+
+TINY = dict(hidden_size=32, num_layers=2, num_heads=2, critic_hidden_size=16, critic_layers=1, critic_heads=2,
+            max_new_tokens=12, eval_examples=4, eval_every=100, warm_start=False, progress=False,
+            rollouts_per_step=4, mini_batches=2, task_difficulty=1, threads=1)
+
+
+def tiny(tmp_path, **kw):
+    values = {**TINY, "out": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"), **kw}
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(TrainConfig())
+
+
+# --- config and command line -----------------------------------------------------------------------
+
+def test_every_field_is_a_flag_with_help():
+    help_text = train_parser().format_help()
+    for f in TrainConfig.__dataclass_fields__.values():
+        assert f"--{f.name}" in help_text
+        assert f.metadata.get("help"), f"field {f.name} has no help"
+
+
+def test_config_file_then_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("algo: grpo\nsteps: 7\nlr: 0.01\n")
+    cfg, resume = config_from_args(["--config", str(path), "--steps", "3", "--warm_start", "false"])
+    assert (cfg.algo, cfg.steps, cfg.lr, cfg.warm_start, resume) == ("grpo", 3, 0.01, False, False)
+    assert cfg.group_size == 8 and cfg.prompts_per_step == cfg.rollouts_per_step // 8
+    jpath = tmp_path / "c.json"
+    jpath.write_text(json.dumps({"algo": "sppo", "max_new_tokens": 5}))
+    cfg, _ = config_from_args(["--config", str(jpath)])
+    assert cfg.algo == "sppo" and cfg.max_new_tokens == 5 and cfg.group_size == 1
+
+
+def test_bad_config_names_the_field(tmp_path):
+    with pytest.raises(ValueError, match="algo"):
+        TrainConfig(algo="nope")
+    with pytest.raises(ValueError, match="rollouts_per_step"):
+        TrainConfig(algo="grpo", rollouts_per_step=12)
+    with pytest.raises(ValueError, match="bogus"):
+        TrainConfig.from_dict({"bogus": 1})
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"bogus": 1}))
+    with pytest.raises(SystemExit, match="bogus"):
+        config_from_args(["--config", str(path)])
+
+
+# --- rollouts and the alignment of log-probs -------------------------------------------------------
+
+def test_response_mask_stops_after_eos():
+    eos = 2
+    ids = torch.tensor([[5, 6, eos, 7, eos], [5, 5, 5, 5, 5], [eos, 9, 9, 9, 9]])
+    mask, truncated = response_mask_after_eos(ids, eos)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert truncated.tolist() == [False, True, False]
+
+
+def test_rollout_logprobs_match_the_full_logits(tokenizer):
+    """The hidden state at position t predicts token t + 1: the fused log-probs of the response must equal
+    log_softmax of the model's own logits at the shifted positions, with left-padded prompts."""
+    torch.manual_seed(0)
+    cfg = TrainConfig(**{**TINY, "max_new_tokens": 6})
+    lm = build_policy(cfg, tokenizer, torch.device("cpu"))
+    rollout = generate(lm, tokenizer, ["1+2\n", "12*11-3\n"], max_new_tokens=6, temperature=1.0, device="cpu")
+    assert rollout.prompt_mask[0, 0] == 0, "the shorter prompt is left-padded"
+    hidden = rollout.response_slice(PolicyHidden(lm)(rollout.input_ids, rollout.attention_mask))
+    weight, bias = lm_head_of(lm)
+    logp = sppo_fast.linear_logprobs(hidden, weight, rollout.response_ids, bias=bias)
+    from sppo_fast.trainer.models import position_ids_from_mask
+
+    logits = lm(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                position_ids=position_ids_from_mask(rollout.attention_mask)).logits
+    expected = rollout.response_slice(torch.log_softmax(logits.float(), -1)).gather(
+        -1, rollout.response_ids.unsqueeze(-1)).squeeze(-1)
+    m = rollout.response_mask.bool()
+    torch.testing.assert_close(logp[m], expected[m], atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_generation_reproduces_its_tokens(tokenizer):
+    """Greedy tokens are the argmax of the logits our training forward computes, so the sampler and the
+    learner see the same positions (left padding included)."""
+    torch.manual_seed(1)
+    cfg = TrainConfig(**TINY)
+    lm = build_policy(cfg, tokenizer, torch.device("cpu"))
+    rollout = generate(lm, tokenizer, ["3\n", "10+10\n"], max_new_tokens=5, temperature=0.0, device="cpu")
+    hidden = rollout.response_slice(PolicyHidden(lm)(rollout.input_ids, rollout.attention_mask))
+    weight, bias = lm_head_of(lm)
+    argmax = torch.nn.functional.linear(hidden, weight, bias).argmax(-1)
+    m = rollout.response_mask.bool()
+    assert torch.equal(argmax[m], rollout.response_ids[m])
+
+
+# --- critics ----------------------------------------------------------------------------------------
+
+def _prompt_critic(tokenizer):
+    torch.manual_seed(0)
+    config = tiny_llama_config(tokenizer, hidden=16, layers=1, heads=2)
+    return PromptCritic(config)
+
+
+def test_prompt_critic_reads_the_last_prompt_token(tokenizer):
+    critic = _prompt_critic(tokenizer).eval()
+    alone = tokenizer(["7+8\n"], return_tensors="pt", padding=True)
+    batch = tokenizer(["7+8\n", "12*11-3+4\n"], return_tensors="pt", padding=True)
+    z_alone = critic(alone["input_ids"], alone["attention_mask"])
+    z_batch = critic(batch["input_ids"], batch["attention_mask"])
+    assert z_batch.shape == (2,)
+    torch.testing.assert_close(z_batch[0], z_alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_critic_learns_success_probability(tokenizer):
+    """Trained with value_bce_loss on prompts whose reward is a function of the prompt, sigmoid(z) must
+    separate them (and explained variance must become positive)."""
+    critic = _prompt_critic(tokenizer)
+    prompts = [f"{a}+{b}\n" for a in range(6) for b in range(4)]
+    rewards = torch.tensor([1.0 if p.startswith(("0", "1", "2")) else 0.0 for p in prompts])
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    opt = torch.optim.AdamW(critic.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = sppo_fast.value_bce_loss(critic(enc["input_ids"], enc["attention_mask"]), rewards)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        v = torch.sigmoid(critic(enc["input_ids"], enc["attention_mask"]))
+    assert v[rewards == 1].min() > v[rewards == 0].max()
+    assert algos.explained_variance(v, rewards) > 0.5
+
+
+def test_sppo_advantage_uses_values_before_the_critic_update(tmp_path, monkeypatch):
+    """SPEC 3.7: A = R - sigmoid(z) with z read before the critic's update in the same step."""
+    seen = {}
+    real = algos.compute_advantages
+
+    def spy(name, inputs):
+        seen["logits"] = inputs.critic_logits.clone()
+        return real(name, inputs)
+
+    monkeypatch.setattr(algos, "compute_advantages", spy)
+    import sppo_fast.trainer.loop as loop
+
+    cfg = tiny(tmp_path, algo="sppo", steps=1)
+    original_update = loop.Trainer.critic_update
+    before = {}
+
+    def record(self, mb, rewards, returns):
+        if "z" not in before:
+            with torch.no_grad():
+                before["z"] = self.critic(mb.prompt_ids, mb.prompt_mask).clone()
+                before["prompts"] = mb.prompt_ids.clone()
+        return original_update(self, mb, rewards, returns)
+
+    monkeypatch.setattr(loop.Trainer, "critic_update", record)
+    train(cfg)
+    assert seen["logits"].shape == (cfg.rollouts_per_step,)
+    # The first critic mini-batch saw the critic unchanged: its logits are among those used for A.
+    for z in before["z"]:
+        assert torch.isclose(seen["logits"], z, atol=1e-6).any()
+
+
+def test_terminal_rewards_and_gae_returns():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    token_rewards = algos.terminal_token_rewards(torch.tensor([1.0, 0.0]), mask)
+    assert token_rewards.tolist() == [[0, 0, 1, 0], [0, 0, 0, 0]]
+    values = torch.zeros(2, 4)
+    adv, ret = algos.compute_advantages("gae", algos.AdvantageInputs(
+        rewards=torch.tensor([1.0, 0.0]), response_mask=mask, group_size=1, values=values))
+    assert ret[0, :3].tolist() == [1.0, 1.0, 1.0] and ret[1, 0] == 0.0
+
+
+# --- one step of every algorithm ------------------------------------------------------------------
+
+@pytest.fixture
+def alternating_rewards(monkeypatch):
+    """A random tiny policy is never right; reward every other response so that every algorithm sees a
+    non-zero advantage (within each group of two as well) and must move the policy."""
+    import sppo_fast.trainer.tasks as tasks
+
+    def score(task, responses, examples, timeout_s=1.0):
+        rewards = [float(i % 2 == 0) for i in range(len(responses))]
+        return rewards, {"verifier_errors": 0, "verifier_timeouts": 0}
+
+    monkeypatch.setattr(tasks, "score_responses", score)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_one_step_of_every_algorithm(tmp_path, algo, alternating_rewards):
+    cfg = tiny(tmp_path, algo=algo, steps=1, samples_per_prompt=2 if algo in algos_group() else 0)
+    torch.manual_seed(0)
+    initial = {k: v.clone() for k, v in build_policy(cfg, load_tokenizer(cfg), torch.device("cpu"))
+               .state_dict().items()}
+    summary = train(cfg)
+    assert summary["algo"] == algo and summary["steps"] == 1
+    rows = [json.loads(line) for line in open(os.path.join(cfg.out, "metrics.jsonl"))]
+    step = rows[-1]
+    assert step["step"] == 1
+    for key in ("reward", "accuracy", "entropy", "clipfrac", "approx_kl", "response_length", "tokens_per_s",
+                "step_time", "eval_accuracy", "loss"):
+        assert key in step and step[key] is not None and math.isfinite(step[key]), key
+    if algo in ("sppo", "ppo"):
+        assert math.isfinite(step["critic_loss"])
+        assert "critic_explained_variance" in step
+    from safetensors.torch import load_file
+
+    final = load_file(os.path.join(cfg.out, "checkpoint", "policy.safetensors"))
+    assert any(not torch.equal(final[k], initial[k]) for k in initial), "the policy did not move"
+    for name in ("summary.json", "accuracy.png", "reward.png", "config.json"):
+        assert os.path.exists(os.path.join(cfg.out, name))
+
+
+def algos_group():
+    from sppo_fast.trainer.config import GROUP_ALGOS
+
+    return GROUP_ALGOS
+
+
+# --- warm start cache -------------------------------------------------------------------------------
+
+def test_warm_start_is_cached_and_reloaded(tmp_path, monkeypatch, tokenizer):
+    from sppo_fast.trainer import warmstart
+    from sppo_fast.trainer.loop import make_task
+
+    cfg = tiny(tmp_path, warm_start=True, sft_steps=3, sft_batch_size=4, sft_examples=16)
+    task = make_task(cfg)
+    torch.manual_seed(0)
+    lm = build_policy(cfg, tokenizer, torch.device("cpu"))
+    initial = {k: v.clone() for k, v in lm.state_dict().items()}
+    path = warmstart.warm_start(cfg, lm, tokenizer, task, torch.device("cpu"), log=lambda m: None,
+                                progress=False)
+    assert os.path.exists(path) and path.startswith(str(tmp_path / "cache"))
+    trained = {k: v.clone() for k, v in lm.state_dict().items()}
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial)
+
+    def must_not_train(*a, **k):
+        raise AssertionError("the cache was not used")
+
+    monkeypatch.setattr(warmstart, "supervised_fine_tune", must_not_train)
+    lm.load_state_dict(initial)
+    warmstart.warm_start(cfg, lm, tokenizer, task, torch.device("cpu"), log=lambda m: None, progress=False)
+    for k, v in lm.state_dict().items():
+        assert torch.equal(v, trained[k])
+    other = tiny(tmp_path, warm_start=True, sft_steps=4, sft_batch_size=4, sft_examples=16)
+    assert warmstart.cache_path(other, lm, tokenizer) != path
+
+
+# --- checkpoints and resume -------------------------------------------------------------------------
+
+def _weights(run_dir, name):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(run_dir, "checkpoint", f"{name}.safetensors"))
+
+
+@pytest.mark.parametrize("algo", ["sppo", "grpo"])
+def test_resume_equals_straight_run(tmp_path, algo):
+    """2 steps, then 2 resumed steps, give the same weights as 4 straight steps."""
+    kw = dict(algo=algo, samples_per_prompt=2 if algo == "grpo" else 0, save_every=2, eval_every=2)
+    straight = tiny(tmp_path / "a", steps=4, **kw)
+    train(straight)
+    half = tiny(tmp_path / "b", steps=2, **kw)
+    train(half)
+    cfg, resume = config_from_args(["--resume", half.out, "--steps", "4"])
+    assert resume and cfg.out == half.out and cfg.hidden_size == TINY["hidden_size"]
+    summary = train(cfg, resume=True)
+    assert summary["resumed_from_step"] == 2
+    names = ["policy"] + (["critic"] if algo == "sppo" else [])
+    for name in names:
+        a, b = _weights(straight.out, name), _weights(half.out, name)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=f"{name}.{k}")
+    rows_a = [json.loads(x) for x in open(os.path.join(straight.out, "metrics.jsonl"))]
+    rows_b = [json.loads(x) for x in open(os.path.join(half.out, "metrics.jsonl"))]
+    assert [r["step"] for r in rows_b] == [r["step"] for r in rows_a] == [0, 1, 2, 3, 4]
+    assert [r.get("reward") for r in rows_b] == [r.get("reward") for r in rows_a]
+
+
+def test_checkpoint_survives_an_interrupted_save(tmp_path):
+    """A save that died after moving the old checkpoint aside still leaves a loadable checkpoint."""
+    from sppo_fast.trainer.checkpoint import find_checkpoint
+
+    cfg = tiny(tmp_path, steps=1)
+    train(cfg)
+    os.replace(os.path.join(cfg.out, "checkpoint"), os.path.join(cfg.out, "checkpoint.old"))
+    assert find_checkpoint(cfg.out).endswith("checkpoint.old")
+    state = torch.load(os.path.join(cfg.out, "checkpoint.old", "state.pt"), weights_only=True)
+    assert state["step"] == 1
+
+
+# --- plots ------------------------------------------------------------------------------------------
+
+def test_plot_command_overlays_runs(tmp_path):
+    for i, algo in enumerate(("sppo", "rloo")):
+        run = tmp_path / f"r{i}"
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"algo": algo}))
+        rows = [{"step": 0, "wall": 0.0, "eval_accuracy": 0.2}]
+        rows += [{"step": s, "wall": 1.0 * s, "reward": 0.1 * s, "eval_accuracy": 0.2 + 0.05 * s}
+                 for s in (1, 2)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "plots"
+    assert plot_main([str(tmp_path / "r0"), str(tmp_path / "r1"), "--out", str(out)]) == 0
+    for name in ("accuracy.png", "reward.png"):
+        assert (out / name).stat().st_size > 1000
+    with pytest.raises(SystemExit):
+        plot_main([str(tmp_path / "missing")])
+
+
+# --- two processes (torchrun, gloo on CPU) ----------------------------------------------------------
+
+def test_two_process_run_on_cpu(tmp_path):
+    """`torchrun --nproc_per_node 2` of the same entry point: 2 steps, rollouts sharded over the ranks."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    flags = {**TINY, "algo": "sppo", "steps": 2, "rollouts_per_step": 4, "eval_examples": 4, "save_every": 0,
+             "out": str(out), "cache_dir": str(tmp_path / "cache"), "device": "cpu"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           "-m", "sppo_fast.trainer.cli"]
+    for k, v in flags.items():
+        cmd += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert all(math.isfinite(r["loss"]) for r in rows[1:])
