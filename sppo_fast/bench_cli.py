@@ -143,8 +143,8 @@ def build_fn(op, impl, preset):
             return (logp * inp["g_logp"]).sum() + (ent * inp["g_ent"]).sum()
 
         if impl == "compile":
-            compiled = torch.compile(lambda x, t, a, b: logprobs_loss(reference, x, {"targets": t, "g_logp": a,
-                                                                                      "g_ent": b}))
+            compiled = torch.compile(lambda x, t, a, b: logprobs_loss(
+                reference, x, {"targets": t, "g_logp": a, "g_ent": b}))
             return lambda x, inp: compiled(x, inp["targets"], inp["g_logp"], inp["g_ent"])
         return {"eager": lambda x, inp: logprobs_loss(reference, x, inp),
                 "sppo_fast": lambda x, inp: logprobs_loss(sf, x, inp),
@@ -376,7 +376,8 @@ def agreement():
     report = {"loss_abs_diff": (got["sppo_fast"][0] - got["eager"][0]).abs().item(),
               "grad_max_abs_diff": (got["sppo_fast"][1] - got["eager"][1]).abs().max().item(),
               "grad_max_abs": got["eager"][1].abs().max().item()}
-    report["ok"] = report["loss_abs_diff"] < 1e-4 and report["grad_max_abs_diff"] <= 1e-4 * report["grad_max_abs"]
+    report["ok"] = (report["loss_abs_diff"] < 1e-4
+                    and report["grad_max_abs_diff"] <= 1e-4 * report["grad_max_abs"])
     return report
 
 
@@ -455,13 +456,12 @@ def markdown_table(rows):
             "(x logits) | first call s |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
+        case = f"| {r['op']} | {r.get('preset') or ''} | {r['dtype']} | {r['vocab']} | {r['tokens']} | {r['impl']} |"
         if r.get("status") != "ok":
-            lines.append(f"| {r['op']} | {r.get('preset') or ''} | {r['dtype']} | {r['vocab']} | {r['tokens']} | "
-                         f"{r['impl']} | {r['status']} | | | |")
+            lines.append(f"{case} {r['status']} | | | |")
             continue
         ratio = "" if r["op"] == "fused_linear" else f" ({r['fwd_bwd_peak_mib'] / r['logits_mib']:.2f}x)"
-        lines.append(f"| {r['op']} | {r.get('preset') or ''} | {r['dtype']} | {r['vocab']} | {r['tokens']} | "
-                     f"{r['impl']} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | "
+        lines.append(f"{case} {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | "
                      f"{r['fwd_bwd_peak_mib']:.0f}{ratio} | {r['first_call_s']:.1f} |")
     return "\n".join(lines)
 
@@ -485,7 +485,8 @@ def plot(rows, path):
     for col, (key, group) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
         impls = sorted({r["impl"] for r in group})
         for impl in impls:
-            pts = sorted((r["tokens"], r["fwd_bwd_ms"], r["fwd_bwd_peak_mib"]) for r in group if r["impl"] == impl)
+            pts = sorted((r["tokens"], r["fwd_bwd_ms"], r["fwd_bwd_peak_mib"])
+                         for r in group if r["impl"] == impl)
             xs = [p[0] for p in pts]
             axes[0][col].plot(xs, [p[1] for p in pts], marker="o", label=impl)
             axes[1][col].plot(xs, [p[2] for p in pts], marker="o", label=impl)

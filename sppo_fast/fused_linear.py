@@ -8,6 +8,7 @@ four that recomputing the logits in a separate backward needs."""
 import torch
 
 from . import dispatch
+from .backends import LSE_DTYPE
 from .losses import PolicyLossOutput, loss_metrics, per_token_loss, token_weights
 
 
@@ -36,7 +37,8 @@ class SequenceChunkedLinearLoss(torch.autograd.Function):
             h = hidden[a:b].reshape(-1, H)
             logits = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
             flat_targets = targets[a:b].reshape(-1)
-            lp, ent, lse = backend.token_logprobs_forward(logits, flat_targets, temperature, -100, True)
+            lp, ent, lse = backend.token_logprobs_forward(logits, flat_targets, temperature, -100, True,
+                                                          lse_dtype=LSE_DTYPE)
             chunk_loss, g_logp, g_ent = _chunk_loss_and_coefficients(
                 lp.view(b - a, T), ent.view(b - a, T), old_logp[a:b], advantages[a:b], valid[a:b],
                 weights[a:b], config, _slice(segment_ids, a, b), _slice(ref_logp, a, b))

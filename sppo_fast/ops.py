@@ -6,12 +6,14 @@ Four custom ops (namespace `sppo_fast`) carry all vocabulary-sized work:
     linear_logprobs_forward / linear_logprobs_backward     on (N, H) hidden x (V, H) weight, chunked
 Each has a fake (meta) implementation, so torch.compile traces them without graph breaks."""
 
+
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import dispatch, reference
+from .backends import LSE_DTYPE
 from ._checks import (
     check_float,
     check_integer,
@@ -34,13 +36,20 @@ def token_logprobs_forward(logits: Tensor, targets: Tensor, temperature: float, 
     """(logp, entropy, lse), fp32 (N,). `inplace_backward` only tells the autograd formula where to
     write the gradient."""
     backend = dispatch.backend_for(logits.device)
-    return backend.token_logprobs_forward(logits, targets, temperature, ignore_index, compute_entropy)
+    return backend.token_logprobs_forward(logits, targets, temperature, ignore_index, compute_entropy,
+                                          lse_dtype=LSE_DTYPE)
 
 
 @token_logprobs_forward.register_fake
 def _(logits, targets, temperature, ignore_index, compute_entropy, inplace_backward):
-    n = logits.shape[0]
-    return tuple(logits.new_empty(n, dtype=torch.float32) for _ in range(3))
+    return _row_outputs(logits)
+
+
+def _row_outputs(like, n=None):
+    """Empty (logp, entropy, lse) for n rows: fp32, fp32 and LSE_DTYPE."""
+    n = like.shape[0] if n is None else n
+    return (like.new_empty(n, dtype=torch.float32), like.new_empty(n, dtype=torch.float32),
+            like.new_empty(n, dtype=LSE_DTYPE))
 
 
 @torch.library.custom_op("sppo_fast::token_logprobs_backward", mutates_args=())
@@ -81,8 +90,7 @@ def _token_setup_context(ctx, inputs, output):
 def _token_backward(ctx, grad_logp, grad_entropy, _grad_lse):
     logits, targets, lse, entropy = ctx.saved_tensors
     temperature, ignore_index, compute_entropy, inplace = ctx.options
-    grad_logp = _coefficients(grad_logp, lse)
-    grad_entropy = _coefficients(grad_entropy, lse) if compute_entropy and grad_entropy is not None else None
+    grad_logp, grad_entropy = _coefficients(grad_logp, grad_entropy, lse, compute_entropy)
     args = (targets, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index)
     if inplace:
         token_logprobs_backward_(logits, *args)
@@ -92,10 +100,13 @@ def _token_backward(ctx, grad_logp, grad_entropy, _grad_lse):
     return grad, None, None, None, None, None
 
 
-def _coefficients(grad, like):
-    if grad is None:
-        return torch.zeros_like(like)
-    return grad.to(torch.float32).contiguous()
+def _coefficients(grad_logp, grad_entropy, like, compute_entropy):
+    """fp32 contiguous per-row coefficients; no entropy term when nothing flows into the entropy."""
+    grad_logp = (torch.zeros_like(like, dtype=torch.float32) if grad_logp is None
+                 else grad_logp.to(torch.float32).contiguous())
+    if not compute_entropy or grad_entropy is None:
+        return grad_logp, None
+    return grad_logp, grad_entropy.to(torch.float32).contiguous()
 
 
 token_logprobs_forward.register_autograd(_token_backward, setup_context=_token_setup_context)
@@ -122,18 +133,19 @@ def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tenso
                             chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
     backend = dispatch.backend_for(hidden.device)
     n = hidden.shape[0]
-    logp, entropy, lse = (hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
+    logp, entropy, lse = _row_outputs(hidden)
     for a in range(0, n, chunk_size):
         b = min(a + chunk_size, n)
-        out = backend.token_logprobs_forward(_chunk_logits(hidden, weight, bias, a, b), targets[a:b],
-                                             temperature, ignore_index, compute_entropy)
+        logits = _chunk_logits(hidden, weight, bias, a, b)
+        out = backend.token_logprobs_forward(logits, targets[a:b], temperature, ignore_index, compute_entropy,
+                                             lse_dtype=LSE_DTYPE)
         logp[a:b], entropy[a:b], lse[a:b] = out
     return logp, entropy, lse
 
 
 @linear_logprobs_forward.register_fake
 def _(hidden, weight, bias, targets, temperature, ignore_index, compute_entropy, chunk_size):
-    return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(3))
+    return _row_outputs(hidden)
 
 
 @torch.library.custom_op("sppo_fast::linear_logprobs_backward", mutates_args=())
@@ -180,8 +192,7 @@ def _linear_setup_context(ctx, inputs, output):
 def _linear_backward(ctx, grad_logp, grad_entropy, _grad_lse):
     hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
     temperature, ignore_index, compute_entropy, chunk_size = ctx.options
-    grad_logp = _coefficients(grad_logp, lse)
-    grad_entropy = _coefficients(grad_entropy, lse) if compute_entropy and grad_entropy is not None else None
+    grad_logp, grad_entropy = _coefficients(grad_logp, grad_entropy, lse, compute_entropy)
     g_hidden, g_weight, g_bias = linear_logprobs_backward(hidden, weight, bias, targets, lse, entropy, grad_logp,
                                                           grad_entropy, temperature, ignore_index, chunk_size)
     return g_hidden, g_weight, (g_bias if bias is not None else None), None, None, None, None, None

@@ -13,18 +13,24 @@ def _compute_dtype(dtype):
 
 
 def logprobs_entropy_lse(logits, targets, temperature=1.0, ignore_index=-100):
-    """SPEC §3.1 forward on (..., V): returns (logp, entropy, lse) in the compute dtype."""
+    """SPEC §3.1 forward on (..., V): returns (logp, entropy, lse); logp and entropy in the compute
+    dtype, lse in fp64. Everything is taken relative to the row max m, so a logit of 1e4 loses
+    nothing: logp = (z_t - m) - log S rather than z_t - lse, whose fp32 lse is off by ulp(1e4)."""
     z = logits.to(_compute_dtype(logits.dtype)) / temperature
-    lse = torch.logsumexp(z, dim=-1)
+    m = z.amax(dim=-1, keepdim=True) if z.shape[-1] else z.new_zeros((*z.shape[:-1], 1))
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # a row of -inf: no -inf - -inf
+    shifted = z - m
+    log_s = torch.logsumexp(shifted, dim=-1)
     ignored = targets == ignore_index
     safe_targets = torch.where(ignored, torch.zeros_like(targets), targets).long()
-    logp = z.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1) - lse
+    logp = shifted.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1) - log_s
     # entropy = lse - sum p z, written as sum p (lse - z): the same number without the cancellation of
-    # two large terms (logits of 1e4); p == 0 terms are 0 (0 * -inf counts as 0, SPEC §3.1).
-    p = torch.exp(z - lse.unsqueeze(-1))
+    # two large terms; p == 0 terms are 0 (0 * -inf counts as 0, SPEC §3.1).
+    p = torch.exp(shifted - log_s.unsqueeze(-1))
     # masking the surprisal itself (not only the product) keeps inf out of autograd's backward too
-    surprisal = torch.where(p > 0, lse.unsqueeze(-1) - z, torch.zeros_like(z))
+    surprisal = torch.where(p > 0, log_s.unsqueeze(-1) - shifted, torch.zeros_like(z))
     entropy = (p * surprisal).sum(-1)
+    lse = m.squeeze(-1).double() + log_s.double()
     zero = torch.zeros_like(logp)
     return torch.where(ignored, zero, logp), torch.where(ignored, zero, entropy), lse
 

@@ -213,3 +213,11 @@ def test_linear_chunk_size_does_not_change_results(backend):
     outs = [sf.linear_logprobs(hidden, weight, targets, chunk_size=c) for c in (1, 5, 13, 100)]
     for o in outs[1:]:
         assert max_error(o, outs[0].double()) < 1e-5
+
+
+def test_large_offset_logits_keep_fp32_accuracy(backend):
+    """|lse| ~ 1e4 with a spread-out distribution: an fp32 lse would put 5e-4 into every gradient."""
+    _, device = backend
+    torch.manual_seed(8)
+    logits = (1e4 + torch.randn(4, 300)).to(device)
+    check_against_fp64(logits, torch.randint(0, 300, (4,), device=device))

@@ -3,12 +3,14 @@
 A backend is a module with exactly these two functions. The dispatch layer (`sppo_fast.dispatch`)
 has already validated every argument, so a backend never checks input again:
 
-    token_logprobs_forward(logits, targets, temperature, ignore_index, compute_entropy)
+    token_logprobs_forward(logits, targets, temperature, ignore_index, compute_entropy, lse_dtype=fp32)
         -> (logp, entropy, lse)
 
         logits  (N, V) fp32/bf16/fp16, logits.stride(1) == 1 (any row stride; N or V may be 0)
         targets (N,) int64 contiguous, each in [0, V) or == ignore_index
-        returns three contiguous fp32 (N,) tensors; with z = logits / temperature:
+        returns three contiguous (N,) tensors, logp and entropy fp32, lse of `lse_dtype` (the ops ask
+        for fp64: an fp32 lse loses half an ulp of |lse|, 5e-4 at logits of 1e4, which the backward's
+        p = exp(z - lse) would carry into every gradient entry); with z = logits / temperature:
             lse     = log sum_j exp(z_j)           (kept for the backward; any value on ignored rows)
             logp    = z[target] - lse              (0 where targets == ignore_index)
             entropy = lse - sum_j p_j z_j          (0 where ignored; all zeros if not compute_entropy)
@@ -17,7 +19,7 @@ has already validated every argument, so a backend never checks input again:
     token_logprobs_backward(logits, targets, lse, entropy, grad_logp, grad_entropy,
                             temperature, ignore_index, inplace) -> grad_logits
 
-        grad_logp (N,) fp32; grad_entropy (N,) fp32 or None (no entropy term)
+        lse (N,) fp32 or fp64; grad_logp (N,) fp32; grad_entropy (N,) fp32 or None (no entropy term)
         with p_j = exp(z_j - lse), the gradient of the logits, in logits.dtype, (N, V):
             grad_j = (grad_logp * (1[j == target] - p_j)
                       - grad_entropy * p_j * (z_j - lse + entropy)) / temperature
@@ -25,3 +27,8 @@ has already validated every argument, so a backend never checks input again:
         are 0. inplace=True writes the gradient into `logits` itself and returns it (the caller no
         longer needs the logits); otherwise a new contiguous tensor is returned.
 """
+
+import torch
+
+# The dtype the ops ask for lse in (see token_logprobs_forward above).
+LSE_DTYPE = torch.float64

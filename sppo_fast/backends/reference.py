@@ -13,9 +13,11 @@ def _row_blocks(n_rows, vocab):
     return [(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
 
 
-def token_logprobs_forward(logits, targets, temperature, ignore_index, compute_entropy):
+def token_logprobs_forward(logits, targets, temperature, ignore_index, compute_entropy,
+                           lse_dtype=torch.float32):
     n = logits.shape[0]
-    logp, entropy, lse = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3))
+    logp, entropy = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(2))
+    lse = torch.empty(n, dtype=lse_dtype, device=logits.device)
     for a, b in _row_blocks(n, logits.shape[1]):
         lp, ent, ls = reference.logprobs_entropy_lse(logits[a:b], targets[a:b], temperature, ignore_index)
         logp[a:b], entropy[a:b], lse[a:b] = lp, ent, ls
