@@ -15,7 +15,7 @@ _override = None
 _warned = set()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load(name):
     """(module, None) for a backend that imports, else (None, why not)."""
     if name not in BACKENDS:

@@ -5,8 +5,8 @@ d loss / d entropy) that the backward kernel turns into the logits' gradient (SP
 A loss is `sum_t w_t * l_t`: a per-token loss `l_t` (ratios, clipping, KL, entropy bonus) and
 per-token weights `w_t` that encode the aggregation. A new variant is a few lines here."""
 
-from dataclasses import dataclass, field, fields, replace
-from typing import NamedTuple, Optional
+from dataclasses import dataclass, fields, replace
+from typing import NamedTuple
 
 import torch
 
@@ -44,14 +44,14 @@ class PolicyLossConfig:
     ratio_level: str = "token"
     clip_low: float = 0.2
     clip_high: float = 0.2
-    dual_clip: Optional[float] = None
-    entropy_adaptive: Optional[EntropyAdaptiveClip] = None
+    dual_clip: float | None = None
+    entropy_adaptive: EntropyAdaptiveClip | None = None
     aggregation: str = "token-mean"
     advantage: str = "gae"
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
-    max_length_norm: Optional[int] = None
+    max_length_norm: int | None = None
     log_ratio_clamp: float = 20.0
 
     def __post_init__(self):
@@ -199,7 +199,7 @@ class TokenLoss(NamedTuple):
     ratio: torch.Tensor  # rho_t, detached
     clipped: torch.Tensor  # bool: the clipped branch strictly larger
     dual_clipped: torch.Tensor  # bool: the dual clip applied
-    kl: Optional[torch.Tensor]  # detached, when ref_logp is given
+    kl: torch.Tensor | None  # detached, when ref_logp is given
 
 
 def per_token_loss(logp, old_logp, advantages, valid, config, segment_ids=None, entropy=None, ref_logp=None):

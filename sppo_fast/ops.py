@@ -7,13 +7,11 @@ Four custom ops (namespace `sppo_fast`) carry all vocabulary-sized work:
 Each has a fake (meta) implementation, so torch.compile traces them without graph breaks."""
 
 
-from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import dispatch, reference
-from .backends import LSE_DTYPE
 from ._checks import (
     check_float,
     check_integer,
@@ -23,6 +21,7 @@ from ._checks import (
     check_targets_range,
     check_temperature,
 )
+from .backends import LSE_DTYPE
 from .fused_linear import sequence_chunked_policy_loss
 from .losses import aggregate, check_loss_inputs
 
@@ -54,7 +53,7 @@ def _row_outputs(like, n=None):
 
 @torch.library.custom_op("sppo_fast::token_logprobs_backward", mutates_args=())
 def token_logprobs_backward(logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Tensor,
-                            grad_entropy: Optional[Tensor], temperature: float, ignore_index: int) -> Tensor:
+                            grad_entropy: Tensor | None, temperature: float, ignore_index: int) -> Tensor:
     backend = dispatch.backend_for(logits.device)
     return backend.token_logprobs_backward(logits, targets, lse, entropy, grad_logp, grad_entropy,
                                            temperature, ignore_index, False)
@@ -67,7 +66,7 @@ def _(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, ignor
 
 @torch.library.custom_op("sppo_fast::token_logprobs_backward_", mutates_args=("logits",))
 def token_logprobs_backward_(logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Tensor,
-                             grad_entropy: Optional[Tensor], temperature: float, ignore_index: int) -> None:
+                             grad_entropy: Tensor | None, temperature: float, ignore_index: int) -> None:
     """The in-place backward: overwrites `logits` with their gradient (Liger-Kernel's convention)."""
     backend = dispatch.backend_for(logits.device)
     backend.token_logprobs_backward(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature,
@@ -128,7 +127,7 @@ def _chunk_logits(hidden, weight, bias, a, b):
 
 
 @torch.library.custom_op("sppo_fast::linear_logprobs_forward", mutates_args=())
-def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                             temperature: float, ignore_index: int, compute_entropy: bool,
                             chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
     backend = dispatch.backend_for(hidden.device)
@@ -149,8 +148,8 @@ def _(hidden, weight, bias, targets, temperature, ignore_index, compute_entropy,
 
 
 @torch.library.custom_op("sppo_fast::linear_logprobs_backward", mutates_args=())
-def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                             lse: Tensor, entropy: Tensor, grad_logp: Tensor, grad_entropy: Optional[Tensor],
+def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                             lse: Tensor, entropy: Tensor, grad_logp: Tensor, grad_entropy: Tensor | None,
                              temperature: float, ignore_index: int,
                              chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_hidden, grad_weight, grad_bias); the chunk's logits are recomputed, never stored."""

@@ -4,10 +4,10 @@ import hypothesis.strategies as st
 import pytest
 import torch
 from hypothesis import given, settings
+from spec_helpers import assert_spec_close, eager_logprobs, max_error
 
 import sppo_fast as sf
 from sppo_fast import reference
-from spec_helpers import assert_spec_close, eager_logprobs, max_error
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
