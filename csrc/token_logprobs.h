@@ -2,8 +2,11 @@
 #pragma once
 
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
+#include <atomic>
 #include <optional>
 #include <tuple>
 
@@ -30,7 +33,23 @@ at::Tensor token_logprobs_backward(
     const std::optional<at::Tensor>& grad_entropy, double temperature, int64_t ignore_index,
     bool inplace);
 
-// Rows per parallel task: about 64k elements, so that short rows are not one task each.
-inline int64_t rows_per_task(int64_t V) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1)); }
+// Calls rows(begin, end) over [0, N) on all of ATen's threads. Threads take small blocks of rows
+// (about 256k elements) from a shared counter instead of one fixed share each: on a machine with
+// other work a descheduled thread then delays the pass by one block, not by half of it.
+template <typename F>
+void parallel_rows(int64_t N, int64_t V, const F& rows) {
+  const int64_t block = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(V, 1));
+  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), (N + block - 1) / block);
+  if (tasks <= 1) {
+    rows(0, N);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+    for (int64_t begin = next.fetch_add(block); begin < N; begin = next.fetch_add(block)) {
+      rows(begin, std::min(N, begin + block));
+    }
+  });
+}
 
 }  // namespace sppo_fast

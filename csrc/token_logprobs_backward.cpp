@@ -29,7 +29,8 @@ at::Tensor empty_huge_paged(at::IntArrayRef sizes, const at::TensorOptions& opti
   int64_t numel = 1;
   for (int64_t s : sizes) numel *= s;
   const size_t bytes = static_cast<size_t>(numel) * options.dtype().itemsize();
-  if (bytes < 4 * kHugePage) return at::empty(sizes, options);
+  static const bool enabled = std::getenv("SPPO_FAST_NO_HUGE_PAGES") == nullptr;
+  if (!enabled || bytes < 4 * kHugePage) return at::empty(sizes, options);
   const size_t padded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
   void* data = std::aligned_alloc(kHugePage, padded);
   if (data == nullptr) throw std::bad_alloc();
@@ -130,7 +131,7 @@ void backward_rows(const scalar_t* x, scalar_t* out, const BackwardArgs& args, i
 template <typename scalar_t>
 void backward_dispatch(const scalar_t* x, scalar_t* out, const BackwardArgs& args) {
   const bool entropy = args.grad_entropy != nullptr, scaled = args.temperature != 1.0f;
-  at::parallel_for(0, args.N, rows_per_task(args.V), [&](int64_t begin, int64_t end) {
+  parallel_rows(args.N, args.V, [&](int64_t begin, int64_t end) {
     auto run = [&](auto entropy_tag, auto scaled_tag) {
       backward_rows<scalar_t, decltype(entropy_tag)::value, decltype(scaled_tag)::value>(
           x, out, args, begin, end);

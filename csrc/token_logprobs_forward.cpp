@@ -131,7 +131,7 @@ void forward_dispatch(const at::Tensor& logits, const at::Tensor& targets, float
   float* lp = logp.mutable_data_ptr<float>();
   float* en = entropy.mutable_data_ptr<float>();
   const bool scaled = temperature != 1.0f, lse_fp64 = lse.scalar_type() == at::kDouble;
-  at::parallel_for(0, N, rows_per_task(V), [&](int64_t begin, int64_t end) {
+  parallel_rows(N, V, [&](int64_t begin, int64_t end) {
     auto run = [&](auto entropy_tag, auto scaled_tag) {
       constexpr bool kEntropy = decltype(entropy_tag)::value, kScaled = decltype(scaled_tag)::value;
       if (lse_fp64) {

@@ -8,7 +8,6 @@ import hypothesis.strategies as st
 import pytest
 import torch
 from hypothesis import given, settings
-
 from spec_helpers import assert_spec_close, eager_logprobs, max_error
 
 try:
