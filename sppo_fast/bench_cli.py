@@ -75,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--merge", action="store_true",
                    help="keep the rows of an existing --out file that this run does not measure again")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the .md and .png of an existing --out file without measuring")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -468,6 +470,50 @@ def markdown_table(rows):
     return "\n".join(lines)
 
 
+def summary_table(rows):
+    """One line per case: fwd+bwd time of each implementation, with the others' time as a multiple of
+    sppo_fast's, and peak memory above the inputs as a multiple of the logits' size."""
+    by_case = {}
+    for r in rows:
+        by_case.setdefault(_key(r), {})[r["impl"]] = r
+    order = ("sppo_fast", "sppo_fast_inplace", "compile", "eager", "liger", "cce")
+    lines = ["| op | dtype | V | tokens | " + " | ".join(order) + " |", "|---|---|---|---|" + "---|" * len(order)]
+    for key, impls in by_case.items():
+        ours = impls.get("sppo_fast")
+        base = ours["fwd_bwd_ms"] if ours and ours.get("status") == "ok" else None
+        cells = []
+        for name in order:
+            r = impls.get(name)
+            if r is None:
+                cells.append("")
+            elif r.get("status") != "ok":
+                cells.append("skipped" if r["status"].startswith("skipped") else r["status"][:30])
+            else:
+                ratio = f" ({r['fwd_bwd_ms'] / base:.1f}x)" if base and not name.startswith("sppo_fast") else ""
+                mem = (f"{r['fwd_bwd_peak_mib']:.0f} MiB" if key[0] == "fused_linear"
+                       else f"{r['fwd_bwd_peak_mib'] / r['logits_mib']:.2f}x")
+                cells.append(f"{r['fwd_bwd_ms']:.0f} ms{ratio}, {mem}")
+        op = key[0] + (f" {key[1]}" if key[1] and key[0] != "fused_linear" else "")
+        lines.append(f"| {op} | {key[2]} | {key[3]} | {key[4]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_reports(report, out, plot_png=True):
+    stem = os.path.splitext(out)[0]
+    env = report["environment"]
+    with open(stem + ".md", "w") as f:
+        f.write(f"CPU benchmark: {env['cpu']}, {env['cores']} cores, torch {env['torch']}, "
+                f"`python bench/bench_ops.py` (method: bench/README.md).\n\n"
+                "Forward+backward median time (in brackets: as a multiple of `sppo_fast`'s) and peak memory "
+                "above the inputs (as a multiple of the logits' size; in MiB for the linear case, whose "
+                "logits are never materialised by the fused implementations).\n\n")
+        f.write(summary_table(report["results"]) + "\n\nEvery measurement (forward alone included):\n\n")
+        f.write(markdown_table(report["results"]) + "\n")
+    if plot_png and plot(report["results"], stem + ".png"):
+        print(f"wrote {stem}.png")
+    print(f"wrote {stem}.md")
+
+
 def plot(rows, path):
     """Time and peak memory of fwd+bwd against tokens, one line per implementation, one column per
     (op, preset, dtype, V) with more than one token count."""
@@ -513,6 +559,12 @@ def main(argv=None):
     args = parse_args(argv)
     if args.child is not None:
         return child_main(args.child)
+    if args.report_only:
+        with open(args.out or default_out()) as f:
+            report = json.load(f)
+        report["speedups"] = speedups(report["results"])
+        write_reports(report, args.out or default_out(), not args.no_plot)
+        return 0
     import sppo_fast as sf
 
     if not sf.backend_info()["cpu"].startswith("native"):
@@ -545,15 +597,8 @@ def main(argv=None):
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as f:
             json.dump(report, f, indent=1)
-        stem = os.path.splitext(out)[0]
-        with open(stem + ".md", "w") as f:
-            f.write(f"CPU benchmark ({report['environment']['cpu']}, {report['environment']['cores']} cores, "
-                    f"torch {report['environment']['torch']}), `python bench/bench_ops.py`; "
-                    "peak = resident memory above the inputs during one call.\n\n")
-            f.write(markdown_table(report["results"]) + "\n")
-        if not args.no_plot and plot(report["results"], stem + ".png"):
-            print(f"wrote {stem}.png")
-        print(f"wrote {out} and {stem}.md")
+        write_reports(report, out, not args.no_plot)
+        print(f"wrote {out}")
     return 0
 
 
