@@ -27,7 +27,7 @@ from sppo_fast.trainer.rollout import generate, response_mask_after_eos
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2, critic_hidden_size=16, critic_layers=1, critic_heads=2,
             max_new_tokens=12, eval_examples=4, eval_every=100, warm_start=False, progress=False,
-            rollouts_per_step=4, mini_batches=2, task_difficulty=1, threads=1)
+            rollouts_per_step=4, mini_batches=2, task_difficulty=1, threads=1, critic_warmup_steps=0)
 
 
 def tiny(tmp_path, **kw):
@@ -357,3 +357,18 @@ def test_two_process_run_on_cpu(tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert all(math.isfinite(r["loss"]) for r in rows[1:])
+
+
+def test_local_hugging_face_model_directory(tmp_path, alternating_rewards):
+    """`--model PATH`: any local causal-LM directory (here a saved tiny Llama and its tokenizer), offline."""
+    from transformers import LlamaForCausalLM
+
+    tok = load_tokenizer(TrainConfig())
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(tiny_llama_config(tok, hidden=32, layers=1, heads=2))
+    model_dir = tmp_path / "hf-model"
+    lm.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    cfg = tiny(tmp_path, model=str(model_dir), steps=1, algo="rloo", samples_per_prompt=2)
+    summary = train(cfg)
+    assert summary["steps"] == 1 and summary["policy_parameters"] == sum(p.numel() for p in lm.parameters())

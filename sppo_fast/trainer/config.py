@@ -43,30 +43,35 @@ class TrainConfig:
                                           "else sdpa), sdpa or eager")
     # --- warm start (supervised fine-tuning on the task's worked solutions, cached on disk) ---
     warm_start: bool = _f(True, "run (or load from the cache) the supervised warm start before RL")
-    sft_steps: int = _f(300, "warm start: optimizer steps")
+    sft_steps: int = _f(500, "warm start: optimizer steps")
     sft_batch_size: int = _f(64, "warm start: examples per step")
     sft_lr: float = _f(3e-3, "warm start: peak learning rate (cosine decay, 5%% warmup)")
+    sft_direct_fraction: float = _f(0.5, "warm start: fraction of examples whose target is only the final "
+                                         "answer line, without the worked steps (the warm-start policy then "
+                                         "mostly answers directly; RL discovers that working it out pays)")
     sft_examples: int = _f(20000, "warm start: distinct training examples drawn from the task")
     cache_dir: str | None = _f(None, "warm-start cache directory (default $SPPO_FAST_CACHE or "
                                      "~/.cache/sppo-fast)")
     # --- RL loop ---
-    steps: int = _f(60, "RL steps (one rollout batch and its update per step)")
-    rollouts_per_step: int = _f(128, "responses sampled per step over all ranks (prompts x samples)")
+    steps: int = _f(150, "RL steps (one rollout batch and its update per step)")
+    rollouts_per_step: int = _f(256, "responses sampled per step over all ranks (prompts x samples)")
     samples_per_prompt: int = _f(0, "responses per prompt (0: 1 for sppo and ppo, 8 for the group "
                                     "algorithms)")
     critic_warmup_steps: int = _f(5, "first RL steps that train only the critic (the policy waits), so that the "
                                      "first advantages are not taken against an untrained critic")
     ppo_epochs: int = _f(1, "passes over each rollout batch")
     mini_batches: int = _f(2, "optimizer steps per pass (the batch is split into this many parts)")
-    lr: float = _f(1e-3, "policy learning rate (AdamW)")
+    lr: float = _f(2e-4, "policy learning rate (AdamW)")
     critic_lr: float = _f(3e-3, "critic learning rate (AdamW)")
+    adam_eps: float = _f(1e-5, "AdamW epsilon (larger values stop Adam from inflating the tiny, noisy gradients "
+                               "of rarely used rows, e.g. of lm_head, to full learning-rate steps)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
     lr_schedule: str = _f("constant", "learning-rate schedule after warmup: constant, cosine or linear",
                           choices=("constant", "cosine", "linear"))
     warmup_steps: int = _f(0, "RL steps of linear learning-rate warmup")
     temperature: float = _f(1.0, "sampling temperature of the rollouts (and of the loss' log-probs)")
-    max_new_tokens: int = _f(48, "longest response; longer ones are cut and counted as truncated")
+    max_new_tokens: int = _f(32, "longest response; longer ones are cut and counted as truncated")
     clip_low: float | None = _f(None, "override the preset's clip_low")
     clip_high: float | None = _f(None, "override the preset's clip_high")
     kl_coef: float = _f(0.0, "KL penalty to the warm-start policy (0: no reference model)")
@@ -75,10 +80,11 @@ class TrainConfig:
     lam: float = _f(1.0, "PPO: GAE lambda")
     chunk_size: int | None = _f(None, "rows per chunk of the fused linear loss (None: the library's choice)")
     # --- evaluation, logging, checkpoints ---
-    eval_examples: int = _f(256, "held-out test examples per evaluation")
-    eval_every: int = _f(10, "evaluate every this many RL steps (and always before and after)")
-    eval_temperature: float = _f(0.0, "evaluation decoding temperature (0: greedy)")
-    save_every: int = _f(20, "checkpoint every this many steps (and at the end; 0: only at the end)")
+    eval_examples: int = _f(512, "held-out test examples per evaluation")
+    eval_every: int = _f(25, "evaluate every this many RL steps (and always before and after)")
+    eval_temperature: float = _f(1.0, "evaluation sampling temperature (0: greedy); 1.0 measures the policy RL "
+                                             "optimizes, and greedy accuracy is reported next to it")
+    save_every: int = _f(50, "checkpoint every this many steps (and at the end; 0: only at the end)")
     seed: int = _f(0, "random seed of everything (models, data, sampling)")
     device: str = _f("auto", "auto (cuda when available), cpu or cuda")
     threads: int = _f(1, "torch CPU threads (0: leave torch's default). One by default: the tiny model's "

@@ -92,18 +92,23 @@ def maybe_autocast(device):
 # --- evaluation ------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(lm, tokenizer, task, examples, cfg, device, d: Dist) -> float:
-    """Held-out accuracy (mean reward) of `lm`, this rank's share of `examples` summed over ranks."""
+def evaluate(lm, tokenizer, task, examples, cfg, device, d: Dist, temperature=None) -> float:
+    """Held-out accuracy (mean reward) of `lm`, this rank's share of `examples` summed over ranks.
+    Sampled evaluations draw from their own fixed seed (the same draws at every evaluation, which makes
+    before/after comparisons less noisy) and leave the training generator untouched."""
     from sppo_fast.trainer.tasks import score_responses
 
+    temperature = cfg.eval_temperature if temperature is None else temperature
     mine = examples[d.rank::d.world_size]  # any count works: the totals are summed over ranks
     correct = 0.0
-    for i in range(0, len(mine), EVAL_BATCH):
-        batch = mine[i: i + EVAL_BATCH]
-        rollout = generate(lm, tokenizer, [ex.prompt for ex in batch], max_new_tokens=cfg.max_new_tokens,
-                           temperature=cfg.eval_temperature, device=device, autocast=autocast_for(device))
-        rewards, _ = score_responses(task, rollout.texts, batch)
-        correct += sum(rewards)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed + 4242 + d.rank)
+        for i in range(0, len(mine), EVAL_BATCH):
+            batch = mine[i: i + EVAL_BATCH]
+            rollout = generate(lm, tokenizer, [ex.prompt for ex in batch], max_new_tokens=cfg.max_new_tokens,
+                               temperature=temperature, device=device, autocast=autocast_for(device))
+            rewards, _ = score_responses(task, rollout.texts, batch)
+            correct += sum(rewards)
     total = d.all_sum(torch.tensor([correct, float(len(mine))]))
     return float(total[0] / total[1])
 
@@ -165,12 +170,13 @@ class Trainer:
         self.critic_ddp = None
         if self.critic is not None:
             self.critic_ddp = wrap_for_training(self.critic, self.d, self.device)
-        self.opt = torch.optim.AdamW(self.lm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = torch.optim.AdamW(self.lm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     eps=cfg.adam_eps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.critic_opt = None
         if self.critic is not None:
             self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr,
-                                                weight_decay=cfg.weight_decay)
+                                                weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
 
     def rollout(self, step):
         """Sample this rank's share of the step's prompts, `group_size` responses each, and score them."""
@@ -251,15 +257,13 @@ class Trainer:
             for part in torch.chunk(order, cfg.mini_batches):
                 if len(part) == 0:
                     continue
-                idx = part.to(self.device)
                 mb = rollout.select(part)
+                rows = _rows(part.to(self.device), mb.response_ids.shape[1])
                 if step > cfg.critic_warmup_steps or self.critic is None:
                     policy_metrics.append(self.policy_update(
-                        mb, old_logp[idx], advantages[idx], None if ref_logp is None else ref_logp[idx],
-                        None if segments is None else segments[idx]))
+                        mb, rows(old_logp), rows(advantages), rows(ref_logp), rows(segments)))
                 if self.critic is not None:
-                    critic_losses.append(self.critic_update(
-                        mb, rewards[idx], None if returns is None else returns[idx]))
+                    critic_losses.append(self.critic_update(mb, rows(rewards), rows(returns)))
         self.sched.step()
         step_time = time.time() - t0
         return self.step_metrics(step, rollout, rewards, counts, critic_logits, values, returns,
@@ -307,6 +311,14 @@ class Trainer:
 
 # --- the run ---------------------------------------------------------------------------------------
 
+def greedy_accuracy(tr, examples, cfg, device, d, sampled_accuracy):
+    """Greedy-decoding accuracy, reported next to a sampled evaluation (the same number when the
+    evaluation is greedy already)."""
+    if cfg.eval_temperature <= 0:
+        return sampled_accuracy
+    return evaluate(tr.lm, tr.tokenizer, tr.task, examples, cfg, device, d, temperature=0.0)
+
+
 def _broadcast_out(cfg, d: Dist) -> str:
     out = [cfg.resolved_out()]
     if d.enabled:
@@ -321,6 +333,15 @@ def _clean(obj):
     if isinstance(obj, dict):
         return {k: _clean(v) for k, v in obj.items()}
     return obj
+
+
+def _rows(index, width):
+    """Select rows of a per-sequence (B,) or per-token (B, T) tensor, cutting tokens to `width`."""
+    def take(x):
+        if x is None:
+            return None
+        return x[index] if x.dim() == 1 else x[index, :width]
+    return take
 
 
 def clip(params, max_norm):
@@ -395,15 +416,17 @@ def _train(cfg, d, device, resume, start_wall):
             truncate_metrics(metrics_path, step0)
         log(f"resumed from {ckpt} at step {step0}")
         acc_before = extra["eval_accuracy_before"]
+        greedy_before = extra["eval_accuracy_greedy_before"]
     else:
         if d.is_main and os.path.exists(metrics_path):
             os.remove(metrics_path)
         seed_everything(cfg.seed * 7 + 1 + d.rank)  # each rank samples its own responses
         acc_before = evaluate(tr.lm, tr.tokenizer, tr.task, test_examples, cfg, device, d)
-        log(f"eval accuracy before RL: {acc_before:.3f}")
+        greedy_before = greedy_accuracy(tr, test_examples, cfg, device, d, acc_before)
+        log(f"eval accuracy before RL: {acc_before:.3f} (greedy {greedy_before:.3f})")
         if d.is_main:
             append_jsonl(metrics_path, {"step": 0, "wall": time.time() - start_wall,
-                                        "eval_accuracy": acc_before})
+                                        "eval_accuracy": acc_before, "eval_accuracy_greedy": greedy_before})
     # Time already spent by earlier invocations of this run (resume), so wall-clock plots continue.
     wall_offset = float(extra.get("wall_seconds", 0.0))
     rl_start = time.time()
@@ -424,16 +447,20 @@ def _train(cfg, d, device, resume, start_wall):
             append_jsonl(metrics_path, m)
         bar.set_postfix(reward=f"{m['reward']:.2f}", eval=f"{acc:.2f}", ent=f"{m.get('entropy', 0):.2f}")
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-            extra = {"eval_accuracy_before": acc_before, "eval_accuracy_last": acc, "wall_seconds": wall()}
+            extra = {"eval_accuracy_before": acc_before, "eval_accuracy_greedy_before": greedy_before,
+                     "eval_accuracy_last": acc, "wall_seconds": wall()}
             if d.is_main:
                 save_checkpoint(out, step=step, policy=tr.lm, critic=tr.critic, device=device,
                                 extra=extra, **tr.state_objects())
             d.barrier()
     bar.close()
+    greedy_after = greedy_accuracy(tr, test_examples, cfg, device, d, acc)
 
     summary = {
         "algo": cfg.algo, "task": cfg.task, "task_difficulty": cfg.task_difficulty,
         "eval_accuracy_before": acc_before, "eval_accuracy_after": acc,
+        "eval_temperature": cfg.eval_temperature, "eval_examples": cfg.eval_examples,
+        "eval_accuracy_greedy_before": greedy_before, "eval_accuracy_greedy_after": greedy_after,
         "wall_seconds": wall(), "warm_start_seconds": warm_seconds, "rl_seconds": time.time() - rl_start,
         "steps": cfg.steps, "resumed_from_step": step0 if ckpt is not None else None,
         "rollouts_per_step": cfg.rollouts_per_step, "samples_per_prompt": cfg.group_size,
@@ -451,5 +478,6 @@ def _train(cfg, d, device, resume, start_wall):
             plot_runs([out], out_dir=out)
         except Exception as error:  # a plot must never lose a finished run
             log(f"plotting failed: {error!r}")
-        log(f"done: eval accuracy {acc_before:.3f} -> {acc:.3f} in {summary['wall_seconds']:.0f}s; {out}")
+        log(f"done: eval accuracy {acc_before:.3f} -> {acc:.3f} (greedy {greedy_before:.3f} -> "
+            f"{greedy_after:.3f}) in {summary['wall_seconds']:.0f}s; {out}")
     return summary

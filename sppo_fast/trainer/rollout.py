@@ -31,8 +31,11 @@ class Rollout:
         return per_position[:, p - 1: p - 1 + r]
 
     def select(self, index: torch.Tensor) -> Rollout:
-        return Rollout(self.prompt_ids[index], self.prompt_mask[index], self.response_ids[index],
-                       self.response_mask[index], [self.texts[i] for i in index.tolist()],
+        """The rows `index`, with the response columns cut to the longest selected response (padding
+        columns cost a full forward and backward for nothing)."""
+        width = max(1, int(self.response_mask[index].sum(1).max()))
+        return Rollout(self.prompt_ids[index], self.prompt_mask[index], self.response_ids[index, :width],
+                       self.response_mask[index, :width], [self.texts[i] for i in index.tolist()],
                        self.truncated[index])
 
 

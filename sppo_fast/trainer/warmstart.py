@@ -30,7 +30,8 @@ def warm_start_key(cfg, model, tokenizer) -> str:
         "task": [cfg.task, cfg.task_difficulty, cfg.task_path],
         "model": model.config.to_json_string(use_diff=False) if not cfg.model else os.path.abspath(cfg.model),
         "tokenizer": hashlib.sha256(json.dumps(vocab).encode()).hexdigest(),
-        "sft": [cfg.sft_steps, cfg.sft_batch_size, cfg.sft_lr, cfg.sft_examples, SFT_WARMUP_FRACTION],
+        "sft": [cfg.sft_steps, cfg.sft_batch_size, cfg.sft_lr, cfg.sft_examples, SFT_WARMUP_FRACTION,
+                cfg.sft_direct_fraction],
         "seed": cfg.seed,
         "version": 1,
     }
@@ -59,12 +60,20 @@ def save_atomic(model, path: str, metadata: dict):
     os.replace(tmp, path)
 
 
-def sft_batch(tokenizer, examples, device):
-    """Left-padded prompt + solution + EOS, with a mask over the solution tokens and EOS."""
+def sft_targets(examples, direct_fraction: float, generator) -> list[tuple[str, str]]:
+    """(prompt, target) pairs: the worked solution, or for a `direct_fraction` of the examples only its
+    final answer line. A warm start that mostly answers without working the steps out is what a base
+    model that "sometimes reasons" looks like; RL then has something to discover: that reasoning pays."""
+    direct = (torch.rand(len(examples), generator=generator) < direct_fraction).tolist()
+    return [(ex.prompt, ex.solution.split("\n")[-1] if d else ex.solution) for ex, d in zip(examples, direct)]
+
+
+def sft_batch(tokenizer, pairs, device):
+    """Left-padded prompt + target + EOS, with a mask over the target tokens and EOS."""
     rows, loss_rows = [], []
-    for ex in examples:
-        prompt = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
-        target = tokenizer(ex.solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    for prompt_text, target_text in pairs:
+        prompt = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
+        target = tokenizer(target_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append(prompt + target)
         loss_rows.append([0] * len(prompt) + [1] * len(target))
     width = max(len(r) for r in rows)
@@ -97,6 +106,7 @@ def supervised_fine_tune(cfg, lm, tokenizer, task, device, *, log=print, progres
 
     examples = task.examples("train", cfg.sft_examples, seed=cfg.seed + 7919)
     gen = torch.Generator().manual_seed(cfg.seed + 104729)
+    examples = sft_targets(examples, cfg.sft_direct_fraction, gen)
     order = torch.randperm(len(examples), generator=gen).tolist()
     hidden_model = PolicyHidden(lm)
     opt = torch.optim.AdamW(lm.parameters(), lr=cfg.sft_lr, weight_decay=0.0, betas=(0.9, 0.98))
