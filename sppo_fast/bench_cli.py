@@ -334,9 +334,11 @@ def too_big(case, args):
     """A reason to skip the case, or None."""
     if case["op"] == "fused_linear":
         return None
-    fp32_logits_gib = case["tokens"] * case["vocab"] * 4 / 2**30
-    need = fp32_logits_gib * (EAGER_LOGITS_COPIES if case["impl"] in ("eager", "compile") else 2)
-    need += logits_mib(case["tokens"], case["vocab"], case["dtype"]) / 1024  # the inputs themselves
+    logits_gib = logits_mib(case["tokens"], case["vocab"], case["dtype"]) / 1024
+    if case["impl"] in ("eager", "compile"):  # fp32 temporaries the size of the logits
+        need = logits_gib + case["tokens"] * case["vocab"] * 4 / 2**30 * EAGER_LOGITS_COPIES
+    else:  # the logits and their gradient (in place: the logits and a pristine copy to restore)
+        need = 2 * logits_gib
     if need > args.max_gib:
         return f"skipped: would need about {need:.0f} GiB (> --max-gib {args.max_gib:g})"
     return None
