@@ -281,7 +281,7 @@ def _weights(run_dir, name):
 
 
 @pytest.mark.parametrize("algo", ["sppo", "grpo"])
-def test_resume_equals_straight_run(tmp_path, algo):
+def test_resume_equals_straight_run(tmp_path, algo, alternating_rewards):
     """2 steps, then 2 resumed steps, give the same weights as 4 straight steps."""
     kw = dict(algo=algo, samples_per_prompt=2 if algo == "grpo" else 0, save_every=2, eval_every=2)
     straight = tiny(tmp_path / "a", steps=4, **kw)
@@ -372,3 +372,10 @@ def test_local_hugging_face_model_directory(tmp_path, alternating_rewards):
     cfg = tiny(tmp_path, model=str(model_dir), steps=1, algo="rloo", samples_per_prompt=2)
     summary = train(cfg)
     assert summary["steps"] == 1 and summary["policy_parameters"] == sum(p.numel() for p in lm.parameters())
+
+
+def test_kl_penalty_to_the_warm_start(tmp_path, alternating_rewards):
+    cfg = tiny(tmp_path, algo="grpo", samples_per_prompt=2, steps=1, kl_coef=0.1)
+    train(cfg)
+    step = [json.loads(x) for x in open(os.path.join(cfg.out, "metrics.jsonl"))][-1]
+    assert "kl" in step and math.isfinite(step["kl"])

@@ -53,7 +53,7 @@ class TrainConfig:
     cache_dir: str | None = _f(None, "warm-start cache directory (default $SPPO_FAST_CACHE or "
                                      "~/.cache/sppo-fast)")
     # --- RL loop ---
-    steps: int = _f(150, "RL steps (one rollout batch and its update per step)")
+    steps: int = _f(200, "RL steps (one rollout batch and its update per step)")
     rollouts_per_step: int = _f(256, "responses sampled per step over all ranks (prompts x samples)")
     samples_per_prompt: int = _f(0, "responses per prompt (0: 1 for sppo and ppo, 8 for the group "
                                     "algorithms)")

@@ -395,7 +395,8 @@ def _train(cfg, d, device, resume, start_wall):
         raise ValueError(f"resume: no checkpoint in {out}")
 
     warm_seconds = 0.0
-    if cfg.warm_start:
+    # A resumed run takes its weights from the checkpoint; it needs the warm start only as the KL reference.
+    if cfg.warm_start and (ckpt is None or cfg.kl_coef > 0):
         from sppo_fast.trainer.warmstart import warm_start
 
         t = time.time()
@@ -435,6 +436,7 @@ def _train(cfg, d, device, resume, start_wall):
         return wall_offset + time.time() - start_wall
 
     acc = extra.get("eval_accuracy_last", acc_before)
+    greedy_after = None
     bar = tqdm(range(step0 + 1, cfg.steps + 1), desc=f"{cfg.algo}", initial=step0, total=cfg.steps,
                disable=not (cfg.progress and d.is_main), dynamic_ncols=True)
     for step in bar:
@@ -443,6 +445,8 @@ def _train(cfg, d, device, resume, start_wall):
         if step % cfg.eval_every == 0 or step == cfg.steps:
             acc = evaluate(tr.lm, tr.tokenizer, tr.task, test_examples, cfg, device, d)
             m["eval_accuracy"] = acc
+        if step == cfg.steps:
+            greedy_after = m["eval_accuracy_greedy"] = greedy_accuracy(tr, test_examples, cfg, device, d, acc)
         if d.is_main:
             append_jsonl(metrics_path, m)
         bar.set_postfix(reward=f"{m['reward']:.2f}", eval=f"{acc:.2f}", ent=f"{m.get('entropy', 0):.2f}")
@@ -454,7 +458,8 @@ def _train(cfg, d, device, resume, start_wall):
                                 extra=extra, **tr.state_objects())
             d.barrier()
     bar.close()
-    greedy_after = greedy_accuracy(tr, test_examples, cfg, device, d, acc)
+    if step0 >= cfg.steps:  # resumed a finished run: nothing ran, measure again
+        greedy_after = greedy_accuracy(tr, test_examples, cfg, device, d, acc)
 
     summary = {
         "algo": cfg.algo, "task": cfg.task, "task_difficulty": cfg.task_difficulty,

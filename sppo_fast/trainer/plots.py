@@ -31,6 +31,12 @@ def _series(rows, key, x):
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def _same(gx, gy, xs, ys) -> bool:
+    """Greedy points identical to the plotted evaluation (a greedy run): draw them once."""
+    lookup = dict(zip(xs, ys))
+    return all(lookup.get(x) == y for x, y in zip(gx, gy))
+
+
 def plot_runs(run_dirs: list[str], out_dir: str) -> list[str]:
     """Write accuracy.png (held-out accuracy) and reward.png (training reward), each with a panel against
     step and one against wall-clock, every run overlaid. Returns the paths written."""
@@ -45,11 +51,17 @@ def plot_runs(run_dirs: list[str], out_dir: str) -> list[str]:
     for key, title, fname in (("eval_accuracy", "held-out accuracy", "accuracy.png"),
                               ("reward", "training reward (mean)", "reward.png")):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for label, rows in runs:
+        for i, (label, rows) in enumerate(runs):
+            color = f"C{i % 10}"
             for ax, x in zip(axes, ("step", "wall")):
                 xs, ys = _series(rows, key, x)
                 if xs:
-                    ax.plot(xs, ys, marker="o" if key == "eval_accuracy" else None, markersize=3, label=label)
+                    ax.plot(xs, ys, marker="o" if key == "eval_accuracy" else None, markersize=3, color=color,
+                            label=label + (" (sampled)" if key == "eval_accuracy" else ""))
+                gx, gy = _series(rows, "eval_accuracy_greedy", x)
+                if key == "eval_accuracy" and gx and not _same(gx, gy, xs, ys):
+                    ax.plot(gx, gy, linestyle="--", marker="s", markersize=4, color=color,
+                            label=label + " (greedy)")
         axes[0].set_xlabel("RL step")
         axes[1].set_xlabel("wall-clock seconds (warm start included)")
         for ax in axes:
