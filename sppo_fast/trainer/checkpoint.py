@@ -1,7 +1,10 @@
 """Checkpoints of a run: policy and critic weights (safetensors), optimizer and scheduler states, every
-random generator's state and the step, written to a fresh directory that then replaces the old one by
-renames, so that a crash mid-save leaves the previous checkpoint intact. Loading never unpickles code:
-weights through safetensors, the rest through `torch.load(weights_only=True)`."""
+rank's random generator states and the step, written to a fresh directory that then replaces the old one
+by renames, so that a crash mid-save leaves the previous checkpoint intact. Loading never unpickles code:
+weights through safetensors, the rest through `torch.load(weights_only=True)`.
+
+Saving is split in two: every rank calls `gather_training_state` (a collective when the policy is sharded
+by FSDP2, which must hand out full tensors), then the main rank calls `save_checkpoint`."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import shutil
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -29,38 +33,86 @@ def rng_state(device: torch.device) -> dict:
 
 
 def set_rng_state(state: dict, device: torch.device):
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     n = state["numpy"]
-    keys = n["keys"].numpy().astype(np.uint32)
+    keys = n["keys"].cpu().numpy().astype(np.uint32)
     np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["gauss"]))
     random.setstate(_as_tuples(state["python"]))
     if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def _as_tuples(x):
     return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def save_checkpoint(run_dir: str, *, step: int, policy, critic, optimizers: dict, schedulers: dict,
-                    device: torch.device, extra: dict | None = None):
-    from safetensors.torch import save_model
+def _is_sharded(module) -> bool:
+    """Whether FSDP2 manages part of `module` (its parameters may be unsharded at this instant)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def model_state(module) -> dict:
+    """Full (unsharded) weights on CPU; a collective when FSDP2 shards the module."""
+    if _is_sharded(module):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def optimizer_state(module, opt) -> dict:
+    if _is_sharded(module):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(module, opt,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return opt.state_dict()
+
+
+def all_rng_states(device, world_size: int) -> list:
+    """Every rank's generators (each rank samples its own responses), gathered to every rank."""
+    mine = rng_state(device)
+    if world_size == 1:
+        return [mine]
+    out = [None] * world_size
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def gather_training_state(*, step, policy, critic, optimizers: dict, schedulers: dict, device, world_size,
+                          extra=None) -> dict:
+    """Everything a checkpoint holds, as CPU tensors and plain containers. Call on every rank."""
+    modules = {"policy": policy, "critic": critic}
+    return {
+        "weights": {name: model_state(m) for name, m in modules.items() if m is not None},
+        "state": {
+            "step": step,
+            "optimizers": {name: optimizer_state(modules[name], opt)
+                           for name, opt in optimizers.items() if opt is not None},
+            "schedulers": {k: v.state_dict() for k, v in schedulers.items() if v is not None},
+            "rng": all_rng_states(device, world_size),
+            "extra": extra or {},
+        },
+    }
+
+
+def save_checkpoint(run_dir: str, gathered: dict) -> str:
+    """Write what `gather_training_state` returned (main rank only)."""
+    from safetensors.torch import save_file
 
     final = os.path.join(run_dir, CHECKPOINT_DIR)
     tmp, old = final + ".tmp", final + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_model(policy, os.path.join(tmp, "policy.safetensors"))
-    if critic is not None:
-        save_model(critic, os.path.join(tmp, "critic.safetensors"))
-    state = {
-        "step": step,
-        "optimizers": {k: v.state_dict() for k, v in optimizers.items() if v is not None},
-        "schedulers": {k: v.state_dict() for k, v in schedulers.items() if v is not None},
-        "rng": rng_state(device),
-        "extra": extra or {},
-    }
-    torch.save(state, os.path.join(tmp, "state.pt"))
+    for name, weights in gathered["weights"].items():
+        # Clone so that tied weights (one storage under two names) save as two plain tensors.
+        save_file({k: v.contiguous().clone() for k, v in weights.items()},
+                  os.path.join(tmp, f"{name}.safetensors"))
+    torch.save(gathered["state"], os.path.join(tmp, "state.pt"))
     # Swap by renames: at every instant either `final` or `old` holds a complete checkpoint.
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(final):
@@ -78,24 +130,43 @@ def find_checkpoint(run_dir: str) -> str | None:
     return None
 
 
-def load_checkpoint(path: str, *, policy, critic, optimizers: dict, schedulers: dict,
-                    device: torch.device) -> dict:
-    """Restore everything in place; returns the saved state (step, extra)."""
-    from safetensors.torch import load_model
+def _load_weights(module, path, device):
+    from safetensors.torch import load_file
 
-    load_model(policy, os.path.join(path, "policy.safetensors"), device=str(device))
-    if critic is not None:
-        load_model(critic, os.path.join(path, "critic.safetensors"), device=str(device))
-    state = torch.load(os.path.join(path, "state.pt"), map_location=device, weights_only=True)
+    weights = load_file(path)
+    if _is_sharded(module):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(module, weights, options=StateDictOptions(full_state_dict=True))
+    else:
+        module.load_state_dict({k: v.to(device) for k, v in weights.items()})
+
+
+def _load_optimizer(module, opt, state):
+    if _is_sharded(module):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(module, opt, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(state)
+
+
+def load_checkpoint(path: str, *, policy, critic, optimizers: dict, schedulers: dict, device, rank=0) -> dict:
+    """Restore everything in place (on every rank); returns the saved state (step, extra)."""
+    modules = {"policy": policy, "critic": critic}
+    for name, module in modules.items():
+        if module is not None:
+            _load_weights(module, os.path.join(path, f"{name}.safetensors"), device)
+    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
     for name, opt in optimizers.items():
         if opt is not None:
-            opt.load_state_dict(state["optimizers"][name])
+            _load_optimizer(modules[name], opt, state["optimizers"][name])
     for name, sched in schedulers.items():
         if sched is not None:
             sched.load_state_dict(state["schedulers"][name])
-    rng = state["rng"]
-    rng["torch"] = rng["torch"].cpu()
-    if "cuda" in rng:
-        rng["cuda"] = rng["cuda"].cpu()
-    set_rng_state(rng, device)
+    rngs = state["rng"]
+    if len(rngs) <= rank:
+        raise ValueError(f"resume: the checkpoint holds {len(rngs)} rank(s) of generator state; this is rank "
+                         f"{rank} (resume with the same number of processes)")
+    set_rng_state(rngs[rank], device)
     return state

@@ -86,6 +86,8 @@ class TrainConfig:
                                              "optimizes, and greedy accuracy is reported next to it")
     save_every: int = _f(50, "checkpoint every this many steps (and at the end; 0: only at the end)")
     seed: int = _f(0, "random seed of everything (models, data, sampling)")
+    parallel: str = _f("auto", "under torchrun: ddp, fsdp2 (decoder layers sharded with fully_shard) or auto "
+                               "(fsdp2 on GPUs where available, ddp otherwise)", choices=("auto", "ddp", "fsdp2"))
     device: str = _f("auto", "auto (cuda when available), cpu or cuda")
     threads: int = _f(1, "torch CPU threads (0: leave torch's default). One by default: the tiny model's "
                          "matrices gain little from a second thread, and OpenMP threads that spin on shared "

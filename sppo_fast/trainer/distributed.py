@@ -65,10 +65,59 @@ def init_distributed(device_request: str) -> tuple[Dist, torch.device]:
     return Dist(rank, world, local), device
 
 
+def fsdp2_available() -> bool:
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_fsdp2(strategy: str, d: Dist, device: torch.device) -> bool:
+    """`auto`: FSDP2 on GPUs where `fully_shard` exists, DDP otherwise; `ddp`/`fsdp2` force one."""
+    if strategy not in ("auto", "ddp", "fsdp2"):
+        raise ValueError(f"parallel: unknown {strategy!r}; choose auto, ddp or fsdp2")
+    if not d.enabled or strategy == "ddp":
+        return False
+    if strategy == "fsdp2":
+        if not fsdp2_available():
+            raise ValueError("parallel: fsdp2 needs torch.distributed.fsdp.fully_shard (torch >= 2.6)")
+        return True
+    return device.type == "cuda" and fsdp2_available()
+
+
+def shard_decoder_layers(lm) -> list[torch.nn.Parameter]:
+    """FSDP2 on each decoder layer and on the decoder as the root (embeddings, final norm); returns the
+    parameters left replicated (`lm_head`, and anything else outside the decoder). lm_head stays whole on
+    purpose: the fused loss multiplies the hidden states by its weight outside any module's forward. The
+    decoder's forward runs both in generation and in the loss, so the FSDP hooks see every use of the
+    sharded weights. The replicated gradients are averaged by `average_replicated_grads`."""
+    from torch.distributed.fsdp import fully_shard
+
+    decoder = lm.get_decoder()
+    for layer in decoder.layers:
+        fully_shard(layer)
+    fully_shard(decoder)
+    sharded = {id(p) for p in decoder.parameters()}
+    return [p for p in lm.parameters() if id(p) not in sharded]
+
+
+def average_replicated_grads(params, d: Dist):
+    """What DDP would do for the parameters FSDP2 does not own: average their gradients over ranks."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= d.world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def wrap_for_training(module: torch.nn.Module, d: Dist, device: torch.device):
-    """DDP over the ranks; the module as is in a single process. (FSDP2 is not wired in: the fused loss
-    reads `lm_head.weight` outside the wrapped forward and generation calls the LM's own forward, which
-    FSDP2's hooks would need to see unsharded; see the report in docs.)"""
+    """DDP over the ranks; the module as is in a single process."""
     if not d.enabled:
         return module
     from torch.nn.parallel import DistributedDataParallel

@@ -22,9 +22,17 @@ import torch
 
 import sppo_fast
 from sppo_fast.trainer import algorithms as algos
-from sppo_fast.trainer.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from sppo_fast.trainer.checkpoint import find_checkpoint, gather_training_state, load_checkpoint, save_checkpoint
 from sppo_fast.trainer.config import TrainConfig
-from sppo_fast.trainer.distributed import Dist, init_distributed, shutdown, wrap_for_training
+from sppo_fast.trainer.distributed import (
+    Dist,
+    average_replicated_grads,
+    init_distributed,
+    shard_decoder_layers,
+    shutdown,
+    use_fsdp2,
+    wrap_for_training,
+)
 from sppo_fast.trainer.models import (
     PolicyHidden,
     build_critic,
@@ -166,12 +174,18 @@ class Trainer:
         if cfg.kl_coef > 0:
             self.ref = copy.deepcopy(self.lm).eval().requires_grad_(False)
         self.hidden_model = PolicyHidden(self.lm)
-        self.policy_ddp = wrap_for_training(self.hidden_model, self.d, self.device)
+        self.replicated = None  # FSDP2: the policy parameters whose gradients we average ourselves
+        if use_fsdp2(cfg.parallel, self.d, self.device):
+            self.replicated = shard_decoder_layers(self.lm)
+            self.policy_ddp = self.hidden_model
+        else:
+            self.policy_ddp = wrap_for_training(self.hidden_model, self.d, self.device)
         self.critic_ddp = None
         if self.critic is not None:
             self.critic_ddp = wrap_for_training(self.critic, self.d, self.device)
+        # foreach kernels do not take a mix of sharded (DTensor) and plain tensors
         self.opt = torch.optim.AdamW(self.lm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                     eps=cfg.adam_eps)
+                                     eps=cfg.adam_eps, foreach=False if self.replicated is not None else None)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.critic_opt = None
         if self.critic is not None:
@@ -217,7 +231,9 @@ class Trainer:
         # the average to get the gradient of the global loss.
         self.opt.zero_grad(set_to_none=True)
         (out.loss * self.d.world_size).backward()
-        grad_norm = clip(self.lm.parameters(), cfg.grad_clip)
+        if self.replicated is not None:
+            average_replicated_grads(self.replicated, self.d)
+        grad_norm = clip(self.lm.parameters(), cfg.grad_clip, self.d)
         self.opt.step()
         metrics = {k: float(v) for k, v in out.metrics.items()}
         metrics.update(loss=float(out.loss.detach()), grad_norm=grad_norm)
@@ -344,11 +360,31 @@ def _rows(index, width):
     return take
 
 
-def clip(params, max_norm):
+def clip(params, max_norm, d: Dist | None = None):
+    """Clip the global gradient norm; returns the norm before clipping."""
     params = [p for p in params if p.grad is not None]
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p.grad, DTensor) for p in params):
+        return _clip_sharded(params, max_norm, d)
     if max_norm and max_norm > 0:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+
+
+def _clip_sharded(params, max_norm, d: Dist) -> float:
+    """FSDP2: each rank holds a shard of the layers' gradients (summed over ranks) and a whole copy of the
+    replicated ones (counted once)."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = sum((p.grad.to_local().float() ** 2).sum() for p in params if isinstance(p.grad, DTensor))
+    whole = sum((p.grad.float() ** 2).sum() for p in params if not isinstance(p.grad, DTensor))
+    total = math.sqrt(float(d.all_sum(sharded.detach().cpu())) + float(whole))
+    if max_norm and max_norm > 0 and total > max_norm:
+        scale = max_norm / (total + 1e-6)
+        for p in params:
+            p.grad.mul_(scale)
+    return total
 
 
 def append_jsonl(path, row):
@@ -411,7 +447,8 @@ def _train(cfg, d, device, resume, start_wall):
 
     step0, extra = 0, {}
     if ckpt is not None:
-        state = load_checkpoint(ckpt, policy=tr.lm, critic=tr.critic, device=device, **tr.state_objects())
+        state = load_checkpoint(ckpt, policy=tr.lm, critic=tr.critic, device=device, rank=d.rank,
+                                **tr.state_objects())
         step0, extra = int(state["step"]), dict(state["extra"])
         if d.is_main:
             truncate_metrics(metrics_path, step0)
@@ -453,9 +490,10 @@ def _train(cfg, d, device, resume, start_wall):
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
             extra = {"eval_accuracy_before": acc_before, "eval_accuracy_greedy_before": greedy_before,
                      "eval_accuracy_last": acc, "wall_seconds": wall()}
+            gathered = gather_training_state(step=step, policy=tr.lm, critic=tr.critic, device=device,
+                                             world_size=d.world_size, extra=extra, **tr.state_objects())
             if d.is_main:
-                save_checkpoint(out, step=step, policy=tr.lm, critic=tr.critic, device=device,
-                                extra=extra, **tr.state_objects())
+                save_checkpoint(out, gathered)
             d.barrier()
     bar.close()
     if step0 >= cfg.steps:  # resumed a finished run: nothing ran, measure again
