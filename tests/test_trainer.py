@@ -356,8 +356,10 @@ def _torchrun(tmp_path, name, *extra, **overrides):
 
 
 def test_two_process_run_on_cpu(tmp_path):
-    """`torchrun --nproc_per_node 2` of the same entry point: 2 steps, rollouts sharded over the ranks."""
-    out = _torchrun(tmp_path, "ddp")
+    """`torchrun --nproc_per_node 2` of the same entry point: the warm start made once by rank 0 (the
+    other rank waits, then loads the cache), 2 RL steps with the rollouts sharded over the ranks."""
+    out = _torchrun(tmp_path, "ddp", warm_start=True, sft_steps=3, sft_batch_size=4, sft_examples=16)
+    assert len(list((tmp_path / "cache" / "warmstart").glob("*.safetensors"))) == 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
