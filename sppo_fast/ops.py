@@ -310,7 +310,8 @@ def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask
                                          ref_logp, normalizer)
     B, T, _ = hidden.shape
     tokens_per_chunk = chunk_size or default_chunk_size(B * T, weight.shape[0])
-    one_pass = (hidden.dtype != torch.float64 and not torch.compiler.is_compiling()
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    one_pass = (needs_grad and hidden.dtype != torch.float64 and not torch.compiler.is_compiling()
                 and T <= tokens_per_chunk and B * T > 0)
     if one_pass:  # chunks of whole sequences: three matmuls instead of four (see fused_linear.py)
         return sequence_chunked_policy_loss(
