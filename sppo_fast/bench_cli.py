@@ -480,7 +480,8 @@ def summary_table(rows):
         by_case.setdefault(_key(r), {})[r["impl"]] = r
     order = ("sppo_fast", "sppo_fast_inplace", "compile", "eager", "liger", "cce")
     lines = ["| op | dtype | V | tokens | " + " | ".join(order) + " |", "|---|---|---|---|" + "---|" * len(order)]
-    for key, impls in by_case.items():
+    for key, impls in sorted(by_case.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][2], kv[0][3],
+                                                               kv[0][4])):
         ours = impls.get("sppo_fast")
         base = ours["fwd_bwd_ms"] if ours and ours.get("status") == "ok" else None
         cells = []
@@ -492,6 +493,9 @@ def summary_table(rows):
                 cells.append("skipped" if r["status"].startswith("skipped") else r["status"][:30])
             else:
                 ratio = f" ({r['fwd_bwd_ms'] / base:.1f}x)" if base and not name.startswith("sppo_fast") else ""
+                compiled = impls.get("compile", {})
+                if name == "sppo_fast_inplace" and compiled.get("status") == "ok":
+                    ratio = f" (compile: {compiled['fwd_bwd_ms'] / r['fwd_bwd_ms']:.1f}x this)"
                 mem = (f"{r['fwd_bwd_peak_mib']:.0f} MiB" if key[0] == "fused_linear"
                        else f"{r['fwd_bwd_peak_mib'] / r['logits_mib']:.2f}x")
                 cells.append(f"{r['fwd_bwd_ms']:.0f} ms{ratio}, {mem}")
@@ -506,7 +510,8 @@ def write_reports(report, out, plot_png=True):
     with open(stem + ".md", "w") as f:
         f.write(f"CPU benchmark: {env['cpu']}, {env['cores']} cores, torch {env['torch']}, "
                 f"`python bench/bench_ops.py` (method: bench/README.md).\n\n"
-                "Forward+backward median time (in brackets: as a multiple of `sppo_fast`'s) and peak memory "
+                "Forward+backward median time (in brackets: as a multiple of `sppo_fast`'s; for the in-place "
+                "variant, compile's time as a multiple of its own) and peak memory "
                 "above the inputs (as a multiple of the logits' size; in MiB for the linear case, whose "
                 "logits are never materialised by the fused implementations).\n\n")
         f.write(summary_table(report["results"]) + "\n\nEvery measurement (forward alone included):\n\n")
