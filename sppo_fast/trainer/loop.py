@@ -1,4 +1,5 @@
-"""The training loop of `sppo-fast train`, in one readable function (`train`) and its few helpers.
+"""The training loop of `sppo-fast train`: one readable loop (`_train`) over a small `Trainer` whose
+`step` is one RL step.
 
 Per step: draw prompts, sample responses (KV cache), score them, compute the old log-probs and the
 critic's values (both before any update), the advantages of the algorithm, then PPO epochs of
