@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 
 import pytest
 import torch
@@ -350,8 +351,16 @@ def _torchrun(tmp_path, name, *extra, **overrides):
     for k, v in flags.items():
         cmd += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # its own process group, so that a hang kills the workers too, not only torchrun
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        raise AssertionError(f"torchrun did not finish in 240 s: {stderr[-3000:]}") from None
+    assert proc.returncode == 0, stderr[-3000:]
     return out
 
 
