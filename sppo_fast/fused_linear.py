@@ -3,7 +3,8 @@ sequences, so the (B, T) loss stage can run on the chunk alone (sequence and seg
 leave a sequence) with the aggregation weights computed once from the whole mask. Each chunk is then
 one matmul, the forward kernel, the loss stage, the backward kernel (in place on the chunk's logits)
 and two matmuls for the gradients: three matmuls in all, like a fused cross-entropy, instead of the
-four that recomputing the logits in a separate backward needs."""
+four that recomputing the logits in a separate backward needs. Masked positions (prompt, padding)
+carry no loss, so their rows are left out of the matmuls: the returned logp and entropy are 0 there."""
 
 import torch
 
@@ -29,27 +30,32 @@ class SequenceChunkedLinearLoss(torch.autograd.Function):
         logp = hidden.new_zeros((B, T), dtype=torch.float32)
         entropy = torch.zeros_like(logp)
         loss = logp.new_zeros(())
-        grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
         for a in range(0, B, seqs_per_chunk):
             b = min(a + seqs_per_chunk, B)
-            h = hidden[a:b].reshape(-1, H)
+            # masked positions (padding, prompts) carry no loss: their logits are never computed
+            rows = valid[a:b].reshape(-1).nonzero().squeeze(1)
+            h = hidden[a:b].reshape(-1, H).index_select(0, rows)
             logits = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
-            flat_targets = targets[a:b].reshape(-1)
+            flat_targets = targets[a:b].reshape(-1).index_select(0, rows)
             lp, ent, lse = backend.token_logprobs_forward(logits, flat_targets, temperature, -100, True,
                                                           lse_dtype=LSE_DTYPE)
+            logp[a:b].view(-1)[rows], entropy[a:b].view(-1)[rows] = lp, ent
             chunk_loss, g_logp, g_ent = _chunk_loss_and_coefficients(
-                lp.view(b - a, T), ent.view(b - a, T), old_logp[a:b], advantages[a:b], valid[a:b],
+                logp[a:b], entropy[a:b], old_logp[a:b], advantages[a:b], valid[a:b],
                 weights[a:b], config, _slice(segment_ids, a, b), _slice(ref_logp, a, b))
-            grad = backend.token_logprobs_backward(logits, flat_targets, lse, ent, g_logp, g_ent, temperature,
-                                                   -100, True)
-            grad_hidden[a:b] = (grad @ weight).view(b - a, T, H)
+            g_ent = None if g_ent is None else g_ent.index_select(0, rows)
+            grad = backend.token_logprobs_backward(logits, flat_targets, lse, ent, g_logp.index_select(0, rows),
+                                                   g_ent, temperature, -100, True)
+            chunk_grad_hidden = grad_hidden[a:b].view(-1, H)
+            chunk_grad_hidden.zero_().index_copy_(0, rows, (grad @ weight).to(hidden.dtype))
             grad_weight.addmm_(grad.T.to(torch.float32), h.to(torch.float32))
             if grad_bias is not None:
                 grad_bias += grad.sum(0, dtype=torch.float32)
             loss += chunk_loss
-            logp[a:b], entropy[a:b] = lp.view(b - a, T), ent.view(b - a, T)
+            del logits, grad  # two chunks' logits alive at once would double the peak
         grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype), grad_bias)
         ctx.mark_non_differentiable(logp, entropy)
