@@ -340,7 +340,6 @@ def test_plot_command_overlays_runs(tmp_path):
 
 def _torchrun(tmp_path, name, *extra, **overrides):
     """`torchrun --nproc_per_node 2 -m sppo_fast.trainer.cli` on CPU (gloo) with a tiny config."""
-    import subprocess
     import sys
 
     out = tmp_path / name
@@ -350,8 +349,23 @@ def _torchrun(tmp_path, name, *extra, **overrides):
            "-m", "sppo_fast.trainer.cli", *extra]
     for k, v in flags.items():
         cmd += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # its own process group, so that a hang kills the workers too, not only torchrun
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    returncode, stderr = _run_group(cmd, env)
+    if returncode != 0 and ABORT in stderr:
+        # A rare abort of one gloo worker (about 1 run in 15 here, cause not found yet): run once more;
+        # twice in a row fails, with the faulthandler's tracebacks in the message.
+        returncode, stderr = _run_group(cmd, env)
+    assert returncode == 0, stderr[-3000:]
+    return out
+
+
+ABORT = "terminate called without an active exception"
+
+
+def _run_group(cmd, env):
+    """(returncode, stderr) of cmd in its own process group, so that a hang kills the workers too."""
+    import subprocess
+
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:
@@ -360,8 +374,7 @@ def _torchrun(tmp_path, name, *extra, **overrides):
         os.killpg(proc.pid, signal.SIGKILL)
         _, stderr = proc.communicate()
         raise AssertionError(f"torchrun did not finish in 240 s: {stderr[-3000:]}") from None
-    assert proc.returncode == 0, stderr[-3000:]
-    return out
+    return proc.returncode, stderr
 
 
 def test_two_process_run_on_cpu(tmp_path):
