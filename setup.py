@@ -49,7 +49,7 @@ def native_extension():
     import platform
 
     x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
-    flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast"]
+    flags = ["-O3", "-g0", "-std=c++17", "-fopenmp", "-ffp-contract=fast"]  # -g0: no 8 MB of debug info
     exts = []
     only = os.environ.get("SPPO_FAST_ISA_BUILDS")  # e.g. "AVX512" to iterate on one build quickly
     for name, (capability, isa_flags) in NATIVE_ISA_BUILDS.items():

@@ -10,6 +10,7 @@ import torch
 
 from . import dispatch
 from .backends import LSE_DTYPE
+from .buffers import empty_large, logits_into
 from .losses import PolicyLossOutput, loss_metrics, per_token_loss, token_weights
 
 
@@ -19,60 +20,87 @@ def _slice(x, a, b):
 
 class SequenceChunkedLinearLoss(torch.autograd.Function):
     """Computes the loss and every gradient in the forward (as Liger-Kernel's chunked losses do) and
-    scales the stored gradients in the backward."""
+    scales the stored gradients in the backward. With compute_grad=False (no gradient wanted) it is
+    the same pass without the backward kernel and the two gradient matmuls."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, old_logp, advantages, valid, segment_ids, ref_logp,
-                config, temperature, normalizer, seqs_per_chunk):
+                config, temperature, normalizer, seqs_per_chunk, compute_grad):
         backend = dispatch.backend_for(hidden.device)
         B, T, H = hidden.shape
         weights = token_weights(valid, config, normalizer)
         logp = hidden.new_zeros((B, T), dtype=torch.float32)
         entropy = torch.zeros_like(logp)
         loss = logp.new_zeros(())
-        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
-        for a in range(0, B, seqs_per_chunk):
+        grads = _LinearGrads(hidden, weight, bias) if compute_grad else None
+        starts = range(0, B, seqs_per_chunk)
+        # masked positions (padding, prompts) carry no loss: their logits are never computed
+        rows_per_chunk = [valid[a:a + seqs_per_chunk].reshape(-1).nonzero().squeeze(1) for a in starts]
+        # one buffer for every chunk's logits: a fresh one per chunk pays its page faults each time
+        buffer = empty_large((max(len(r) for r in rows_per_chunk), weight.shape[0]), hidden.dtype, hidden.device)
+        for a, rows in zip(starts, rows_per_chunk):
             b = min(a + seqs_per_chunk, B)
-            # masked positions (padding, prompts) carry no loss: their logits are never computed
-            rows = valid[a:b].reshape(-1).nonzero().squeeze(1)
             h = hidden[a:b].reshape(-1, H).index_select(0, rows)
-            logits = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
+            logits = logits_into(buffer, h, weight, bias)
             flat_targets = targets[a:b].reshape(-1).index_select(0, rows)
             lp, ent, lse = backend.token_logprobs_forward(logits, flat_targets, temperature, -100, True,
                                                           lse_dtype=LSE_DTYPE)
             logp[a:b].view(-1)[rows], entropy[a:b].view(-1)[rows] = lp, ent
             chunk_loss, g_logp, g_ent = _chunk_loss_and_coefficients(
                 logp[a:b], entropy[a:b], old_logp[a:b], advantages[a:b], valid[a:b],
-                weights[a:b], config, _slice(segment_ids, a, b), _slice(ref_logp, a, b))
-            g_ent = None if g_ent is None else g_ent.index_select(0, rows)
-            grad = backend.token_logprobs_backward(logits, flat_targets, lse, ent, g_logp.index_select(0, rows),
-                                                   g_ent, temperature, -100, True)
-            chunk_grad_hidden = grad_hidden[a:b].view(-1, H)
-            chunk_grad_hidden.zero_().index_copy_(0, rows, (grad @ weight).to(hidden.dtype))
-            grad_weight.addmm_(grad.T.to(torch.float32), h.to(torch.float32))
-            if grad_bias is not None:
-                grad_bias += grad.sum(0, dtype=torch.float32)
+                weights[a:b], config, _slice(segment_ids, a, b), _slice(ref_logp, a, b), compute_grad)
             loss += chunk_loss
-            del logits, grad  # two chunks' logits alive at once would double the peak
-        grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype), grad_bias)
+            if grads is not None:
+                g_ent = None if g_ent is None else g_ent.index_select(0, rows)
+                grad = backend.token_logprobs_backward(logits, flat_targets, lse, ent, g_logp.index_select(0, rows),
+                                                       g_ent, temperature, -100, True)
+                grads.add_chunk(grad, h, slice(a, b), rows, first=a == 0)
         ctx.mark_non_differentiable(logp, entropy)
+        if grads is not None:
+            ctx.save_for_backward(*grads.result())
         return loss, logp, entropy
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        if torch.equal(grad_loss, torch.ones_like(grad_loss)):  # the usual case: no copy of the weight's size
+            return grad_hidden, grad_weight, grad_bias, *([None] * 11)
         scale = grad_loss.to(grad_hidden.dtype)
         grads = [grad_hidden * scale, grad_weight * scale.to(grad_weight.dtype),
                  None if grad_bias is None else grad_bias * scale.to(grad_bias.dtype)]
-        return (*grads, *([None] * 10))
+        return (*grads, *([None] * 11))
+
+
+class _LinearGrads:
+    """The gradients of hidden, weight and bias, accumulated chunk by chunk (weight and bias in fp32)."""
+
+    def __init__(self, hidden, weight, bias):
+        self.hidden_dtype, self.weight_dtype = hidden.dtype, weight.dtype
+        self.hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        self.weight = empty_large(weight.shape, torch.float32, weight.device)  # the first chunk writes it
+        self.bias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        self.w = weight
+
+    def add_chunk(self, grad_logits, h, seqs, rows, first):
+        """grad_logits: the chunk's (len(rows), V); h: its hidden rows; rows: their flat positions in the
+        chunk's sequences `seqs`."""
+        chunk_grad_hidden = self.hidden[seqs].view(-1, self.hidden.shape[-1])
+        chunk_grad_hidden.zero_().index_copy_(0, rows, (grad_logits @ self.w).to(self.hidden_dtype))
+        self.weight.addmm_(grad_logits.T.to(torch.float32), h.to(torch.float32), beta=0 if first else 1)
+        if self.bias is not None:
+            self.bias += grad_logits.sum(0, dtype=torch.float32)
+
+    def result(self):
+        bias = None if self.bias is None else self.bias.to(self.weight_dtype)
+        return self.hidden, self.weight.to(self.weight_dtype), bias
 
 
 def _chunk_loss_and_coefficients(logp, entropy, old_logp, advantages, valid, weights, config, segment_ids,
-                                 ref_logp):
+                                 ref_logp, compute_grad):
     """The chunk's share of the loss and d loss / d (logp, entropy) through the shared loss stage."""
+    if not compute_grad:
+        terms = per_token_loss(logp, old_logp, advantages, valid, config, segment_ids, entropy, ref_logp)
+        return torch.where(valid, weights * terms.loss, torch.zeros_like(terms.loss)).sum(), None, None
     logp = logp.detach().requires_grad_(True)
     entropy = entropy.detach().requires_grad_(bool(config.entropy_coef))
     with torch.enable_grad():
@@ -86,12 +114,12 @@ def _chunk_loss_and_coefficients(logp, entropy, old_logp, advantages, valid, wei
 
 
 def sequence_chunked_policy_loss(hidden, weight, bias, targets, old_logp, advantages, valid, config, *,
-                                 segment_ids, ref_logp, temperature, normalizer, seqs_per_chunk):
+                                 segment_ids, ref_logp, temperature, normalizer, seqs_per_chunk, compute_grad):
     """The one-pass fused linear policy loss (arguments already checked)."""
     old_logp = old_logp.to(torch.float32)
     ref_logp = None if ref_logp is None else ref_logp.to(torch.float32)
     loss, logp, entropy = SequenceChunkedLinearLoss.apply(
         hidden, weight, bias, targets.to(torch.long), old_logp, advantages, valid, segment_ids, ref_logp,
-        config, temperature, normalizer, seqs_per_chunk)
+        config, temperature, normalizer, seqs_per_chunk, compute_grad)
     terms = per_token_loss(logp, old_logp, advantages, valid, config, segment_ids, entropy, ref_logp)
     return PolicyLossOutput(loss, logp, entropy, loss_metrics(terms, logp, old_logp, entropy, valid))

@@ -22,6 +22,7 @@ from ._checks import (
     check_temperature,
 )
 from .backends import LSE_DTYPE
+from .buffers import empty_large, logits_into
 from .fused_linear import sequence_chunked_policy_loss
 from .losses import aggregate, check_loss_inputs
 
@@ -121,9 +122,9 @@ def default_chunk_size(n_rows, vocab):
     return max(1, min(n_rows, rows))
 
 
-def _chunk_logits(hidden, weight, bias, a, b):
-    h = hidden[a:b]
-    return h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
+def _logits_buffer(hidden, weight, chunk_size):
+    """One (chunk, V) buffer that every chunk's logits reuse (see buffers.py)."""
+    return empty_large((min(chunk_size, hidden.shape[0]), weight.shape[0]), hidden.dtype, hidden.device)
 
 
 @torch.library.custom_op("sppo_fast::linear_logprobs_forward", mutates_args=())
@@ -133,9 +134,10 @@ def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None,
     backend = dispatch.backend_for(hidden.device)
     n = hidden.shape[0]
     logp, entropy, lse = _row_outputs(hidden)
+    buffer = _logits_buffer(hidden, weight, chunk_size)
     for a in range(0, n, chunk_size):
         b = min(a + chunk_size, n)
-        logits = _chunk_logits(hidden, weight, bias, a, b)
+        logits = logits_into(buffer, hidden[a:b], weight, bias)
         out = backend.token_logprobs_forward(logits, targets[a:b], temperature, ignore_index, compute_entropy,
                                              lse_dtype=LSE_DTYPE)
         logp[a:b], entropy[a:b], lse[a:b] = out
@@ -156,17 +158,20 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
     backend = dispatch.backend_for(hidden.device)
     n = hidden.shape[0]
     grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    grad_weight = empty_large(weight.shape, torch.float32, weight.device)  # the first chunk writes it
+    if n == 0:
+        grad_weight.zero_()
     grad_bias = torch.zeros(weight.shape[0] if bias is not None else 0, dtype=torch.float32,
                             device=weight.device)
+    buffer = _logits_buffer(hidden, weight, chunk_size)
     for a in range(0, n, chunk_size):
         b = min(a + chunk_size, n)
         g_ent = None if grad_entropy is None else grad_entropy[a:b]
-        logits = _chunk_logits(hidden, weight, bias, a, b)
+        logits = logits_into(buffer, hidden[a:b], weight, bias)
         grad = backend.token_logprobs_backward(logits, targets[a:b], lse[a:b], entropy[a:b], grad_logp[a:b],
                                                g_ent, temperature, ignore_index, True)
         grad_hidden[a:b] = grad @ weight
-        grad_weight.addmm_(grad.T.to(torch.float32), hidden[a:b].to(torch.float32))
+        grad_weight.addmm_(grad.T.to(torch.float32), hidden[a:b].to(torch.float32), beta=0 if a == 0 else 1)
         if bias is not None:
             grad_bias += grad.sum(0, dtype=torch.float32)
     return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
@@ -311,13 +316,13 @@ def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask
     B, T, _ = hidden.shape
     tokens_per_chunk = chunk_size or default_chunk_size(B * T, weight.shape[0])
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    one_pass = (needs_grad and hidden.dtype != torch.float64 and not torch.compiler.is_compiling()
+    one_pass = (hidden.dtype != torch.float64 and not torch.compiler.is_compiling()
                 and T <= tokens_per_chunk and B * T > 0)
     if one_pass:  # chunks of whole sequences: three matmuls instead of four (see fused_linear.py)
         return sequence_chunked_policy_loss(
             hidden, weight, bias, targets, old_logp, advantages, valid, config, segment_ids=segment_ids,
             ref_logp=ref_logp, temperature=float(temperature), normalizer=normalizer,
-            seqs_per_chunk=max(1, tokens_per_chunk // T))
+            seqs_per_chunk=max(1, tokens_per_chunk // T), compute_grad=needs_grad)
     logp, entropy = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                     return_entropy=True, chunk_size=chunk_size)
     return aggregate(logp, old_logp, advantages, valid, config, segment_ids=segment_ids, entropy=entropy,

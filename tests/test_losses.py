@@ -102,12 +102,13 @@ def test_fused_linear_policy_loss_against_fp64(backend, preset, chunk_size):
     weight = torch.randn(V, H, device=device) * 0.3
     bias = torch.randn(V, device=device) * 0.1
     config = config_for(preset, kl_coef=0.05, entropy_coef=0.01)
+    scale = 1.0 if chunk_size is None else 2.5  # both backward paths: returned as is, or scaled
 
     def run(fn, h, w, b):
         h, w, b = (x.detach().requires_grad_(True) for x in (h, w, b))
         out = fn(h, w, batch["targets"], batch["old_logp"], batch["advantages"], batch["mask"], config,
                  bias=b, segment_ids=batch["segment_ids"], ref_logp=batch["ref_logp"], temperature=0.8)
-        (2.5 * out.loss).backward()
+        (scale * out.loss).backward()
         return [out.loss, out.logp, out.entropy, h.grad, w.grad, b.grad], out.metrics
 
     (ours, metrics) = run(lambda *a, **k: sf.fused_linear_policy_loss(*a, chunk_size=chunk_size, **k),
@@ -124,6 +125,35 @@ def test_fused_linear_policy_loss_against_fp64(backend, preset, chunk_size):
     for key in metrics:
         expected = oracle_metrics[key].item()
         assert abs(metrics[key].item() - expected) < 1e-5 * max(1.0, abs(expected)), key
+
+
+def test_fused_linear_masked_first_chunk_and_no_grad(backend):
+    """A first chunk with no unmasked row (its weight-gradient matmul has no rows), and the pass without
+    gradients (same loss, logp, entropy and metrics, no gradient work)."""
+    _, device = backend
+    B, T, H, V = 3, 4, 8, 29
+    batch = make_batch(B, T, V, seed=6, device=device)
+    batch["mask"][0] = 0
+    hidden, weight = torch.randn(B, T, H, device=device), torch.randn(V, H, device=device) * 0.3
+    config = config_for("gspo")
+    args = (batch["targets"], batch["old_logp"], batch["advantages"], batch["mask"], config)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    out = sf.fused_linear_policy_loss(h, w, *args, chunk_size=T)
+    out.loss.backward()
+    h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
+    oracle = reference.fused_linear_policy_loss(h64, w64, *args)
+    oracle.loss.backward()
+    h32, w32 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    eager = reference.fused_linear_policy_loss(h32, w32, *args)
+    eager.loss.backward()
+    for name, o, e, r in [("hidden", h.grad, h32.grad, h64.grad), ("weight", w.grad, w32.grad, w64.grad)]:
+        assert_spec_close(o, e, r, torch.float32, name)
+    with torch.no_grad():
+        plain = sf.fused_linear_policy_loss(h, w, *args, chunk_size=T)
+    for name in ("loss", "logp", "entropy"):
+        torch.testing.assert_close(getattr(plain, name), getattr(out, name), msg=name)
+    for key in out.metrics:
+        torch.testing.assert_close(plain.metrics[key], out.metrics[key], msg=key)
 
 
 def test_fused_equals_policy_loss_of_token_logprobs(backend):
