@@ -1,28 +1,17 @@
-"""Memory for the chunked linear ops: one logits buffer for all chunks, backed by huge pages on CPU.
+"""The chunked linear ops write every chunk's logits into one buffer.
 
 On a CPU a fresh tensor of tens of MiB comes from mmap and pays a page fault per 4 KiB at its first
-write (about 12 ms per 57 MiB on a small machine, more than the softmax kernels spend on it). Reusing
-one buffer for every chunk pays that once, and 2 MiB pages (transparent huge pages in madvise mode)
-make the once cheap. On GPU the caching allocator already reuses memory: plain torch.empty."""
-
-import math
-import mmap
+write (about 12 ms per 57 MiB on the 2-core machine, as much as the softmax kernels spend on it); one
+buffer reused by every chunk pays that once. (Backing it with huge pages through madvise was tried:
+no faster in the median, and much slower when the kernel had to compact memory to find them.) On GPU
+the caching allocator reuses memory anyway."""
 
 import torch
 
-_HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE")
-_MIN_BYTES = 16 << 20  # below this the faults cost little and ATen's allocator is fine
 
-
-def empty_large(shape, dtype, device):
-    """torch.empty(shape), on 2 MiB pages where the kernel allows it for a large CPU tensor."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    if device.type != "cpu" or nbytes < _MIN_BYTES or not _HUGE_PAGES:
-        return torch.empty(shape, dtype=dtype, device=device)
-    # private: a shared anonymous mapping is shmem, which THP leaves alone; unmapped when the tensor dies
-    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    pages.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(pages, dtype=dtype).view(shape)
+def logits_buffer(hidden, weight, rows):
+    """An uninitialised (rows, V) buffer for the logits of chunks of at most `rows` rows of hidden."""
+    return torch.empty((rows, weight.shape[0]), dtype=hidden.dtype, device=hidden.device)
 
 
 def logits_into(buffer, h, weight, bias):

@@ -10,7 +10,7 @@ import torch
 
 from . import dispatch
 from .backends import LSE_DTYPE
-from .buffers import empty_large, logits_into
+from .buffers import logits_buffer, logits_into
 from .losses import PolicyLossOutput, loss_metrics, per_token_loss, token_weights
 
 
@@ -37,7 +37,7 @@ class SequenceChunkedLinearLoss(torch.autograd.Function):
         # masked positions (padding, prompts) carry no loss: their logits are never computed
         rows_per_chunk = [valid[a:a + seqs_per_chunk].reshape(-1).nonzero().squeeze(1) for a in starts]
         # one buffer for every chunk's logits: a fresh one per chunk pays its page faults each time
-        buffer = empty_large((max(len(r) for r in rows_per_chunk), weight.shape[0]), hidden.dtype, hidden.device)
+        buffer = logits_buffer(hidden, weight, max(len(r) for r in rows_per_chunk))
         for a, rows in zip(starts, rows_per_chunk):
             b = min(a + seqs_per_chunk, B)
             h = hidden[a:b].reshape(-1, H).index_select(0, rows)
@@ -77,7 +77,7 @@ class _LinearGrads:
     def __init__(self, hidden, weight, bias):
         self.hidden_dtype, self.weight_dtype = hidden.dtype, weight.dtype
         self.hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
-        self.weight = empty_large(weight.shape, torch.float32, weight.device)  # the first chunk writes it
+        self.weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)  # written by chunk 1
         self.bias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
         self.w = weight
 

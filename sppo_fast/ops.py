@@ -22,7 +22,7 @@ from ._checks import (
     check_temperature,
 )
 from .backends import LSE_DTYPE
-from .buffers import empty_large, logits_into
+from .buffers import logits_buffer, logits_into
 from .fused_linear import sequence_chunked_policy_loss
 from .losses import aggregate, check_loss_inputs
 
@@ -122,11 +122,6 @@ def default_chunk_size(n_rows, vocab):
     return max(1, min(n_rows, rows))
 
 
-def _logits_buffer(hidden, weight, chunk_size):
-    """One (chunk, V) buffer that every chunk's logits reuse (see buffers.py)."""
-    return empty_large((min(chunk_size, hidden.shape[0]), weight.shape[0]), hidden.dtype, hidden.device)
-
-
 @torch.library.custom_op("sppo_fast::linear_logprobs_forward", mutates_args=())
 def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                             temperature: float, ignore_index: int, compute_entropy: bool,
@@ -134,7 +129,7 @@ def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None,
     backend = dispatch.backend_for(hidden.device)
     n = hidden.shape[0]
     logp, entropy, lse = _row_outputs(hidden)
-    buffer = _logits_buffer(hidden, weight, chunk_size)
+    buffer = logits_buffer(hidden, weight, min(chunk_size, n))
     for a in range(0, n, chunk_size):
         b = min(a + chunk_size, n)
         logits = logits_into(buffer, hidden[a:b], weight, bias)
@@ -158,12 +153,12 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
     backend = dispatch.backend_for(hidden.device)
     n = hidden.shape[0]
     grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
-    grad_weight = empty_large(weight.shape, torch.float32, weight.device)  # the first chunk writes it
+    grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)  # the first chunk writes it
     if n == 0:
         grad_weight.zero_()
     grad_bias = torch.zeros(weight.shape[0] if bias is not None else 0, dtype=torch.float32,
                             device=weight.device)
-    buffer = _logits_buffer(hidden, weight, chunk_size)
+    buffer = logits_buffer(hidden, weight, min(chunk_size, n))
     for a in range(0, n, chunk_size):
         b = min(a + chunk_size, n)
         g_ent = None if grad_entropy is None else grad_entropy[a:b]
