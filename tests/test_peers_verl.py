@@ -98,6 +98,20 @@ def assert_metrics_match(ours, verl_metrics):
         )
 
 
+def assert_vanilla_agrees(logp, old, adv, mask, config, clip_c, mode=None, clip_high=None, metrics=True):
+    """Our policy_loss and verl's compute_policy_loss_vanilla: same loss and gradient (and the clip
+    metrics unless metrics=False); returns ours and verl's metrics for further checks."""
+    ours, grad = run_ours(logp, old, adv, mask, config)
+    actor = actor_config(config.clip_low, config.clip_high if clip_high is None else clip_high, clip_c)
+    loss, vgrad, verl_metrics = run_verl(core_algos.compute_policy_loss_vanilla, logp, old, adv, mask,
+                                         mode or config.aggregation, actor)
+    torch.testing.assert_close(ours.loss.double(), loss, **LOSS_TOL)
+    torch.testing.assert_close(grad, vgrad, **LOSS_TOL)
+    if metrics:
+        assert_metrics_match(ours, verl_metrics)
+    return ours, verl_metrics
+
+
 # ----------------------------------------------------------------------------------------------------
 # The vanilla clipped loss (PPO with dual clip, GRPO, DAPO)
 
@@ -105,19 +119,7 @@ def assert_metrics_match(ours, verl_metrics):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_vanilla_dual_clip_equals_ppo_preset(seed):
     logp, old, adv, mask = loss_inputs(seed)
-    ours, grad = run_ours(logp, old, adv, mask, PolicyLossConfig.preset("ppo"))
-    loss, vgrad, metrics = run_verl(
-        core_algos.compute_policy_loss_vanilla,
-        logp,
-        old,
-        adv,
-        mask,
-        "token-mean",
-        actor_config(0.2, 0.2, 3.0),
-    )
-    torch.testing.assert_close(ours.loss.double(), loss, **LOSS_TOL)
-    torch.testing.assert_close(grad, vgrad, **LOSS_TOL)
-    assert_metrics_match(ours, metrics)
+    ours, _ = assert_vanilla_agrees(logp, old, adv, mask, PolicyLossConfig.preset("ppo"), 3.0)
     assert ours.metrics["dual_clipfrac"] > 0 and ours.metrics["clipfrac"] > 0  # both branches were hit
 
 
@@ -129,19 +131,7 @@ def test_vanilla_without_dual_clip_equals_presets(preset, clip_high):
     (dr_grpo is compared without an empty sequence: see the pin on seq-mean-token-sum-norm.)"""
     config = PolicyLossConfig.preset(preset)
     logp, old, adv, mask = loss_inputs(3, empty_row=preset != "dr_grpo")
-    ours, grad = run_ours(logp, old, adv, mask, config)
-    loss, vgrad, metrics = run_verl(
-        core_algos.compute_policy_loss_vanilla,
-        logp,
-        old,
-        adv,
-        mask,
-        config.aggregation,
-        actor_config(0.2, clip_high, NO_DUAL_CLIP),
-    )
-    torch.testing.assert_close(ours.loss.double(), loss, **LOSS_TOL)
-    torch.testing.assert_close(grad, vgrad, **LOSS_TOL)
-    assert_metrics_match(ours, metrics)
+    assert_vanilla_agrees(logp, old, adv, mask, config, NO_DUAL_CLIP, clip_high=clip_high)
 
 
 def test_pin_verl_vanilla_always_dual_clips():
@@ -176,18 +166,8 @@ def test_extreme_log_ratios_clamp_alike_but_ppo_kl_metric_differs():
         (3.0, PolicyLossConfig.preset("ppo")),
         (NO_DUAL_CLIP, PolicyLossConfig.preset("grpo", aggregation="token-mean")),
     ):
-        ours, grad = run_ours(logp, old, adv, mask, config)
-        loss, vgrad, metrics = run_verl(
-            core_algos.compute_policy_loss_vanilla,
-            logp,
-            old,
-            adv,
-            mask,
-            "token-mean",
-            actor_config(0.2, 0.2, clip_c),
-        )
-        torch.testing.assert_close(ours.loss.double(), loss, **LOSS_TOL)
-        torch.testing.assert_close(grad, vgrad, **LOSS_TOL)
+        ours, metrics = assert_vanilla_agrees(logp, old, adv, mask, config, clip_c, mode="token-mean",
+                                              clip_high=0.2, metrics=False)
         n = mask.sum()
         raw = ((old - logp) * mask).sum() / n
         clamped = ((old - logp).clamp(-20, 20) * mask).sum() / n
@@ -211,20 +191,7 @@ def test_vanilla_agrees_on_random_batches(seed, B, T, preset, per_sequence_advan
     logp, old, adv, mask = loss_inputs(seed, B=B, T=T, empty_row=B > 1)
     if per_sequence_advantage:
         adv = adv[:, 0]
-    ours, grad = run_ours(logp, old, adv, mask, config)
-    clip_c = config.dual_clip or NO_DUAL_CLIP
-    loss, vgrad, metrics = run_verl(
-        core_algos.compute_policy_loss_vanilla,
-        logp,
-        old,
-        adv,
-        mask,
-        config.aggregation,
-        actor_config(config.clip_low, config.clip_high, clip_c),
-    )
-    torch.testing.assert_close(ours.loss.double(), loss, **LOSS_TOL)
-    torch.testing.assert_close(grad, vgrad, **LOSS_TOL)
-    assert_metrics_match(ours, metrics)
+    assert_vanilla_agrees(logp, old, adv, mask, config, config.dual_clip or NO_DUAL_CLIP)
 
 
 # ----------------------------------------------------------------------------------------------------

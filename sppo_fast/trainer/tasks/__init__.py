@@ -43,6 +43,22 @@ class Task(Protocol):
         ...
 
 
+class LeveledTask:
+    """The part the bundled generated tasks share: a difficulty level, a held-out fraction and a name."""
+
+    kind = ""  # the name's prefix
+    levels: dict = {}
+
+    def __init__(self, difficulty: int, test_fraction: float):
+        if difficulty not in self.levels:
+            raise ValueError(f"difficulty must be one of {sorted(self.levels)}, got {difficulty!r}")
+        if not 0.0 < test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+        self.difficulty, self.test_fraction = difficulty, test_fraction
+        self.level = self.levels[difficulty]
+        self.name = f"{self.kind}-{difficulty}"
+
+
 def check_split(split: str) -> str:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")

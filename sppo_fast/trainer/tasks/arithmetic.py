@@ -24,7 +24,7 @@ import random
 from dataclasses import dataclass
 from fractions import Fraction
 
-from . import Example, check_count, check_split, draw_examples, held_out
+from . import Example, LeveledTask, check_count, check_split, draw_examples, held_out
 from .verify import ANSWER_MARKER, final_answer_reward, format_number
 
 # A leaf is an int; an operation is (op, left, right).
@@ -134,17 +134,13 @@ def is_easy(tree: Node) -> bool:
     return True
 
 
-class ArithmeticTask:
+class ArithmeticTask(LeveledTask):
     """Seeded multi-step arithmetic; see the module docstring for the format and the levels."""
 
+    kind, levels = "arithmetic", LEVELS
+
     def __init__(self, difficulty: int = 2, test_fraction: float = 0.1):
-        if difficulty not in LEVELS:
-            raise ValueError(f"difficulty must be one of {sorted(LEVELS)}, got {difficulty!r}")
-        if not 0.0 < test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
-        self.difficulty, self.test_fraction = difficulty, test_fraction
-        self.level = LEVELS[difficulty]
-        self.name = f"arithmetic-{difficulty}"
+        super().__init__(difficulty, test_fraction)
 
     def sample_tree(self, rng: random.Random) -> Node:
         level = self.level

@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 
-from . import Example, check_count, check_split, draw_examples, held_out
+from . import Example, LeveledTask, check_count, check_split, draw_examples, held_out
 from .arithmetic import Node, apply, render, solution_text, worked_steps
 from .verify import ExpressionError, extract_marked, format_number, parse_expression
 
@@ -94,15 +94,11 @@ def random_clean_tree(rng: random.Random, leaves: list[int]) -> tuple[Node, Frac
     return (op, left, right), apply(op, left_value, right_value)
 
 
-class CountdownTask:
+class CountdownTask(LeveledTask):
+    kind, levels = "countdown", LEVELS
+
     def __init__(self, difficulty: int = 1, test_fraction: float = 0.1):
-        if difficulty not in LEVELS:
-            raise ValueError(f"difficulty must be one of {sorted(LEVELS)}, got {difficulty!r}")
-        if not 0.0 < test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
-        self.difficulty, self.test_fraction = difficulty, test_fraction
-        self.level = LEVELS[difficulty]
-        self.name = f"countdown-{difficulty}"
+        super().__init__(difficulty, test_fraction)
 
     def sample(self, rng: random.Random) -> Example:
         level = self.level
