@@ -79,13 +79,13 @@ class _LinearGrads:
         self.hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
         self.weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)  # written by chunk 1
         self.bias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
-        self.w = weight
+        self.lm_head = weight
 
     def add_chunk(self, grad_logits, h, seqs, rows, first):
         """grad_logits: the chunk's (len(rows), V); h: its hidden rows; rows: their flat positions in the
         chunk's sequences `seqs`."""
         chunk_grad_hidden = self.hidden[seqs].view(-1, self.hidden.shape[-1])
-        chunk_grad_hidden.zero_().index_copy_(0, rows, (grad_logits @ self.w).to(self.hidden_dtype))
+        chunk_grad_hidden.zero_().index_copy_(0, rows, (grad_logits @ self.lm_head).to(self.hidden_dtype))
         self.weight.addmm_(grad_logits.T.to(torch.float32), h.to(torch.float32), beta=0 if first else 1)
         if self.bias is not None:
             self.bias += grad_logits.sum(0, dtype=torch.float32)
