@@ -5,6 +5,7 @@ sequence count, so the update equals the single-process one on the union of the 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -126,6 +127,21 @@ def wrap_for_training(module: torch.nn.Module, d: Dist, device: torch.device):
     return DistributedDataParallel(module, device_ids=ids)
 
 
-def shutdown(d: Dist):
+# Seconds the last step of a distributed run leaves the GIL free (see shutdown).
+_DRAIN_SECONDS = 0.2
+
+
+def shutdown(d: Dist, *, failed: bool = False):
+    """Leave the process group. Once DDP has run, torch 2.13 keeps the gloo group and its worker threads
+    alive past destroy_process_group (a minimal DDP script shows it), so they live until the
+    interpreter exits. A worker that frees a finished collective holding Python tensors must take the
+    GIL; if the interpreter is already finalizing, that thread is made to exit through a noexcept
+    destructor and the process aborts ("terminate called without an active exception": 2 in 260
+    looped 2-process runs, core dump read with gdb). Hence a last barrier, then a moment with the GIL
+    free for the workers to drop what they hold, before the interpreter may finalize. After a failure
+    (`failed`) no barrier: the other ranks may never reach it; the launcher ends them."""
     if d.enabled and dist.is_initialized():
+        if not failed:
+            dist.barrier()
+            time.sleep(_DRAIN_SECONDS)
         dist.destroy_process_group()

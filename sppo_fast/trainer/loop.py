@@ -410,9 +410,12 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         torch.set_num_threads(cfg.threads)
     d, device = init_distributed(cfg.device)
     try:
-        return _train(cfg, d, device, resume, start_wall)
-    finally:
-        shutdown(d)
+        summary = _train(cfg, d, device, resume, start_wall)
+    except BaseException:
+        shutdown(d, failed=True)
+        raise
+    shutdown(d)
+    return summary
 
 
 def _train(cfg, d, device, resume, start_wall):
