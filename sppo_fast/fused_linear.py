@@ -10,7 +10,7 @@ import torch
 
 from . import dispatch
 from .backends import LSE_DTYPE
-from .buffers import logits_buffer, logits_into
+from .buffers import LinearGrads, logits_buffer, logits_into
 from .losses import PolicyLossOutput, loss_metrics, per_token_loss, token_weights
 
 
@@ -32,7 +32,7 @@ class SequenceChunkedLinearLoss(torch.autograd.Function):
         logp = hidden.new_zeros((B, T), dtype=torch.float32)
         entropy = torch.zeros_like(logp)
         loss = logp.new_zeros(())
-        grads = _LinearGrads(hidden, weight, bias) if compute_grad else None
+        grads = LinearGrads(hidden, weight, bias) if compute_grad else None
         starts = range(0, B, seqs_per_chunk)
         # masked positions (padding, prompts) carry no loss: their logits are never computed
         rows_per_chunk = [valid[a:a + seqs_per_chunk].reshape(-1).nonzero().squeeze(1) for a in starts]
@@ -54,7 +54,7 @@ class SequenceChunkedLinearLoss(torch.autograd.Function):
                 g_ent = None if g_ent is None else g_ent.index_select(0, rows)
                 grad = backend.token_logprobs_backward(logits, flat_targets, lse, ent, g_logp.index_select(0, rows),
                                                        g_ent, temperature, -100, True)
-                grads.add_chunk(grad, h, slice(a, b), rows, first=a == 0)
+                grads.add_chunk(grad, h, grads.hidden[a:b].view(-1, H), rows)
         ctx.mark_non_differentiable(logp, entropy)
         if grads is not None:
             ctx.save_for_backward(*grads.result())
@@ -71,41 +71,19 @@ class SequenceChunkedLinearLoss(torch.autograd.Function):
         return (*grads, *([None] * 11))
 
 
-class _LinearGrads:
-    """The gradients of hidden, weight and bias, accumulated chunk by chunk (weight and bias in fp32)."""
-
-    def __init__(self, hidden, weight, bias):
-        self.hidden_dtype, self.weight_dtype = hidden.dtype, weight.dtype
-        self.hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
-        self.weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)  # written by chunk 1
-        self.bias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
-        self.lm_head = weight
-
-    def add_chunk(self, grad_logits, h, seqs, rows, first):
-        """grad_logits: the chunk's (len(rows), V); h: its hidden rows; rows: their flat positions in the
-        chunk's sequences `seqs`."""
-        chunk_grad_hidden = self.hidden[seqs].view(-1, self.hidden.shape[-1])
-        chunk_grad_hidden.zero_().index_copy_(0, rows, (grad_logits @ self.lm_head).to(self.hidden_dtype))
-        self.weight.addmm_(grad_logits.T.to(torch.float32), h.to(torch.float32), beta=0 if first else 1)
-        if self.bias is not None:
-            self.bias += grad_logits.sum(0, dtype=torch.float32)
-
-    def result(self):
-        bias = None if self.bias is None else self.bias.to(self.weight_dtype)
-        return self.hidden, self.weight.to(self.weight_dtype), bias
-
-
 def _chunk_loss_and_coefficients(logp, entropy, old_logp, advantages, valid, weights, config, segment_ids,
                                  ref_logp, compute_grad):
     """The chunk's share of the loss and d loss / d (logp, entropy) through the shared loss stage."""
-    if not compute_grad:
+    def chunk_loss(logp, entropy):
         terms = per_token_loss(logp, old_logp, advantages, valid, config, segment_ids, entropy, ref_logp)
-        return torch.where(valid, weights * terms.loss, torch.zeros_like(terms.loss)).sum(), None, None
+        return torch.where(valid, weights * terms.loss, torch.zeros_like(terms.loss)).sum()
+
+    if not compute_grad:
+        return chunk_loss(logp, entropy), None, None
     logp = logp.detach().requires_grad_(True)
     entropy = entropy.detach().requires_grad_(bool(config.entropy_coef))
     with torch.enable_grad():
-        terms = per_token_loss(logp, old_logp, advantages, valid, config, segment_ids, entropy, ref_logp)
-        loss = torch.where(valid, weights * terms.loss, torch.zeros_like(terms.loss)).sum()
+        loss = chunk_loss(logp, entropy)
         inputs = [logp, entropy] if config.entropy_coef else [logp]
         grads = torch.autograd.grad(loss, inputs, allow_unused=True)
     g_logp = torch.zeros_like(logp) if grads[0] is None else grads[0]

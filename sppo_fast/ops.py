@@ -22,7 +22,7 @@ from ._checks import (
     check_temperature,
 )
 from .backends import LSE_DTYPE
-from .buffers import logits_buffer, logits_into
+from .buffers import LinearGrads, logits_buffer, logits_into
 from .fused_linear import sequence_chunked_policy_loss
 from .losses import aggregate, check_loss_inputs
 
@@ -152,12 +152,7 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
     """(grad_hidden, grad_weight, grad_bias); the chunk's logits are recomputed, never stored."""
     backend = dispatch.backend_for(hidden.device)
     n = hidden.shape[0]
-    grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
-    grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)  # the first chunk writes it
-    if n == 0:
-        grad_weight.zero_()
-    grad_bias = torch.zeros(weight.shape[0] if bias is not None else 0, dtype=torch.float32,
-                            device=weight.device)
+    grads = LinearGrads(hidden, weight, bias)
     buffer = logits_buffer(hidden, weight, min(chunk_size, n))
     for a in range(0, n, chunk_size):
         b = min(a + chunk_size, n)
@@ -165,11 +160,9 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
         logits = logits_into(buffer, hidden[a:b], weight, bias)
         grad = backend.token_logprobs_backward(logits, targets[a:b], lse[a:b], entropy[a:b], grad_logp[a:b],
                                                g_ent, temperature, ignore_index, True)
-        grad_hidden[a:b] = grad @ weight
-        grad_weight.addmm_(grad.T.to(torch.float32), hidden[a:b].to(torch.float32), beta=0 if a == 0 else 1)
-        if bias is not None:
-            grad_bias += grad.sum(0, dtype=torch.float32)
-    return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+        grads.add_chunk(grad, hidden[a:b], grads.hidden[a:b])
+    grad_hidden, grad_weight, grad_bias = grads.result()
+    return grad_hidden, grad_weight, weight.new_zeros(0) if grad_bias is None else grad_bias
 
 
 @linear_logprobs_backward.register_fake
