@@ -8,8 +8,8 @@ import sys
 
 from setuptools import setup
 
-PACKAGES = ["sppo_fast", "sppo_fast.backends", "sppo_fast.kernels", "sppo_fast.trainer",
-            "sppo_fast.trainer.tasks"]
+PACKAGES = ["sppo_fast", "sppo_fast.backends", "sppo_fast.integrations", "sppo_fast.kernels",
+            "sppo_fast.trainer", "sppo_fast.trainer.tasks"]
 PACKAGE_DIR = {"sppo_fast.kernels": "kernels"}
 
 
