@@ -6,10 +6,10 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = ["sppo_fast", "sppo_fast.backends", "sppo_fast.integrations", "sppo_fast.kernels",
-            "sppo_fast.trainer", "sppo_fast.trainer.tasks"]
+# every package under sppo_fast/, plus kernels/ shipped as sppo_fast.kernels (never a top-level `kernels`)
+PACKAGES = find_packages(include=["sppo_fast", "sppo_fast.*"]) + ["sppo_fast.kernels"]
 PACKAGE_DIR = {"sppo_fast.kernels": "kernels"}
 
 
