@@ -1,0 +1,341 @@
+"""Packed (padding-free) batches (issue 9 part 4): the losses with `cu_seqlens` give the same values,
+log-probs, entropy, metrics and gradients as the padded (B, T) call on the same sequences, and bad
+`cu_seqlens` / `position_ids` get a ValueError naming the argument."""
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+
+import sppo_fast as sf
+from sppo_fast.losses import AGGREGATIONS, PRESETS
+from sppo_fast.packing import cu_seqlens_from_position_ids
+
+V, H, BOUNDARY = 11, 8, 0  # token 0 closes an SSPO segment
+
+
+def make_case(lengths, seed=0, per_sequence_advantage=True, packed_row_segments=True):
+    """One set of sequences in both layouts: `padded` (S, T) right-padded, T = the longest sequence
+    (the packed layout's own width, so Dr. GRPO's T agrees), and `packed` (N,) rows with cu_seqlens.
+    Inside each sequence the first token is masked (a prompt token) and ratios straddle the clips."""
+    g = torch.Generator().manual_seed(seed)
+    S, N, T = len(lengths), sum(lengths), max(max(lengths, default=0), 1)
+    cu = torch.tensor([0] + torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist(), dtype=torch.int32)
+    present = torch.arange(T).unsqueeze(0) < torch.tensor(lengths, dtype=torch.long).reshape(S, 1)
+    mask = present & (torch.rand(S, T, generator=g) < 0.85)
+    targets = torch.randint(0, V, (S, T), generator=g)
+    tokens = torch.where(torch.rand(S, T, generator=g) < 0.3, torch.tensor(BOUNDARY), targets)
+    old_logp = -2.0 * torch.rand(S, T, generator=g)
+    ref_logp = old_logp + 0.2 * torch.randn(S, T, generator=g)
+    weights = torch.rand(S, T, generator=g) + 0.5
+    adv = torch.randn(S, generator=g)
+    adv_tokens = adv.unsqueeze(1) + 0.3 * torch.randn(S, T, generator=g)
+    hidden = torch.randn(S, T, H, generator=g)
+    logits = 2.0 * torch.randn(S, T, V, generator=g)
+    seg = sf.segment_ids(tokens, [BOUNDARY], mask=mask)
+    padded = dict(targets=targets, old_logp=old_logp, mask=mask, ref_logp=ref_logp, rollout_is_weights=weights,
+                  advantages=adv if per_sequence_advantage else adv_tokens, segment_ids=seg,
+                  hidden=hidden, logits=logits)
+
+    def pack(x):
+        return x[present]
+
+    packed = {k: pack(v) for k, v in padded.items() if v.dim() >= 2}
+    if per_sequence_advantage:
+        packed["advantages"] = adv  # (S,): one per packed sequence
+    if packed_row_segments:  # ids counted over the whole packed row run on across sequences
+        packed["segment_ids"] = sf.segment_ids(pack(tokens).unsqueeze(0), [BOUNDARY],
+                                               mask=pack(mask).unsqueeze(0))[0]
+    return padded, packed, cu, present
+
+
+def unambiguous(lengths):
+    """A per-sequence (S,) tensor is ambiguous when S == N without one token per sequence."""
+    return len(lengths) != sum(lengths) or all(n == 1 for n in lengths)
+
+
+def assert_outputs_match(packed_out, padded_out, present, atol=1e-6):
+    torch.testing.assert_close(packed_out.loss, padded_out.loss, rtol=1e-6, atol=atol)
+    torch.testing.assert_close(packed_out.logp, padded_out.logp[present], rtol=1e-6, atol=atol)
+    torch.testing.assert_close(packed_out.entropy, padded_out.entropy[present], rtol=1e-6, atol=atol)
+    assert packed_out.metrics.keys() == padded_out.metrics.keys()
+    for k in padded_out.metrics:
+        torch.testing.assert_close(packed_out.metrics[k], padded_out.metrics[k], rtol=1e-6, atol=atol, msg=k)
+
+
+def loss_kwargs(d, config, use_ref, use_weights):
+    kw = dict(segment_ids=d["segment_ids"] if config.needs_segments else None)
+    if use_ref:
+        kw["ref_logp"] = d["ref_logp"]
+    if use_weights:
+        kw["rollout_is_weights"] = d["rollout_is_weights"]
+    return kw
+
+
+lengths_strategy = st.lists(st.integers(0, 7), min_size=1, max_size=5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# policy_loss on per-token log-probs (fp64: the packed and padded paths must agree to rounding)
+
+
+@settings(max_examples=30)
+@given(lengths=lengths_strategy, preset=st.sampled_from(sorted(PRESETS)), aggregation=st.sampled_from(AGGREGATIONS),
+       seed=st.integers(0, 2**16), per_sequence=st.booleans(), use_ref=st.booleans(), use_weights=st.booleans())
+def test_policy_loss_packed_equals_padded(lengths, preset, aggregation, seed, per_sequence, use_ref, use_weights):
+    per_sequence = per_sequence and unambiguous(lengths)
+    padded, packed, cu, present = make_case(lengths, seed, per_sequence)
+    config = sf.PolicyLossConfig.preset(preset, aggregation=aggregation, kl_coef=0.1 if use_ref else 0.0,
+                                        entropy_coef=0.01)
+    g = torch.Generator().manual_seed(seed + 1)
+    logp_padded = (padded["old_logp"] + 0.3 * torch.randn(padded["old_logp"].shape, generator=g)).double()
+    entropy_padded = torch.rand(logp_padded.shape, generator=g).double() * 2
+
+    def run(d, logp, entropy, **extra):
+        logp = logp.clone().requires_grad_(True)
+        entropy = entropy.clone().requires_grad_(True)
+        out = sf.policy_loss(logp, d["old_logp"].double(), d["advantages"].double(), d["mask"], config,
+                             entropy=entropy, **loss_kwargs(d, config, use_ref, use_weights), **extra)
+        out.loss.backward()
+        return out, logp.grad, entropy.grad
+
+    ours, g_logp, g_ent = run(packed, logp_padded[present], entropy_padded[present], cu_seqlens=cu)
+    theirs, g_logp_pad, g_ent_pad = run(padded, logp_padded, entropy_padded)
+    assert_outputs_match(ours, theirs, present, atol=1e-12)
+    torch.testing.assert_close(g_logp, g_logp_pad[present], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_ent, g_ent_pad[present], rtol=1e-12, atol=1e-12)
+
+
+def test_packed_sequences_never_mix():
+    """GSPO's sequence ratio: changing one packed sequence's log-probs leaves every other sequence's
+    gradient unchanged (a ratio averaged across the boundary would not)."""
+    padded, packed, cu, present = make_case([3, 4, 2], seed=3)
+    config = sf.PolicyLossConfig.preset("gspo", clip_low=1.0, clip_high=1e9)
+
+    def grad(logp):
+        logp = logp.clone().requires_grad_(True)
+        sf.policy_loss(logp, packed["old_logp"], packed["advantages"], packed["mask"], config,
+                       cu_seqlens=cu).loss.backward()
+        return logp.grad
+
+    base = packed["old_logp"] + 0.1
+    moved = base.clone()
+    moved[3:7] += 0.5  # the second sequence only
+    a, b = grad(base), grad(moved)
+    outside = torch.ones(9, dtype=torch.bool)
+    outside[3:7] = False
+    torch.testing.assert_close(a[outside], b[outside], rtol=0, atol=0)
+    assert (a[3:7] - b[3:7]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("packed_row_segments", [True, False])
+def test_segment_ids_per_sequence_or_over_the_packed_row(packed_row_segments):
+    """SSPO segment ids may be counted per sequence or over the whole packed row (then they run past T:
+    here up to 11 with T = 3); both give the padded call's loss and gradient."""
+    lengths = [3, 3, 1, 3, 2]
+    padded, packed, cu, present = make_case(lengths, seed=11, packed_row_segments=packed_row_segments)
+    tokens = torch.full((5, 3), BOUNDARY)  # every token closes its segment: one segment per token
+    padded["segment_ids"] = sf.segment_ids(tokens, [BOUNDARY], mask=padded["mask"])
+    if packed_row_segments:
+        packed["segment_ids"] = sf.segment_ids(tokens[present].unsqueeze(0), [BOUNDARY],
+                                               mask=packed["mask"].unsqueeze(0))[0]
+        assert packed["segment_ids"].max() > 3
+    else:
+        packed["segment_ids"] = padded["segment_ids"][present]
+    config = sf.PolicyLossConfig.preset("sspo")
+    g = torch.Generator().manual_seed(0)
+    logp = padded["old_logp"] + 0.3 * torch.randn(5, 3, generator=g)
+    entropy = 2 * torch.rand(5, 3, generator=g)
+
+    def run(d, logp, entropy, **extra):
+        logp = logp.clone().requires_grad_(True)
+        out = sf.policy_loss(logp, d["old_logp"], d["advantages"], d["mask"], config, entropy=entropy,
+                             segment_ids=d["segment_ids"], **extra)
+        out.loss.backward()
+        return out.loss, logp.grad
+
+    loss, grad = run(packed, logp[present], entropy[present], cu_seqlens=cu)
+    loss_pad, grad_pad = run(padded, logp, entropy)
+    torch.testing.assert_close(loss, loss_pad, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, grad_pad[present], rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The fused losses: kernels on the packed rows, same numbers as the padded call
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("shape", ["flat", "row"])
+def test_fused_policy_loss_packed_equals_padded(preset, shape):
+    lengths = [3, 0, 1, 6, 2]
+    padded, packed, cu, present = make_case(lengths, seed=5)
+    config = sf.PolicyLossConfig.preset(preset, kl_coef=0.05, entropy_coef=0.01)
+
+    def run(d, **extra):
+        logits = d["logits"].clone().requires_grad_(True)
+        args = [d[k] for k in ("targets", "old_logp", "advantages", "mask")]
+        if extra and shape == "row":  # (1, N, V) logits and (1, N) per-token tensors
+            logits_in = logits.unsqueeze(0)
+            args = [args[0].unsqueeze(0), args[1].unsqueeze(0), args[2], args[3].unsqueeze(0)]
+        else:
+            logits_in = logits
+        out = sf.fused_policy_loss(logits_in, *args, config, **loss_kwargs(d, config, True, True), **extra)
+        out.loss.backward()
+        return out, logits.grad
+
+    ours, grad = run(packed, cu_seqlens=cu)
+    theirs, grad_pad = run(padded)
+    if shape == "row":
+        assert ours.logp.shape == (1, sum(lengths))
+        ours = ours._replace(logp=ours.logp[0], entropy=ours.entropy[0])
+    assert_outputs_match(ours, theirs, present)
+    torch.testing.assert_close(grad, grad_pad[present], rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=20)
+@given(lengths=lengths_strategy, preset=st.sampled_from(sorted(PRESETS)), aggregation=st.sampled_from(AGGREGATIONS),
+       seed=st.integers(0, 2**16), chunk_size=st.sampled_from([None, 1, 5, 64]), use_bias=st.booleans())
+def test_fused_linear_policy_loss_packed_equals_padded(lengths, preset, aggregation, seed, chunk_size, use_bias):
+    """Over lengths with empty and one-token sequences, every preset and aggregation, and chunk sizes that
+    take the one-pass sequence chunking (chunk >= T) or the two-pass fallback (chunk < T)."""
+    per_sequence = unambiguous(lengths)
+    padded, packed, cu, present = make_case(lengths, seed, per_sequence)
+    config = sf.PolicyLossConfig.preset(preset, aggregation=aggregation, kl_coef=0.05, entropy_coef=0.01)
+    g = torch.Generator().manual_seed(seed)
+    weight = (0.5 * torch.randn(V, H, generator=g)).requires_grad_(True)
+    bias = (0.1 * torch.randn(V, generator=g)).requires_grad_(True) if use_bias else None
+
+    def run(d, **extra):
+        hidden = d["hidden"].clone().requires_grad_(True)
+        out = sf.fused_linear_policy_loss(hidden, weight, d["targets"], d["old_logp"], d["advantages"], d["mask"],
+                                          config, bias=bias, chunk_size=chunk_size,
+                                          **loss_kwargs(d, config, True, True), **extra)
+        params = [hidden, weight] + ([bias] if use_bias else [])
+        grads = torch.autograd.grad(out.loss, params, allow_unused=True)
+        return out, [torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads)]
+
+    ours, grads = run(packed, cu_seqlens=cu)
+    theirs, grads_pad = run(padded)
+    assert_outputs_match(ours, theirs, present, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads_pad[0][present], rtol=1e-5, atol=1e-6)
+    for mine, other in zip(grads[1:], grads_pad[1:]):
+        torch.testing.assert_close(mine, other, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_linear_packed_row_layout_and_no_grad():
+    """(1, N, H) hidden and (1, N) tensors; under no_grad the one pass skips the gradient work."""
+    lengths = [4, 1, 0, 3]
+    padded, packed, cu, present = make_case(lengths, seed=9)
+    weight = torch.randn(V, H)
+    config = sf.PolicyLossConfig.preset("sspo")
+    with torch.no_grad():
+        ours = sf.fused_linear_policy_loss(packed["hidden"].unsqueeze(0), weight, packed["targets"].unsqueeze(0),
+                                           packed["old_logp"].unsqueeze(0), packed["advantages"],
+                                           packed["mask"].unsqueeze(0), config,
+                                           segment_ids=packed["segment_ids"].unsqueeze(0), cu_seqlens=cu)
+        theirs = sf.fused_linear_policy_loss(padded["hidden"], weight, padded["targets"], padded["old_logp"],
+                                             padded["advantages"], padded["mask"], config,
+                                             segment_ids=padded["segment_ids"])
+    assert ours.logp.shape == (1, sum(lengths))
+    assert_outputs_match(ours._replace(logp=ours.logp[0], entropy=ours.entropy[0]), theirs, present)
+
+
+def test_packed_batch_without_tokens():
+    """cu_seqlens = [0] (no sequence) or [0, 0, 0] (two empty ones): zero loss, empty outputs, no NaN."""
+    config = sf.PolicyLossConfig.preset("grpo")
+    for cu in (torch.tensor([0]), torch.tensor([0, 0, 0])):
+        hidden = torch.zeros(0, H, requires_grad=True)
+        empty = torch.zeros(0)
+        out = sf.fused_linear_policy_loss(hidden, torch.randn(V, H), torch.zeros(0, dtype=torch.long), empty, empty,
+                                          empty.bool(), config, cu_seqlens=cu)
+        out.loss.backward()
+        assert out.loss.item() == 0.0 and out.logp.shape == (0,)
+        assert all(torch.isfinite(m) for m in out.metrics.values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# cu_seqlens and position_ids
+
+
+def test_cu_seqlens_from_position_ids():
+    pos = torch.tensor([0, 1, 2, 0, 0, 1, 2, 3])
+    expected = torch.tensor([0, 3, 4, 8], dtype=torch.int32)
+    assert torch.equal(cu_seqlens_from_position_ids(pos), expected)
+    assert torch.equal(cu_seqlens_from_position_ids(pos.unsqueeze(0)), expected)
+    assert torch.equal(sf.cu_seqlens_from_position_ids(torch.zeros(0, dtype=torch.long)),
+                       torch.tensor([0], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("pos, match", [
+    (torch.tensor([1, 2, 3]), "start at 0"),
+    (torch.tensor([0, 1, 3]), "count up by 1"),
+    (torch.tensor([0, 1, 1]), "count up by 1"),
+    (torch.zeros(2, 3, dtype=torch.long), r"\(N,\) or \(1, N\)"),
+])
+def test_bad_position_ids(pos, match):
+    with pytest.raises(ValueError, match="position_ids.*" + match):
+        cu_seqlens_from_position_ids(pos)
+    with pytest.raises(TypeError, match="position_ids"):
+        cu_seqlens_from_position_ids(pos.float())
+
+
+BAD_CU = [
+    (torch.tensor([1, 3, 5]), "start at 0"),
+    (torch.tensor([0, 4, 2, 5]), "non-decreasing"),
+    (torch.tensor([0, 2, 4]), "end at"),
+    (torch.tensor([0.0, 2.0, 5.0]), "int32 or int64"),
+    (torch.tensor([0, 2, 5], dtype=torch.int16), "int32 or int64"),
+    (torch.tensor([[0, 5]]), r"\(S \+ 1,\)"),
+    ([0, 2, 5], "torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("cu, match", BAD_CU)
+def test_bad_cu_seqlens_names_the_argument(cu, match):
+    """Each public loss rejects bad cu_seqlens with a ValueError naming it, before any kernel runs."""
+    N = 5
+    config = sf.PolicyLossConfig.preset("grpo")
+    small = dict(old_logp=torch.zeros(N), advantages=torch.zeros(N), mask=torch.ones(N))
+    targets = torch.zeros(N, dtype=torch.long)
+    calls = [
+        lambda: sf.policy_loss(torch.zeros(N), *small.values(), config, cu_seqlens=cu),
+        lambda: sf.fused_policy_loss(torch.zeros(N, V), targets, *small.values(), config, cu_seqlens=cu),
+        lambda: sf.fused_linear_policy_loss(torch.zeros(N, H), torch.zeros(V, H), targets, *small.values(), config,
+                                            cu_seqlens=cu),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="cu_seqlens.*" + match):
+            call()
+
+
+def test_packed_shapes_name_the_argument():
+    cu = torch.tensor([0, 2, 5])
+    config = sf.PolicyLossConfig.preset("grpo")
+    ok = dict(old_logp=torch.zeros(5), advantages=torch.zeros(2), mask=torch.ones(5))
+    with pytest.raises(ValueError, match="old_logp"):
+        sf.policy_loss(torch.zeros(5), torch.zeros(4), ok["advantages"], ok["mask"], config, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="advantages"):
+        sf.policy_loss(torch.zeros(5), ok["old_logp"], torch.zeros(3), ok["mask"], config, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="mask"):
+        sf.policy_loss(torch.zeros(5), ok["old_logp"], ok["advantages"], torch.ones(2, 5), config, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="logits"):
+        sf.fused_policy_loss(torch.zeros(2, 5, V), torch.zeros(2, 5, dtype=torch.long), *ok.values(), config,
+                             cu_seqlens=cu)
+    with pytest.raises(ValueError, match="targets"):
+        sf.fused_policy_loss(torch.zeros(5, V), torch.zeros(4, dtype=torch.long), *ok.values(), config,
+                             cu_seqlens=cu)
+    with pytest.raises(ValueError, match="segment_ids is required"):
+        sf.policy_loss(torch.zeros(5), *ok.values(), sf.PolicyLossConfig.preset("sspo"), entropy=torch.zeros(5),
+                       cu_seqlens=cu)
+
+
+def test_ambiguous_per_sequence_advantages():
+    """S == N without one token per sequence: a 1-D (S,) tensor could be either; the error says how to
+    say which. With one token per sequence both readings agree and it is accepted."""
+    config = sf.PolicyLossConfig.preset("grpo")
+    with pytest.raises(ValueError, match="advantages.*ambiguous"):
+        sf.policy_loss(torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.ones(2), config,
+                       cu_seqlens=torch.tensor([0, 0, 2]))
+    out = sf.policy_loss(torch.zeros(2), torch.zeros(2), torch.ones(2), torch.ones(2), config,
+                         cu_seqlens=torch.tensor([0, 1, 2]))
+    assert out.loss.item() == pytest.approx(-1.0)
