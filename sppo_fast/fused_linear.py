@@ -25,7 +25,7 @@ class SequenceChunkedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, old_logp, advantages, valid, segment_ids, ref_logp,
-                config, temperature, normalizer, seqs_per_chunk, compute_grad):
+                config, temperature, normalizer, seqs_per_chunk, compute_grad, is_weights):
         backend = dispatch.backend_for(hidden.device)
         B, T, H = hidden.shape
         weights = token_weights(valid, config, normalizer)
@@ -48,7 +48,8 @@ class SequenceChunkedLinearLoss(torch.autograd.Function):
             logp[a:b].view(-1)[rows], entropy[a:b].view(-1)[rows] = lp, ent
             chunk_loss, g_logp, g_ent = _chunk_loss_and_coefficients(
                 logp[a:b], entropy[a:b], old_logp[a:b], advantages[a:b], valid[a:b],
-                weights[a:b], config, _slice(segment_ids, a, b), _slice(ref_logp, a, b), compute_grad)
+                weights[a:b], config, _slice(segment_ids, a, b), _slice(ref_logp, a, b), compute_grad,
+                _slice(is_weights, a, b))
             loss += chunk_loss
             if grads is not None:
                 g_ent = None if g_ent is None else g_ent.index_select(0, rows)
@@ -64,18 +65,19 @@ class SequenceChunkedLinearLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         if torch.equal(grad_loss, torch.ones_like(grad_loss)):  # the usual case: no copy of the weight's size
-            return grad_hidden, grad_weight, grad_bias, *([None] * 11)
+            return grad_hidden, grad_weight, grad_bias, *([None] * 12)
         scale = grad_loss.to(grad_hidden.dtype)
         grads = [grad_hidden * scale, grad_weight * scale.to(grad_weight.dtype),
                  None if grad_bias is None else grad_bias * scale.to(grad_bias.dtype)]
-        return (*grads, *([None] * 11))
+        return (*grads, *([None] * 12))
 
 
 def _chunk_loss_and_coefficients(logp, entropy, old_logp, advantages, valid, weights, config, segment_ids,
-                                 ref_logp, compute_grad):
+                                 ref_logp, compute_grad, is_weights=None):
     """The chunk's share of the loss and d loss / d (logp, entropy) through the shared loss stage."""
     def chunk_loss(logp, entropy):
-        terms = per_token_loss(logp, old_logp, advantages, valid, config, segment_ids, entropy, ref_logp)
+        terms = per_token_loss(logp, old_logp, advantages, valid, config, segment_ids, entropy, ref_logp,
+                               is_weights)
         return torch.where(valid, weights * terms.loss, torch.zeros_like(terms.loss)).sum()
 
     if not compute_grad:
@@ -92,12 +94,14 @@ def _chunk_loss_and_coefficients(logp, entropy, old_logp, advantages, valid, wei
 
 
 def sequence_chunked_policy_loss(hidden, weight, bias, targets, old_logp, advantages, valid, config, *,
-                                 segment_ids, ref_logp, temperature, normalizer, seqs_per_chunk, compute_grad):
-    """The one-pass fused linear policy loss (arguments already checked)."""
+                                 segment_ids, ref_logp, temperature, normalizer, seqs_per_chunk, compute_grad,
+                                 rollout_is_weights=None):
+    """The one-pass fused linear policy loss (arguments already checked; rollout_is_weights (B, T) fp32)."""
     old_logp = old_logp.to(torch.float32)
     ref_logp = None if ref_logp is None else ref_logp.to(torch.float32)
     loss, logp, entropy = SequenceChunkedLinearLoss.apply(
         hidden, weight, bias, targets.to(torch.long), old_logp, advantages, valid, segment_ids, ref_logp,
-        config, temperature, normalizer, seqs_per_chunk, compute_grad)
-    terms = per_token_loss(logp, old_logp, advantages, valid, config, segment_ids, entropy, ref_logp)
+        config, temperature, normalizer, seqs_per_chunk, compute_grad, rollout_is_weights)
+    terms = per_token_loss(logp, old_logp, advantages, valid, config, segment_ids, entropy, ref_logp,
+                           rollout_is_weights)
     return PolicyLossOutput(loss, logp, entropy, loss_metrics(terms, logp, old_logp, entropy, valid))

@@ -202,8 +202,11 @@ class TokenLoss(NamedTuple):
     kl: torch.Tensor | None  # detached, when ref_logp is given
 
 
-def per_token_loss(logp, old_logp, advantages, valid, config, segment_ids=None, entropy=None, ref_logp=None):
-    """SPEC §3.4 per token: l_t = max(-A rho, -A clip(rho, lo, hi)), the dual clip, KL and entropy."""
+def per_token_loss(logp, old_logp, advantages, valid, config, segment_ids=None, entropy=None, ref_logp=None,
+                   rollout_is_weights=None):
+    """SPEC §3.4 per token: l_t = max(-A rho, -A clip(rho, lo, hi)), the dual clip, KL and entropy.
+    `rollout_is_weights` ((B, T), constant) multiplies the clipped policy-gradient term only, as TRL
+    1.16 multiplies by its `importance_sampling_ratio`: the KL and entropy terms are not weighted."""
     rho = torch.exp(log_ratio(logp, old_logp, valid, config, segment_ids))
     lo, hi = clip_bounds(config, valid, segment_ids, entropy)
     unclipped = -advantages * rho
@@ -214,6 +217,8 @@ def per_token_loss(logp, old_logp, advantages, valid, config, segment_ids=None, 
         floor = -config.dual_clip * advantages
         dual_clipped = (advantages < 0) & (floor < loss)
         loss = torch.where(dual_clipped, floor, loss)
+    if rollout_is_weights is not None:
+        loss = loss * rollout_is_weights
     kl = None
     if ref_logp is not None:
         kl = kl_penalty(logp, ref_logp, config.kl_estimator)
@@ -255,21 +260,29 @@ def _positive(denom):
 
 
 def policy_loss(logp, old_logp, advantages, mask, config, *, segment_ids=None, entropy=None, ref_logp=None,
-                normalizer=None):
-    """The clipped policy loss of SPEC §3 on per-token log-probs. Returns PolicyLossOutput."""
+                normalizer=None, rollout_is_weights=None):
+    """The clipped policy loss of SPEC §3 on per-token log-probs. Returns PolicyLossOutput.
+
+    `rollout_is_weights`, optional, `(B, T)`, `(B, 1)` or `(B,)`, finite and >= 0, no gradient: the
+    rollout engine's importance-sampling correction (TRL's `importance_sampling_ratio`, Liger's
+    `vllm_is_ratio`, verl's `rollout_is_weights`). It multiplies each token's clipped policy-gradient
+    term (after the dual clip), not the KL or entropy terms, exactly where TRL 1.16 applies it; the
+    aggregation weights and the metrics are unchanged."""
     valid, advantages = check_loss_inputs(logp, old_logp, advantages, mask, config, segment_ids=segment_ids,
-                                          entropy=entropy, ref_logp=ref_logp, normalizer=normalizer)
+                                          entropy=entropy, ref_logp=ref_logp, normalizer=normalizer,
+                                          rollout_is_weights=rollout_is_weights)
     return aggregate(logp, old_logp, advantages, valid, config, segment_ids=segment_ids, entropy=entropy,
-                     ref_logp=ref_logp, normalizer=normalizer)
+                     ref_logp=ref_logp, normalizer=normalizer, rollout_is_weights=rollout_is_weights)
 
 
 def aggregate(logp, old_logp, advantages, valid, config, *, segment_ids=None, entropy=None, ref_logp=None,
-              normalizer=None):
+              normalizer=None, rollout_is_weights=None):
     """policy_loss after its checks: `valid` is the boolean mask, `advantages` already (B, T) fp32."""
     dtype = torch.promote_types(logp.dtype, torch.float32)  # fp64 in, fp64 throughout: the oracle
     old_logp, advantages = old_logp.to(dtype), advantages.to(dtype)
     ref_logp = None if ref_logp is None else ref_logp.to(dtype)
-    terms = per_token_loss(logp, old_logp, advantages, valid, config, segment_ids, entropy, ref_logp)
+    is_weights = expand_rollout_is_weights(rollout_is_weights, logp.shape, dtype)
+    terms = per_token_loss(logp, old_logp, advantages, valid, config, segment_ids, entropy, ref_logp, is_weights)
     weights = token_weights(valid, config, normalizer, dtype=terms.loss.dtype)
     loss = torch.where(valid, weights * terms.loss, torch.zeros_like(terms.loss)).sum()
     metrics = loss_metrics(terms, logp, old_logp, entropy, valid)
@@ -300,8 +313,38 @@ def loss_metrics(terms, logp, old_logp, entropy, valid):
     return metrics
 
 
+def expand_rollout_is_weights(weights, shape, dtype):
+    """(B,), (B, 1) or (B, T) rollout IS weights as a detached (B, T) tensor of `dtype` (None stays None)."""
+    if weights is None:
+        return None
+    weights = weights.detach().to(dtype)
+    if weights.dim() == 1:
+        weights = weights.unsqueeze(1)
+    return weights.expand(shape)
+
+
+def check_rollout_is_weights(weights, shape, device, logp_name="logp"):
+    """rollout_is_weights: a float tensor of shape (B,), (B, 1) or (B, T) on the loss's device, finite
+    and >= 0 (a negative or NaN weight would flip or poison the gradient without any error)."""
+    if weights is None:
+        return
+    check_float("rollout_is_weights", weights)
+    B = shape[0]
+    if tuple(weights.shape) not in ((B,), (B, 1), tuple(shape)):
+        raise ValueError(f"rollout_is_weights must have shape ({B},), ({B}, 1) or {tuple(shape)} (the shape "
+                         f"of {logp_name}), got {tuple(weights.shape)}")
+    if weights.device != device:
+        raise ValueError(f"rollout_is_weights is on {weights.device} but {logp_name} is on {device}; "
+                         "move it with .to(device)")
+    if torch.compiler.is_compiling() or weights.numel() == 0:
+        return  # the value check reads the tensor (a device sync)
+    bad = ~torch.isfinite(weights) | (weights < 0)
+    if bool(bad.any()):
+        raise ValueError(f"rollout_is_weights must be finite and >= 0, found {float(weights[bad][0])}")
+
+
 def check_loss_inputs(logp, old_logp, advantages, mask, config, *, segment_ids=None, entropy=None,
-                      ref_logp=None, normalizer=None, logp_name="logp"):
+                      ref_logp=None, normalizer=None, logp_name="logp", rollout_is_weights=None):
     """Checks of SPEC §6 for the (B, T) stage. Returns (valid: bool (B, T), advantages: fp32 (B, T))."""
     if not isinstance(config, PolicyLossConfig):
         raise TypeError(f"config must be a PolicyLossConfig (e.g. PolicyLossConfig.preset('sppo')), "
@@ -327,6 +370,7 @@ def check_loss_inputs(logp, old_logp, advantages, mask, config, *, segment_ids=N
         check_shape("segment_ids", check_integer("segment_ids", segment_ids), shape, f"the shape of {logp_name}")
     check_same_device(**{logp_name: logp}, old_logp=old_logp, mask=mask, advantages=advantages,
                       entropy=entropy, ref_logp=ref_logp, segment_ids=segment_ids)
+    check_rollout_is_weights(rollout_is_weights, shape, logp.device, logp_name)
     if config.needs_segments and segment_ids is None:
         raise ValueError("segment_ids is required for ratio_level='segment' (SSPO); build it with "
                          "sppo_fast.segment_ids(tokens, sppo_fast.newline_token_ids(tokenizer), mask=mask)")

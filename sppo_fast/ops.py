@@ -24,7 +24,7 @@ from ._checks import (
 from .backends import LSE_DTYPE
 from .buffers import LinearGrads, logits_buffer, logits_into
 from .fused_linear import sequence_chunked_policy_loss
-from .losses import aggregate, check_loss_inputs
+from .losses import aggregate, check_loss_inputs, expand_rollout_is_weights
 
 # ----------------------------------------------------------------------------------------------------
 # Kernel ops on (N, V) logits
@@ -278,29 +278,32 @@ def _check_bt(name, x):
 
 
 def fused_policy_loss(logits, targets, old_logp, advantages, mask, config, *, segment_ids=None, ref_logp=None,
-                      temperature=1.0, normalizer=None, inplace_backward=False):
+                      temperature=1.0, normalizer=None, inplace_backward=False, rollout_is_weights=None):
     """The policy loss of SPEC §3 straight from (B, T, V) logits: one forward kernel, the (B, T) loss
-    stage, one backward kernel. Equals policy_loss(token_logprobs(logits, ...), ...)."""
+    stage, one backward kernel. Equals policy_loss(token_logprobs(logits, ...), ...).
+    `rollout_is_weights` ((B,), (B, 1) or (B, T), constant) weights each token's clipped
+    policy-gradient term, not its KL or entropy term, as TRL's `importance_sampling_ratio` does."""
     check_float("logits", logits)
     _check_bt("logits", logits)
     temperature = check_logits_and_targets(logits, targets, temperature, -100)
     valid, advantages = _check_loss_args(logits[..., 0], old_logp, advantages, mask, config, segment_ids,
-                                         ref_logp, normalizer)
+                                         ref_logp, normalizer, rollout_is_weights)
     logp, entropy = token_logprobs(logits, targets, temperature=temperature, return_entropy=True,
                                    inplace_backward=inplace_backward)
     return aggregate(logp, old_logp, advantages, valid, config, segment_ids=segment_ids, entropy=entropy,
-                     ref_logp=ref_logp, normalizer=normalizer)
+                     ref_logp=ref_logp, normalizer=normalizer, rollout_is_weights=rollout_is_weights)
 
 
 def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask, config, *, bias=None,
                              segment_ids=None, ref_logp=None, temperature=1.0, normalizer=None,
-                             chunk_size=None):
-    """The policy loss of SPEC §3 from hidden states and the lm_head weight, never holding the logits."""
+                             chunk_size=None, rollout_is_weights=None):
+    """The policy loss of SPEC §3 from hidden states and the lm_head weight, never holding the logits.
+    `rollout_is_weights` as in fused_policy_loss."""
     check_float("hidden", hidden)
     _check_bt("hidden", hidden)
     _check_linear(hidden, weight, bias, targets, temperature, -100, chunk_size)
     valid, advantages = _check_loss_args(hidden[..., 0], old_logp, advantages, mask, config, segment_ids,
-                                         ref_logp, normalizer)
+                                         ref_logp, normalizer, rollout_is_weights)
     B, T, _ = hidden.shape
     tokens_per_chunk = chunk_size or default_chunk_size(B * T, weight.shape[0])
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
@@ -310,19 +313,21 @@ def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask
         return sequence_chunked_policy_loss(
             hidden, weight, bias, targets, old_logp, advantages, valid, config, segment_ids=segment_ids,
             ref_logp=ref_logp, temperature=float(temperature), normalizer=normalizer,
-            seqs_per_chunk=max(1, tokens_per_chunk // T), compute_grad=needs_grad)
+            seqs_per_chunk=max(1, tokens_per_chunk // T), compute_grad=needs_grad,
+            rollout_is_weights=expand_rollout_is_weights(rollout_is_weights, (B, T), torch.float32))
     logp, entropy = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                     return_entropy=True, chunk_size=chunk_size)
     return aggregate(logp, old_logp, advantages, valid, config, segment_ids=segment_ids, entropy=entropy,
-                     ref_logp=ref_logp, normalizer=normalizer)
+                     ref_logp=ref_logp, normalizer=normalizer, rollout_is_weights=rollout_is_weights)
 
 
-def _check_loss_args(like, old_logp, advantages, mask, config, segment_ids, ref_logp, normalizer):
+def _check_loss_args(like, old_logp, advantages, mask, config, segment_ids, ref_logp, normalizer,
+                     rollout_is_weights=None):
     """The (B, T) checks of policy_loss, run before any kernel; `like` stands in for logp."""
     stand_in = torch.empty(like.shape, dtype=torch.float32, device=like.device)
     needs_entropy = None if config is None else stand_in  # the fused ops always compute the entropy
     return check_loss_inputs(stand_in, old_logp, advantages, mask, config, segment_ids=segment_ids,
                              entropy=needs_entropy, ref_logp=ref_logp, normalizer=normalizer,
-                             logp_name="targets")
+                             logp_name="targets", rollout_is_weights=rollout_is_weights)
 
 

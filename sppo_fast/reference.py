@@ -69,18 +69,21 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
 
 
 def fused_policy_loss(logits, targets, old_logp, advantages, mask, config, *, segment_ids=None,
-                      ref_logp=None, temperature=1.0, normalizer=None):
+                      ref_logp=None, temperature=1.0, normalizer=None, rollout_is_weights=None):
     """Eager `sppo_fast.fused_policy_loss`: token_logprobs, then the shared loss stage."""
     logp, entropy = token_logprobs(logits, targets, temperature=temperature, return_entropy=True)
     return policy_loss(logp, old_logp, advantages, mask, config, segment_ids=segment_ids,
-                       entropy=entropy, ref_logp=ref_logp, normalizer=normalizer)
+                       entropy=entropy, ref_logp=ref_logp, normalizer=normalizer,
+                       rollout_is_weights=rollout_is_weights)
 
 
 def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask, config, *, bias=None,
-                             segment_ids=None, ref_logp=None, temperature=1.0, normalizer=None):
+                             segment_ids=None, ref_logp=None, temperature=1.0, normalizer=None,
+                             rollout_is_weights=None):
     """Eager `sppo_fast.fused_linear_policy_loss`: materialises the full logits."""
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
     return fused_policy_loss(logits, targets, old_logp, advantages, mask, config, segment_ids=segment_ids,
-                             ref_logp=ref_logp, temperature=temperature, normalizer=normalizer)
+                             ref_logp=ref_logp, temperature=temperature, normalizer=normalizer,
+                             rollout_is_weights=rollout_is_weights)
