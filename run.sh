@@ -17,7 +17,7 @@ VENV=${SPPO_FAST_VENV:-.venv}
 TORCH=torch==2.13.0  # pinned: an unpinned torch pulls a CUDA build of several GB
 
 usage() {
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
