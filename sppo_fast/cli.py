@@ -8,6 +8,7 @@ import sys
 SUBCOMMANDS = {
     "train": ("sppo_fast.trainer.cli:train_main", "train a policy with SPPO or a baseline (the main job)"),
     "plot": ("sppo_fast.trainer.cli:plot_main", "plot accuracy and reward of one or more run directories"),
+    "compare": ("sppo_fast.trainer.compare:main", "train algorithms x seeds side by side; table and plot"),
     "demo": ("sppo_fast.demo:main", "run the fused policy loss on random data and compare with eager"),
     "bench": ("sppo_fast.bench_cli:main", "benchmark the fused ops against eager PyTorch and torch.compile"),
     "info": ("sppo_fast.cli:info_main", "print which kernel backend serves each device, and why"),

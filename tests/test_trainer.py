@@ -230,6 +230,10 @@ def test_one_step_of_every_algorithm(tmp_path, algo, alternating_rewards):
     if algo in ("sppo", "ppo"):
         assert math.isfinite(step["critic_loss"])
         assert "critic_explained_variance" in step
+        assert "critic_explained_variance_last_quarter" in summary
+    if algo == "sppo":  # rewards alternate 1, 0, 1, 0: the base rate 0.5 has entropy log 2
+        assert step["reward_entropy"] == pytest.approx(math.log(2))
+        assert math.isfinite(step["critic_bce"]) and summary["critic_bce_last_quarter"] == step["critic_bce"]
     from safetensors.torch import load_file
 
     final = load_file(os.path.join(cfg.out, "checkpoint", "policy.safetensors"))

@@ -296,6 +296,10 @@ class Trainer:
             "verifier_errors": float(counts["verifier_errors"]),
             "verifier_timeouts": float(counts["verifier_timeouts"]),
         }
+        if critic_logits is not None:
+            # The critic's BCE on this step's fresh rollouts, before its update: out of sample.
+            local["critic_bce"] = torch.nn.functional.binary_cross_entropy_with_logits(
+                critic_logits.float(), rewards.float(), reduction="sum")
         keys = list(local)
         sums = d.all_sum(torch.stack([torch.as_tensor(local[k], dtype=torch.float64).cpu() for k in keys]))
         n = float(d.all_sum(float(len(rollout.texts))))
@@ -303,6 +307,9 @@ class Trainer:
         for k, v in zip(keys, sums.tolist()):
             m[k] = v if k.startswith("verifier") else v / n
         m["truncated_frac"] = m.pop("truncated")
+        if critic_logits is not None:
+            # What a critic that knew only the batch's success rate would score: the bar to beat.
+            m["reward_entropy"] = binary_entropy(m["reward"])
         # Mean over mini-batches, then over ranks.
         for key in (policy_metrics[0] if policy_metrics else ()):
             m[key] = float(d.all_sum(np.mean([pm[key] for pm in policy_metrics]))) / d.world_size
@@ -334,6 +341,33 @@ def greedy_accuracy(tr, examples, cfg, device, d, sampled_accuracy):
     if cfg.eval_temperature <= 0:
         return sampled_accuracy
     return evaluate(tr.lm, tr.tokenizer, tr.task, examples, cfg, device, d, temperature=0.0)
+
+
+def binary_entropy(p: float) -> float:
+    """Entropy (nats) of a 0/1 outcome with success probability p."""
+    if p <= 0.0 or p >= 1.0:
+        return 0.0
+    return -(p * math.log(p) + (1.0 - p) * math.log(1.0 - p))
+
+
+CRITIC_KEYS = ("critic_explained_variance", "critic_bce", "reward_entropy")
+
+
+def critic_summary(metrics_path: str, steps: int) -> dict:
+    """The critic over the last quarter of the run (metrics.jsonl, resumed parts included): mean explained
+    variance of the reward by V = sigmoid(z), and its BCE before each update next to the entropy of the
+    batch's base rate (a critic that learned prompt difficulty scores below it)."""
+    if not os.path.exists(metrics_path):
+        return {}
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    first = steps - max(1, steps // 4) + 1
+    out = {}
+    for key in CRITIC_KEYS:
+        values = [r[key] for r in rows if r.get("step", 0) >= first and r.get(key) is not None]
+        if values:
+            out[f"{key}_last_quarter"] = float(np.mean(values))
+    return out
 
 
 def _broadcast_out(cfg, d: Dist) -> str:
@@ -516,6 +550,8 @@ def _train(cfg, d, device, resume, start_wall):
         "world_size": d.world_size, "device": str(device), "torch_threads": torch.get_num_threads(),
         "run_dir": out,
     }
+    if tr.critic is not None and d.is_main:
+        summary.update(critic_summary(metrics_path, cfg.steps))
     if d.is_main:
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(_clean(summary), f, indent=2)

@@ -1,0 +1,489 @@
+"""`sppo-fast compare`: algorithms x seeds of `sppo-fast train`, each run in its own process, then one
+table (`compare.md`, `compare.json`) and one plot (`accuracy_vs_time.png`: held-out accuracy against
+RL wall-clock, a mean line and a +-1 std band per algorithm).
+
+Every algorithm sees the same prompts per step; a group algorithm samples `samples_per_prompt` answers
+to each, so its step costs that many times more rollouts. Each algorithm keeps its own hyper-parameters
+(`ALGO_SETTINGS`, documented there); `--set key=value` changes one for every algorithm and
+`--set algo.key=value` for one algorithm only.
+
+Time axis: the sum of the RL steps' own wall-clock (`step_time`), so that neither the warm start (made
+once per seed before the runs, shared by every algorithm) nor the held-out evaluations count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from sppo_fast.trainer.config import ALGOS, GROUP_ALGOS, TrainConfig, field_types, parse_bool
+
+DEFAULT_ALGOS = ("sppo", "grpo")
+DEFAULT_SEEDS = (0, 1, 2)
+DEFAULT_PROMPTS_PER_STEP = 64
+
+# Hyper-parameters per algorithm, on top of the `sppo-fast train` defaults (which are tuned for SPPO).
+# SPPO: one sample per prompt; its advantage R - V comes from the prompt critic.
+# Group algorithms: 8 samples per prompt; the group's own mean (and std) is the baseline, so the
+# advantages are already normalised and less noisy than SPPO's, and they take the same learning rate.
+# PPO: one sample per prompt and a token critic.
+ALGO_SETTINGS: dict[str, dict] = {
+    "sppo": {"samples_per_prompt": 1},
+    "ppo": {"samples_per_prompt": 1},
+    **{algo: {"samples_per_prompt": 8} for algo in GROUP_ALGOS},
+}
+# Shared by every run of a comparison: evaluations often enough for a curve against time.
+COMMON_SETTINGS = {"eval_every": 10, "progress": False, "threads": 1, "save_every": 0}
+
+
+def default_jobs() -> int:
+    """One process per core this process may use (each run uses one torch thread)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def parse_overrides(items: list[str]) -> tuple[dict, dict[str, dict]]:
+    """`key=value` (every algorithm) and `algo.key=value` (one), values typed by the config's fields."""
+    types = field_types()
+    common, per_algo = {}, {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set: expected key=value or algo.key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        algo, _, name = key.rpartition(".")
+        if algo and algo not in ALGOS:
+            raise ValueError(f"--set {item}: unknown algorithm {algo!r}; choose one of {', '.join(ALGOS)}")
+        if name not in types or name in ("algo", "seed", "out"):
+            raise ValueError(f"--set {item}: {name!r} is not a settable field of `sppo-fast train`")
+        tp = types[name]
+        value = None if text.lower() == "none" else (parse_bool(text) if tp is bool else tp(text))
+        (per_algo.setdefault(algo, {}) if algo else common)[name] = value
+    return common, per_algo
+
+
+def run_configs(algos, seeds, out_dir, *, steps=None, prompts_per_step=DEFAULT_PROMPTS_PER_STEP,
+                common=None, per_algo=None) -> list[TrainConfig]:
+    """One validated TrainConfig per (seed, algorithm), seeds outermost so that runs of the same seed
+    run side by side. Raises ValueError before anything runs."""
+    algos, seeds = list(algos), list(seeds)
+    if not algos:
+        raise ValueError("algos: give at least one algorithm")
+    unknown = [a for a in algos if a not in ALGOS]
+    if unknown:
+        raise ValueError(f"algos: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(ALGOS)}")
+    if len(set(algos)) != len(algos):
+        raise ValueError(f"algos: each algorithm once, got {algos}")
+    if not seeds:
+        raise ValueError("seeds: give at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds: each seed once, got {seeds}")
+    if not isinstance(prompts_per_step, int) or prompts_per_step < 1:
+        raise ValueError(f"prompts_per_step must be an int >= 1, got {prompts_per_step!r}")
+    configs = []
+    for seed in seeds:
+        for algo in algos:
+            values = {**COMMON_SETTINGS, **ALGO_SETTINGS[algo], **(common or {}), **(per_algo or {}).get(algo, {})}
+            if steps is not None:
+                values["steps"] = steps
+            group = values.get("samples_per_prompt") or (8 if algo in GROUP_ALGOS else 1)
+            values.update(algo=algo, seed=seed, rollouts_per_step=prompts_per_step * group,
+                          out=os.path.join(out_dir, "runs", f"{algo}-seed{seed}"))
+            try:
+                configs.append(TrainConfig(**values))
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"{algo} seed {seed}: {error}") from None
+    return configs
+
+
+def _launch(args: list[str], log_path: str) -> tuple[int, str]:
+    """Run `python args...` with its output in `log_path`; (exit code, last lines of the output)."""
+    with open(log_path, "w") as log:
+        rc = subprocess.run([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT).returncode
+    with open(log_path, errors="replace") as log:
+        tail = log.read()[-4000:]
+    return rc, tail
+
+
+def last_error(log_tail: str) -> str:
+    """The exception line of a traceback (or the last line of the output)."""
+    lines = [line.strip() for line in log_tail.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "Exception" in line or line.startswith("sppo-fast"):
+            return line[:300]
+    return lines[-1][:300] if lines else "no output"
+
+
+def run_one(cfg: TrainConfig) -> dict:
+    """Train one configuration in a fresh process; never raises for the run's own failure."""
+    os.makedirs(cfg.out, exist_ok=True)
+    config_path = os.path.join(cfg.out, "compare-config.json")
+    with open(config_path, "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2)
+    start = time.time()
+    rc, tail = _launch(["-m", "sppo_fast.trainer.cli", "--config", config_path],
+                       os.path.join(cfg.out, "train.log"))
+    record = {"algo": cfg.algo, "seed": cfg.seed, "run_dir": cfg.out, "returncode": rc,
+              "process_seconds": time.time() - start}
+    summary_path = os.path.join(cfg.out, "summary.json")
+    if rc != 0 or not os.path.exists(summary_path):
+        record.update(status="failed", error=last_error(tail) if rc != 0 else "no summary.json written")
+        return record
+    with open(summary_path) as f:
+        record["summary"] = json.load(f)
+    record["curve"] = accuracy_curve(cfg.out)
+    record["status"] = "ok"
+    return record
+
+
+def accuracy_curve(run_dir: str) -> list[dict]:
+    """(step, RL seconds, held-out accuracy) at every evaluation; RL seconds sum the steps' own time."""
+    from sppo_fast.trainer.plots import read_metrics
+
+    points, seconds = [], 0.0
+    for row in read_metrics(run_dir):
+        seconds += row.get("step_time") or 0.0
+        if row.get("eval_accuracy") is not None:
+            points.append({"step": row["step"], "rl_seconds": seconds, "accuracy": row["eval_accuracy"]})
+    return points
+
+
+def prepare_warm_starts(configs: list[TrainConfig], jobs: int, out_dir: str, log=print) -> dict[int, str]:
+    """Make each seed's warm start (cached) once, before the runs, so that two algorithms of one seed do
+    not fine-tune the same model side by side. Returns the error of each seed whose warm start failed."""
+    by_seed = {}
+    for cfg in configs:
+        if cfg.warm_start:
+            by_seed.setdefault(cfg.seed, cfg)
+    os.makedirs(os.path.join(out_dir, "warmstart-logs"), exist_ok=True)
+
+    def one(cfg):
+        path = os.path.join(out_dir, "warmstart-logs", f"seed{cfg.seed}.json")
+        with open(path, "w") as f:
+            json.dump(cfg.to_dict(), f)
+        rc, tail = _launch(["-m", "sppo_fast.trainer.compare", "--warm-start-only", path], path + ".log")
+        return cfg.seed, (None if rc == 0 else last_error(tail))
+
+    failed = {}
+    if by_seed:
+        log(f"compare: warm starts for seeds {sorted(by_seed)}")
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            for seed, error in pool.map(one, by_seed.values()):
+                if error:
+                    failed[seed] = error
+    return failed
+
+
+def warm_start_only(config_path: str) -> int:
+    """Child process of `prepare_warm_starts`: fine-tune (or find in the cache) one seed's warm start."""
+    import torch
+
+    from sppo_fast.trainer.loop import Trainer
+    from sppo_fast.trainer.distributed import init_distributed
+    from sppo_fast.trainer.warmstart import warm_start
+
+    with open(config_path) as f:
+        cfg = TrainConfig.from_dict(json.load(f))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    d, device = init_distributed(cfg.device)
+    tr = Trainer(cfg, d, device, print)
+    warm_start(cfg, tr.lm, tr.tokenizer, tr.task, device, progress=False)
+    return 0
+
+
+# --- aggregation -----------------------------------------------------------------------------------
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value); nan for none."""
+    if not values:
+        return float("nan"), float("nan")
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def time_to_reach(curve: list[dict], target: float) -> float | None:
+    """RL seconds at the first evaluation whose accuracy is at least `target` (None if never)."""
+    for point in curve:
+        if point["accuracy"] >= target - 1e-12:
+            return point["rl_seconds"]
+    return None
+
+
+def aggregate(records: list[dict], algos: list[str], reference: str | None) -> dict:
+    """Per algorithm: final accuracy, gain, wall-clock, rollouts, and the time to reach the reference
+    algorithm's mean final accuracy (GRPO's by default)."""
+    ok = {a: [r for r in records if r["algo"] == a and r["status"] == "ok"] for a in algos}
+    stats = {}
+    for algo in algos:
+        runs = ok[algo]
+        final = [r["summary"]["eval_accuracy_after"] for r in runs]
+        before = [r["summary"]["eval_accuracy_before"] for r in runs]
+        stats[algo] = {
+            "runs": len(runs), "failed": sum(r["algo"] == algo and r["status"] != "ok" for r in records),
+            "final_accuracy": mean_std(final), "accuracy_before": mean_std(before),
+            "gain": mean_std([f - b for f, b in zip(final, before)]),
+            "rl_seconds": mean_std([r["curve"][-1]["rl_seconds"] for r in runs if r["curve"]]),
+            "wall_seconds": mean_std([r["summary"]["wall_seconds"] for r in runs]),
+            "rollouts": mean_std([r["summary"]["steps"] * r["summary"]["rollouts_per_step"] for r in runs]),
+            "samples_per_prompt": runs[0]["summary"]["samples_per_prompt"] if runs else None,
+        }
+    target = None
+    if reference in stats and stats[reference]["runs"]:
+        target = stats[reference]["final_accuracy"][0]
+        ref_seconds = stats[reference]["rl_seconds"][0]
+        for algo in algos:
+            times = [time_to_reach(r["curve"], target) for r in ok[algo]]
+            reached = [t for t in times if t is not None]
+            stats[algo]["time_to_reference"] = {
+                "per_run": times, "reached": len(reached), "mean": mean_std(reached)[0] if reached else None,
+                "fraction_of_reference_time": (mean_std(reached)[0] / ref_seconds
+                                               if reached and ref_seconds else None)}
+    return {"reference": reference, "reference_final_accuracy": target, "algorithms": stats}
+
+
+# --- outputs ---------------------------------------------------------------------------------------
+
+def _pct(ms) -> str:
+    mean, std = ms
+    return "n/a" if math.isnan(mean) else f"{100 * mean:.1f} +- {100 * std:.1f}%"
+
+
+def _sec(ms) -> str:
+    mean, std = ms
+    return "n/a" if math.isnan(mean) else f"{mean:.0f} +- {std:.0f} s"
+
+
+def markdown(result: dict) -> str:
+    agg, settings = result["aggregate"], result["settings"]
+    ref = agg["reference"]
+    lines = [f"# sppo-fast compare: {', '.join(settings['algos'])} x seeds {settings['seeds']}", "",
+             f"{settings['prompts_per_step']} prompts per step, {settings['steps_note']}; held-out accuracy "
+             f"sampled at T = 1 on {settings['eval_examples']} prompts; {settings['jobs']} runs at a time on "
+             f"{settings['cpu']} ({settings['cores']} cores usable). RL seconds: the steps' own wall-clock "
+             "(warm start and evaluations excluded). Mean +- sample std over the runs that finished.", ""]
+    header = ["algorithm", "samples/prompt", "runs", "accuracy before RL", "final accuracy", "gain (points)",
+              "RL seconds", "wall-clock (all)", "rollouts"]
+    if agg["reference_final_accuracy"] is not None:
+        header.append(f"RL seconds to reach {ref}'s final {100 * agg['reference_final_accuracy']:.1f}%")
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for algo, s in agg["algorithms"].items():
+        gain = s["gain"]
+        row = [algo, str(s["samples_per_prompt"]), f"{s['runs']} ok" + (f", {s['failed']} failed" if s["failed"]
+                                                                         else ""),
+               _pct(s["accuracy_before"]), _pct(s["final_accuracy"]),
+               "n/a" if math.isnan(gain[0]) else f"{100 * gain[0]:+.1f} +- {100 * gain[1]:.1f}",
+               _sec(s["rl_seconds"]), _sec(s["wall_seconds"]),
+               "n/a" if math.isnan(s["rollouts"][0]) else f"{s['rollouts'][0]:,.0f}"]
+        if "time_to_reference" in s:
+            t = s["time_to_reference"]
+            if t["mean"] is None:
+                row.append(f"not reached (0 of {s['runs']})")
+            else:
+                frac = t["fraction_of_reference_time"]
+                row.append(f"{t['mean']:.0f} s ({t['reached']} of {s['runs']} runs; "
+                           f"{frac:.2f}x {ref}'s RL time)")
+        lines.append("| " + " | ".join(row) + " |")
+    failed = [r for r in result["runs"] if r["status"] != "ok"]
+    if failed:
+        lines += ["", "Failed runs (kept out of the means):", "", "| algorithm | seed | error |", "|---|---|---|"]
+        lines += [f"| {r['algo']} | {r['seed']} | `{r['error'].replace('|', '/')}` |" for r in failed]
+    lines += ["", "Per run:", "", "| algorithm | seed | before | final | RL seconds | run directory |",
+              "|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        if r["status"] == "ok":
+            s = r["summary"]
+            lines.append(f"| {r['algo']} | {r['seed']} | {100 * s['eval_accuracy_before']:.1f}% | "
+                         f"{100 * s['eval_accuracy_after']:.1f}% | {r['curve'][-1]['rl_seconds']:.0f} | "
+                         f"`{os.path.relpath(r['run_dir'], result['out_dir'])}` |")
+        else:
+            lines.append(f"| {r['algo']} | {r['seed']} | failed | failed | | "
+                         f"`{os.path.relpath(r['run_dir'], result['out_dir'])}` |")
+    lines += ["", "Per-algorithm settings (on top of the `sppo-fast train` defaults):", ""]
+    lines += [f"- {algo}: `{json.dumps(settings['per_algo_settings'][algo], sort_keys=True)}`"
+              for algo in settings["algos"]]
+    return "\n".join(lines) + "\n"
+
+
+def _interpolate(curve: list[dict], grid: list[float]) -> list[float]:
+    """Accuracy of a step-wise curve at each time of `grid` (the last evaluation at or before it)."""
+    out, i = [], 0
+    for t in grid:
+        while i + 1 < len(curve) and curve[i + 1]["rl_seconds"] <= t:
+            i += 1
+        out.append(curve[i]["accuracy"])
+    return out
+
+
+def plot(result: dict, path: str) -> str:
+    """Held-out accuracy against RL seconds: each run thin, each algorithm's mean line and +-1 std band
+    over the time every one of its runs covers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, algo in enumerate(result["settings"]["algos"]):
+        curves = [r["curve"] for r in result["runs"] if r["algo"] == algo and r["status"] == "ok" and r["curve"]]
+        if not curves:
+            continue
+        color = f"C{i % 10}"
+        for curve in curves:
+            ax.plot([p["rl_seconds"] for p in curve], [p["accuracy"] for p in curve], color=color, alpha=0.25,
+                    linewidth=0.8)
+        end = min(c[-1]["rl_seconds"] for c in curves)
+        grid = [end * k / 200 for k in range(201)]
+        values = [_interpolate(c, grid) for c in curves]
+        stats = [mean_std([v[k] for v in values]) for k in range(len(grid))]
+        means = [m for m, _ in stats]
+        ax.plot(grid, means, color=color, linewidth=2, label=f"{algo} (N={curves and result['aggregate']['algorithms'][algo]['samples_per_prompt']}, "
+                                                              f"{len(curves)} seeds)")
+        ax.fill_between(grid, [m - s for m, s in stats], [m + s for m, s in stats], color=color, alpha=0.2)
+    target = result["aggregate"]["reference_final_accuracy"]
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle=":", linewidth=1,
+                   label=f"{result['aggregate']['reference']} final mean")
+    ax.set_xlabel("RL wall-clock seconds (steps only; warm start and evaluations excluded)")
+    ax.set_ylabel("held-out accuracy (sampled, T = 1)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def compare(algos=DEFAULT_ALGOS, seeds=DEFAULT_SEEDS, out_dir="compare", *, steps=None,
+            prompts_per_step=DEFAULT_PROMPTS_PER_STEP, jobs=None, overrides=(), reference="grpo",
+            log=print) -> dict:
+    """Run every (algorithm, seed), write compare.{md,json} and accuracy_vs_time.png; returns the result."""
+    common, per_algo = parse_overrides(list(overrides))
+    configs = run_configs(algos, seeds, out_dir, steps=steps, prompts_per_step=prompts_per_step,
+                          common=common, per_algo=per_algo)
+    jobs = jobs or default_jobs()
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    os.makedirs(out_dir, exist_ok=True)
+    start = time.time()
+    warm_failed = prepare_warm_starts(configs, jobs, out_dir, log=log)
+    todo = [c for c in configs if c.seed not in warm_failed]
+    records = [{"algo": c.algo, "seed": c.seed, "run_dir": c.out, "status": "failed",
+                "error": f"warm start failed: {warm_failed[c.seed]}"} for c in configs if c.seed in warm_failed]
+    log(f"compare: {len(todo)} runs, {jobs} at a time -> {out_dir}")
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for record in pool.map(run_one, todo):
+            status = record["status"] if record["status"] == "ok" else f"FAILED ({record['error']})"
+            log(f"compare: {record['algo']} seed {record['seed']}: {status}")
+            records.append(record)
+    order = {(c.algo, c.seed): i for i, c in enumerate(configs)}
+    records.sort(key=lambda r: order[(r["algo"], r["seed"])])
+    algos = list(algos)
+    steps_by_algo = {c.algo: c.steps for c in configs}
+    result = {
+        "out_dir": out_dir,
+        "settings": {
+            "algos": algos, "seeds": list(seeds), "prompts_per_step": prompts_per_step, "jobs": jobs,
+            "steps": steps_by_algo, "eval_examples": configs[0].eval_examples,
+            "steps_note": ", ".join(f"{a} {n} steps" for a, n in steps_by_algo.items()),
+            "cpu": cpu_name(), "cores": default_jobs(), "overrides": list(overrides),
+            "per_algo_settings": {c.algo: {**ALGO_SETTINGS[c.algo], **common, **per_algo.get(c.algo, {})}
+                                  for c in configs},
+            "total_seconds": time.time() - start,
+        },
+        "runs": records,
+        "aggregate": aggregate(records, algos, reference if reference in algos else None),
+    }
+    with open(os.path.join(out_dir, "compare.json"), "w") as f:
+        json.dump(_json_safe(result), f, indent=2)
+    with open(os.path.join(out_dir, "compare.md"), "w") as f:
+        f.write(markdown(result))
+    try:
+        plot(result, os.path.join(out_dir, "accuracy_vs_time.png"))
+    except Exception as error:  # a plot must never lose the table
+        log(f"compare: plotting failed: {error!r}")
+    log(f"compare: wrote {out_dir}/compare.md, compare.json, accuracy_vs_time.png")
+    return result
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sppo-fast compare",
+        description="Train every algorithm of --algos with every seed of --seeds (one process per run, --jobs "
+                    "at a time), at the same number of prompts per step, and write compare.md, compare.json "
+                    "and accuracy_vs_time.png into --out. A run that fails is reported with its error; the "
+                    "others are kept.")
+    p.add_argument("--algos", default=",".join(DEFAULT_ALGOS),
+                   help=f"comma-separated algorithms from {', '.join(ALGOS)} (default: %(default)s)")
+    p.add_argument("--seeds", type=_int_list, default=list(DEFAULT_SEEDS),
+                   help="comma-separated seeds (default: 0,1,2)")
+    p.add_argument("--steps", type=int, default=None, help="RL steps of every run (default: train's default)")
+    p.add_argument("--prompts_per_step", "--prompts-per-step", type=int, default=DEFAULT_PROMPTS_PER_STEP,
+                   help="prompts per RL step, the same for every algorithm (default: %(default)s)")
+    p.add_argument("--jobs", type=int, default=None, help="runs at a time (default: usable cores)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="[ALGO.]KEY=VALUE",
+                   help="override a `sppo-fast train` field for every algorithm, or for ALGO only; repeatable")
+    p.add_argument("--reference", default="grpo",
+                   help="algorithm whose mean final accuracy the others must reach (default: %(default)s)")
+    p.add_argument("--out", default=None, help="output directory (default: compare-<timestamp>)")
+    p.add_argument("--warm-start-only", dest="warm_start_only", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.warm_start_only:
+        return warm_start_only(args.warm_start_only)
+    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+    out = args.out or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        result = compare(algos, args.seeds, out, steps=args.steps, prompts_per_step=args.prompts_per_step,
+                         jobs=args.jobs, overrides=args.overrides, reference=args.reference,
+                         log=lambda m: print(m, file=sys.stderr, flush=True))
+    except ValueError as error:
+        raise SystemExit(f"sppo-fast compare: {error}") from None
+    print(open(os.path.join(out, "compare.md")).read())
+    return 0 if all(r["status"] == "ok" for r in result["runs"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

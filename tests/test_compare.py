@@ -1,0 +1,140 @@
+"""`sppo-fast compare`: bad input refused before anything runs, a tiny real comparison (two algorithms x
+two seeds in subprocesses, one of them made to crash), and the aggregation and time-to-reach arithmetic
+on hand-made curves."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+from sppo_fast.trainer import compare as cmp
+
+# Tiny runs: hidden 32, 2 layers, difficulty 1, 2 RL steps, no warm start: seconds each.
+TINY = ["warm_start=false", "hidden_size=32", "num_layers=2", "num_heads=2", "critic_hidden_size=16",
+        "critic_layers=1", "critic_heads=2", "max_new_tokens=8", "eval_examples=4", "eval_every=1",
+        "task_difficulty=1", "mini_batches=1", "critic_warmup_steps=0"]
+
+
+@pytest.mark.parametrize("algos, seeds, message", [
+    (["sppo", "nope"], [0], "unknown 'nope'"),
+    ([], [0], "at least one algorithm"),
+    (["sppo"], [], "at least one seed"),
+    (["sppo", "sppo"], [0], "each algorithm once"),
+    (["sppo"], [1, 1], "each seed once"),
+])
+def test_bad_algorithms_or_seeds_are_refused_before_anything_runs(tmp_path, algos, seeds, message):
+    out = tmp_path / "cmp"
+    with pytest.raises(ValueError, match=message):
+        cmp.compare(algos, seeds, str(out), steps=1, prompts_per_step=2, jobs=1, log=lambda m: None)
+    assert not out.exists(), "nothing may run (or be written) for bad input"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lr", "key=value"), ("nope.lr=1", "unknown algorithm 'nope'"), ("seed=3", "not a settable field"),
+    ("grpo.learning_rate=1", "not a settable field"), ("lr=fast", "could not convert"),
+])
+def test_bad_overrides_are_refused(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        cmp.compare(["sppo"], [0], str(tmp_path / "cmp"), overrides=[override], log=lambda m: None)
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_an_invalid_run_config_names_the_run(tmp_path):
+    with pytest.raises(ValueError, match="grpo seed 0: .*temperature"):
+        cmp.compare(["sppo", "grpo"], [0], str(tmp_path / "cmp"), overrides=["grpo.temperature=0"],
+                    log=lambda m: None)
+
+
+def test_cli_exits_with_a_message_on_bad_input(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="unknown 'ppo2'"):
+        cmp.main(["--algos", "sppo,ppo2", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="at least one seed"):
+        cmp.main(["--seeds", "", "--out", str(tmp_path / "x")])
+
+
+def test_same_prompts_per_step_and_each_algorithm_its_settings(tmp_path):
+    configs = cmp.run_configs(["sppo", "grpo"], [0, 1], str(tmp_path), steps=3, prompts_per_step=16,
+                              common={"lr": 1e-3}, per_algo={"grpo": {"lr": 5e-4}})
+    assert [(c.algo, c.seed) for c in configs] == [("sppo", 0), ("grpo", 0), ("sppo", 1), ("grpo", 1)]
+    assert {c.algo: c.prompts_per_step for c in configs} == {"sppo": 16, "grpo": 16}
+    assert {c.algo: c.group_size for c in configs} == {"sppo": 1, "grpo": 8}
+    assert {c.algo: c.lr for c in configs} == {"sppo": 1e-3, "grpo": 5e-4}
+    assert len({c.out for c in configs}) == 4 and all(c.steps == 3 for c in configs)
+
+
+def test_tiny_comparison_keeps_the_other_runs_when_one_crashes(tmp_path):
+    """sppo and rloo, seed 0, side by side; rloo is given a --model directory that does not exist, which
+    fails inside the run (the config itself is valid): it is reported failed with its error while the
+    sppo run finishes and is aggregated."""
+    out = tmp_path / "cmp"
+    missing = tmp_path / "no-such-model"
+    result = cmp.compare(["sppo", "rloo"], [0], str(out), steps=2, prompts_per_step=2, jobs=2,
+                         overrides=TINY + [f"rloo.model={missing}", "rloo.samples_per_prompt=2",
+                                           f"cache_dir={tmp_path / 'cache'}"],
+                         reference="sppo", log=lambda m: None)
+    by = {(r["algo"], r["seed"]): r for r in result["runs"]}
+    assert by[("sppo", 0)]["status"] == "ok"
+    failed = by[("rloo", 0)]
+    assert failed["status"] == "failed" and failed["returncode"] != 0
+    assert "no-such-model" in failed["error"] or "Error" in failed["error"], failed["error"]
+    sppo = result["aggregate"]["algorithms"]["sppo"]
+    assert sppo["runs"] == 1 and sppo["failed"] == 0
+    assert sppo["rollouts"][0] == 2 * 2  # 2 steps x 2 prompts x 1 sample
+    assert result["aggregate"]["algorithms"]["rloo"]["runs"] == 0
+    curve = by[("sppo", 0)]["curve"]
+    assert [p["step"] for p in curve] == [0, 1, 2]
+    assert curve[0]["rl_seconds"] == 0 and curve[-1]["rl_seconds"] > 0
+    table = (out / "compare.md").read_text()
+    assert "| sppo | 1 | 1 ok |" in table and "0 ok, 1 failed" in table and "Failed runs" in table
+    saved = json.loads((out / "compare.json").read_text())
+    assert len(saved["runs"]) == 2
+    assert (out / "accuracy_vs_time.png").stat().st_size > 1000
+
+
+def _record(algo, seed, curve, before=0.1):
+    pts = [{"step": i, "rl_seconds": t, "accuracy": a} for i, (t, a) in enumerate(curve)]
+    summary = {"eval_accuracy_before": before, "eval_accuracy_after": curve[-1][1], "wall_seconds": 10.0 + seed,
+               "steps": len(curve) - 1, "rollouts_per_step": 8 if algo == "grpo" else 1,
+               "samples_per_prompt": 8 if algo == "grpo" else 1}
+    return {"algo": algo, "seed": seed, "status": "ok", "summary": summary, "curve": pts, "run_dir": "x"}
+
+
+def test_aggregate_means_and_time_to_reach_the_reference():
+    records = [
+        _record("grpo", 0, [(0, 0.1), (30, 0.3), (60, 0.4)]),
+        _record("grpo", 1, [(0, 0.1), (30, 0.2), (60, 0.6)]),            # grpo final mean 0.5, 60 s
+        _record("sppo", 0, [(0, 0.1), (5, 0.45), (10, 0.5), (20, 0.7)]),  # reaches 0.5 at 10 s
+        _record("sppo", 1, [(0, 0.1), (10, 0.3), (20, 0.49)]),            # never reaches 0.5
+        {"algo": "sppo", "seed": 2, "status": "failed", "error": "boom", "run_dir": "y"},
+    ]
+    agg = cmp.aggregate(records, ["sppo", "grpo"], "grpo")
+    assert agg["reference_final_accuracy"] == pytest.approx(0.5)
+    g, s = agg["algorithms"]["grpo"], agg["algorithms"]["sppo"]
+    assert g["final_accuracy"][0] == pytest.approx(0.5)
+    assert g["final_accuracy"][1] == pytest.approx(math.sqrt(0.02))
+    assert g["rl_seconds"][0] == 60 and g["rollouts"][0] == 16
+    assert (s["runs"], s["failed"]) == (2, 1)
+    assert s["gain"][0] == pytest.approx((0.6 + 0.39) / 2)
+    assert s["time_to_reference"]["per_run"] == [10, None]
+    assert s["time_to_reference"]["fraction_of_reference_time"] == pytest.approx(10 / 60)
+    assert g["time_to_reference"]["per_run"] == [None, 60]
+    assert cmp.time_to_reach([], 0.1) is None
+
+
+def test_markdown_and_plot_from_a_result(tmp_path):
+    records = [_record("grpo", 0, [(0, 0.1), (60, 0.4)]), _record("sppo", 0, [(0, 0.1), (5, 0.5)]),
+               {"algo": "sppo", "seed": 1, "status": "failed", "error": "RuntimeError: x|y", "run_dir": str(tmp_path)}]
+    result = {"out_dir": str(tmp_path), "runs": records, "aggregate": cmp.aggregate(records, ["sppo", "grpo"], "grpo"),
+              "settings": {"algos": ["sppo", "grpo"], "seeds": [0, 1], "prompts_per_step": 4, "jobs": 2,
+                           "steps_note": "sppo 1 steps", "eval_examples": 4, "cpu": "cpu", "cores": 2,
+                           "per_algo_settings": {"sppo": {}, "grpo": {}}}}
+    table = cmp.markdown(result)
+    assert "5 s (1 of 1 runs; 0.08x grpo's RL time)" in table
+    assert "`RuntimeError: x/y`" in table
+    path = cmp.plot(result, os.path.join(tmp_path, "p.png"))
+    assert os.path.getsize(path) > 1000
+    assert cmp._interpolate([{"rl_seconds": 0, "accuracy": 0.1}, {"rl_seconds": 5, "accuracy": 0.5}],
+                            [0, 4.9, 5, 9]) == [0.1, 0.1, 0.5, 0.5]
