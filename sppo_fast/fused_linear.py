@@ -25,9 +25,9 @@ class SequenceChunkedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, old_logp, advantages, valid, segment_ids, ref_logp,
-                config, temperature, normalizer, seqs_per_chunk, compute_grad, is_weights):
+                config, temperature, normalizer, seqs_per_chunk, compute_grad, is_weights, packed=None):
         backend = dispatch.backend_for(hidden.device)
-        B, T, H = hidden.shape
+        B, T = valid.shape  # hidden is (B, T, H), or (N, H) rows when packed
         weights = token_weights(valid, config, normalizer)
         logp = hidden.new_zeros((B, T), dtype=torch.float32)
         entropy = torch.zeros_like(logp)
@@ -40,7 +40,8 @@ class SequenceChunkedLinearLoss(torch.autograd.Function):
         buffer = logits_buffer(hidden, weight, max(len(r) for r in rows_per_chunk))
         for a, rows in zip(starts, rows_per_chunk):
             b = min(a + seqs_per_chunk, B)
-            h = hidden[a:b].reshape(-1, H).index_select(0, rows)
+            chunk, hrows, dest = _chunk_hidden(hidden, grads, a, b, rows, packed)
+            h = chunk.index_select(0, hrows)
             logits = logits_into(buffer, h, weight, bias)
             flat_targets = targets[a:b].reshape(-1).index_select(0, rows)
             lp, ent, lse = backend.token_logprobs_forward(logits, flat_targets, temperature, -100, True,
@@ -55,7 +56,7 @@ class SequenceChunkedLinearLoss(torch.autograd.Function):
                 g_ent = None if g_ent is None else g_ent.index_select(0, rows)
                 grad = backend.token_logprobs_backward(logits, flat_targets, lse, ent, g_logp.index_select(0, rows),
                                                        g_ent, temperature, -100, True)
-                grads.add_chunk(grad, h, grads.hidden[a:b].view(-1, H), rows)
+                grads.add_chunk(grad, h, dest, hrows)
         ctx.mark_non_differentiable(logp, entropy)
         if grads is not None:
             ctx.save_for_backward(*grads.result())
@@ -65,11 +66,24 @@ class SequenceChunkedLinearLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         if torch.equal(grad_loss, torch.ones_like(grad_loss)):  # the usual case: no copy of the weight's size
-            return grad_hidden, grad_weight, grad_bias, *([None] * 12)
+            return grad_hidden, grad_weight, grad_bias, *([None] * 13)
         scale = grad_loss.to(grad_hidden.dtype)
         grads = [grad_hidden * scale, grad_weight * scale.to(grad_weight.dtype),
                  None if grad_bias is None else grad_bias * scale.to(grad_bias.dtype)]
-        return (*grads, *([None] * 12))
+        return (*grads, *([None] * 13))
+
+
+def _chunk_hidden(hidden, grads, a, b, rows, packed):
+    """Sequences a..b-1 as (chunk (n, H), the rows of `chunk` that `rows` (valid positions of the padded
+    (b - a, T) chunk) name, the chunk's view of the hidden gradient). A packed batch keeps its sequences
+    contiguous, so their hidden states are one slice of the (N, H) rows: nothing is padded."""
+    H = hidden.shape[-1]
+    if packed is None:
+        dest = None if grads is None else grads.hidden[a:b].view(-1, H)
+        return hidden[a:b].reshape(-1, H), rows, dest
+    lo, hi, T = packed.cu[a], packed.cu[b], packed.width
+    dest = None if grads is None else grads.hidden[lo:hi]
+    return hidden[lo:hi], packed.source[a * T:b * T].index_select(0, rows) - lo, dest
 
 
 def _chunk_loss_and_coefficients(logp, entropy, old_logp, advantages, valid, weights, config, segment_ids,
@@ -95,13 +109,14 @@ def _chunk_loss_and_coefficients(logp, entropy, old_logp, advantages, valid, wei
 
 def sequence_chunked_policy_loss(hidden, weight, bias, targets, old_logp, advantages, valid, config, *,
                                  segment_ids, ref_logp, temperature, normalizer, seqs_per_chunk, compute_grad,
-                                 rollout_is_weights=None):
-    """The one-pass fused linear policy loss (arguments already checked; rollout_is_weights (B, T) fp32)."""
+                                 rollout_is_weights=None, packed=None):
+    """The one-pass fused linear policy loss (arguments already checked; rollout_is_weights (B, T) fp32).
+    `packed` (sppo_fast.packing.ChunkedPacking): hidden is (N, H) packed rows, the rest padded (S, T)."""
     old_logp = old_logp.to(torch.float32)
     ref_logp = None if ref_logp is None else ref_logp.to(torch.float32)
     loss, logp, entropy = SequenceChunkedLinearLoss.apply(
         hidden, weight, bias, targets.to(torch.long), old_logp, advantages, valid, segment_ids, ref_logp,
-        config, temperature, normalizer, seqs_per_chunk, compute_grad, rollout_is_weights)
+        config, temperature, normalizer, seqs_per_chunk, compute_grad, rollout_is_weights, packed)
     terms = per_token_loss(logp, old_logp, advantages, valid, config, segment_ids, entropy, ref_logp,
                            rollout_is_weights)
     return PolicyLossOutput(loss, logp, entropy, loss_metrics(terms, logp, old_logp, entropy, valid))

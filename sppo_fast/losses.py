@@ -260,14 +260,23 @@ def _positive(denom):
 
 
 def policy_loss(logp, old_logp, advantages, mask, config, *, segment_ids=None, entropy=None, ref_logp=None,
-                normalizer=None, rollout_is_weights=None):
+                normalizer=None, rollout_is_weights=None, cu_seqlens=None):
     """The clipped policy loss of SPEC §3 on per-token log-probs. Returns PolicyLossOutput.
+
+    `cu_seqlens` ((S + 1,) int32/int64 offsets) takes a packed batch: every per-token tensor is
+    (N,) or (1, N), advantages and rollout_is_weights may also be (S,); see sppo_fast.packing.
 
     `rollout_is_weights`, optional, `(B, T)`, `(B, 1)` or `(B,)`, finite and >= 0, no gradient: the
     rollout engine's importance-sampling correction (TRL's `importance_sampling_ratio`, Liger's
     `vllm_is_ratio`, verl's `rollout_is_weights`). It multiplies each token's clipped policy-gradient
     term (after the dual clip), not the KL or entropy terms, exactly where TRL 1.16 applies it; the
     aggregation weights and the metrics are unchanged."""
+    if cu_seqlens is not None:
+        from .packing import packed_policy_loss  # packing builds on this module
+
+        return packed_policy_loss(logp, old_logp, advantages, mask, config, cu_seqlens=cu_seqlens,
+                                  segment_ids=segment_ids, entropy=entropy, ref_logp=ref_logp,
+                                  normalizer=normalizer, rollout_is_weights=rollout_is_weights)
     valid, advantages = check_loss_inputs(logp, old_logp, advantages, mask, config, segment_ids=segment_ids,
                                           entropy=entropy, ref_logp=ref_logp, normalizer=normalizer,
                                           rollout_is_weights=rollout_is_weights)

@@ -25,6 +25,7 @@ from .backends import LSE_DTYPE
 from .buffers import LinearGrads, logits_buffer, logits_into
 from .fused_linear import sequence_chunked_policy_loss
 from .losses import aggregate, check_loss_inputs, expand_rollout_is_weights
+from .packing import packed_fused_linear_policy_loss, packed_fused_policy_loss
 
 # ----------------------------------------------------------------------------------------------------
 # Kernel ops on (N, V) logits
@@ -278,11 +279,18 @@ def _check_bt(name, x):
 
 
 def fused_policy_loss(logits, targets, old_logp, advantages, mask, config, *, segment_ids=None, ref_logp=None,
-                      temperature=1.0, normalizer=None, inplace_backward=False, rollout_is_weights=None):
+                      temperature=1.0, normalizer=None, inplace_backward=False, rollout_is_weights=None,
+                      cu_seqlens=None):
     """The policy loss of SPEC §3 straight from (B, T, V) logits: one forward kernel, the (B, T) loss
     stage, one backward kernel. Equals policy_loss(token_logprobs(logits, ...), ...).
     `rollout_is_weights` ((B,), (B, 1) or (B, T), constant) weights each token's clipped
-    policy-gradient term, not its KL or entropy term, as TRL's `importance_sampling_ratio` does."""
+    policy-gradient term, not its KL or entropy term, as TRL's `importance_sampling_ratio` does.
+    `cu_seqlens` takes a packed batch: logits (N, V) or (1, N, V), per-token inputs (N,) or (1, N)."""
+    if cu_seqlens is not None:
+        return packed_fused_policy_loss(logits, targets, old_logp, advantages, mask, config, cu_seqlens=cu_seqlens,
+                                        segment_ids=segment_ids, ref_logp=ref_logp, temperature=temperature,
+                                        normalizer=normalizer, inplace_backward=inplace_backward,
+                                        rollout_is_weights=rollout_is_weights)
     check_float("logits", logits)
     _check_bt("logits", logits)
     temperature = check_logits_and_targets(logits, targets, temperature, -100)
@@ -296,9 +304,15 @@ def fused_policy_loss(logits, targets, old_logp, advantages, mask, config, *, se
 
 def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask, config, *, bias=None,
                              segment_ids=None, ref_logp=None, temperature=1.0, normalizer=None,
-                             chunk_size=None, rollout_is_weights=None):
+                             chunk_size=None, rollout_is_weights=None, cu_seqlens=None):
     """The policy loss of SPEC §3 from hidden states and the lm_head weight, never holding the logits.
-    `rollout_is_weights` as in fused_policy_loss."""
+    `rollout_is_weights` as in fused_policy_loss. `cu_seqlens` takes a packed batch: hidden (N, H) or
+    (1, N, H), never padded (see sppo_fast.packing)."""
+    if cu_seqlens is not None:
+        return packed_fused_linear_policy_loss(
+            hidden, weight, targets, old_logp, advantages, mask, config, cu_seqlens=cu_seqlens, bias=bias,
+            segment_ids=segment_ids, ref_logp=ref_logp, temperature=temperature, normalizer=normalizer,
+            chunk_size=chunk_size, rollout_is_weights=rollout_is_weights)
     check_float("hidden", hidden)
     _check_bt("hidden", hidden)
     _check_linear(hidden, weight, bias, targets, temperature, -100, chunk_size)
