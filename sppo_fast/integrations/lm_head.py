@@ -1,0 +1,100 @@
+"""Log-probs and entropy through the output projection, with the projection's gradient accumulated
+straight into `weight.grad` (and `bias.grad`), as Megatron's gradient-accumulation fusion does.
+
+`sppo_fast.linear_logprobs` returns the weight's gradient from its backward, so autograd holds a
+fresh (V, H) tensor before adding it to `.grad`: 297 MiB at V = 151936, H = 512 in fp32, more than
+everything else a long-completion RL step needs once the logits are never materialised. Here the
+backward adds each chunk's `grad_logits.T @ hidden` into `.grad` itself and reports no gradient for
+the weight, so that tensor never exists.
+
+Skipping autograd's accumulation is only safe when nothing else watches the weight's gradient:
+`accumulation_is_safe` says no when the weight has hooks, is not a plain fp32 leaf, or is a DTensor
+(FSDP); callers with DDP or DeepSpeed must not ask for it (their reducers hook the accumulation)."""
+
+import torch
+
+from .. import dispatch
+from .._checks import check_targets_range
+from ..buffers import logits_buffer, logits_into
+from ..ops import default_chunk_size, linear_logprobs, linear_logprobs_forward
+
+
+def accumulation_is_safe(weight):
+    """True when adding into `weight.grad` by hand gives what autograd would, and nothing is bypassed."""
+    if not (isinstance(weight, torch.nn.Parameter) and weight.requires_grad and weight.is_leaf):
+        return False
+    if type(weight.data) is not torch.Tensor:  # DTensor and other subclasses (FSDP2, tensor parallel)
+        return False
+    if weight.dtype != torch.float32:  # bf16 .grad would round once per chunk instead of once
+        return False
+    hooks = (getattr(weight, "_backward_hooks", None), getattr(weight, "_post_accumulate_grad_hooks", None))
+    return not any(hooks)
+
+
+def head_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, chunk_size=None,
+                  accumulate_into_grad=False):
+    """(logp, entropy) fp32 (N,) of `targets` (N,) under softmax((hidden @ weight.T + bias) / temperature)
+    for hidden (N, H), never holding the (N, V) logits. Both are differentiable with respect to hidden;
+    with `accumulate_into_grad` (only where `accumulation_is_safe(weight)`), the gradients of weight
+    and bias are added into their `.grad` during the backward instead of being returned to autograd."""
+    if not accumulate_into_grad:
+        return linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                               return_entropy=True, chunk_size=chunk_size)
+    if not accumulation_is_safe(weight):
+        raise ValueError("accumulate_into_grad=True needs the weight to be a plain fp32 nn.Parameter that "
+                         "requires grad and has no gradient hooks (check with accumulation_is_safe)")
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"hidden must be (N, H) and targets (N,), got {tuple(hidden.shape)} and "
+                         f"{tuple(targets.shape)}")
+    # linear_logprobs checks dtypes, shapes, devices and the target range; run it on no rows first
+    linear_logprobs(hidden[:0], weight, targets[:0], bias=bias, temperature=temperature)
+    check_targets_range(targets, weight.shape[0], -100)
+    chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0])
+    return _HeadLogprobsIntoGrad.apply(hidden.contiguous(), weight, bias, targets.to(torch.long).contiguous(),
+                                       float(temperature), int(chunk))
+
+
+def _grad_buffer(param):
+    """`param.grad`, allocated (zeros) if absent; None for a missing or frozen parameter."""
+    if param is None or not param.requires_grad:
+        return None
+    if param.grad is None:
+        param.grad = torch.zeros_like(param)
+    return param.grad
+
+
+class _HeadLogprobsIntoGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size):
+        logp, entropy, lse = linear_logprobs_forward(hidden, weight, bias, targets, temperature, -100, True,
+                                                     chunk_size)
+        ctx.save_for_backward(hidden, targets, lse, entropy)
+        ctx.head = (weight, bias)  # leaves: their .grad is written in the backward
+        ctx.options = (temperature, chunk_size)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, targets, lse, entropy = ctx.saved_tensors
+        weight, bias = ctx.head
+        temperature, chunk = ctx.options
+        n = hidden.shape[0]
+        grad_logp = (torch.zeros(n, dtype=torch.float32, device=hidden.device) if grad_logp is None
+                     else grad_logp.to(torch.float32).contiguous())
+        grad_entropy = None if grad_entropy is None else grad_entropy.to(torch.float32).contiguous()
+        backend = dispatch.backend_for(hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight, grad_bias = _grad_buffer(weight), _grad_buffer(bias)
+        buffer = logits_buffer(hidden, weight, min(chunk, n)) if n else None
+        for a in range(0, n, chunk):
+            b = min(a + chunk, n)
+            logits = logits_into(buffer, hidden[a:b], weight, bias)
+            g_ent = None if grad_entropy is None else grad_entropy[a:b]
+            grad = backend.token_logprobs_backward(logits, targets[a:b], lse[a:b], entropy[a:b], grad_logp[a:b],
+                                                   g_ent, temperature, -100, True)  # in place, in the buffer
+            torch.mm(grad, weight, out=grad_hidden[a:b])
+            if grad_weight is not None:
+                grad_weight.addmm_(grad.T, hidden[a:b])
+            if grad_bias is not None:
+                grad_bias += grad.sum(0)
+        return grad_hidden, None, None, None, None, None
