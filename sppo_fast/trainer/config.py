@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 ALGOS = ("sppo", "grpo", "dapo", "dr_grpo", "rloo", "gspo", "sspo", "ppo")
 # Algorithms whose advantage needs several samples of the same prompt.
 GROUP_ALGOS = ("grpo", "dapo", "dr_grpo", "rloo", "gspo", "sspo")
+LOSS_IMPLS = ("fused_linear", "fused", "eager", "compile")
 
 
 def _f(default, help_text, **kw):
@@ -26,7 +27,8 @@ class TrainConfig:
     # --- what to train ---
     algo: str = _f("sppo", "RL algorithm: " + ", ".join(ALGOS) + ". Its loss preset follows SPEC section 4.",
                    choices=ALGOS)
-    task: str = _f("arithmetic", "task: arithmetic, countdown, or jsonl (with --task_path)")
+    task: str = _f("arithmetic", "task: arithmetic, countdown, long_arithmetic (worked solutions of hundreds "
+                                 "to thousands of tokens), or jsonl (with --task_path)")
     task_difficulty: int = _f(2, "difficulty of the arithmetic task (1-3)")
     task_path: str | None = _f(None, "JSONL file of {prompt, answer[, solution]} records for --task jsonl")
     # --- models ---
@@ -94,6 +96,21 @@ class TrainConfig:
                          "cores slow every small op down by orders of magnitude")
     out: str | None = _f(None, "run directory (default runs/<algo>-<timestamp>)")
     progress: bool = _f(True, "show a progress bar")
+    # --- long chain-of-thought at real vocabulary sizes (issue 10) ---
+    vocab_size: int = _f(0, "tiny policy: rows of its embedding and output layer (0: the tokenizer's size, 100 "
+                            "for the char tokenizer). A real model's size (151936 as Qwen2.5/Qwen3, 128256 as "
+                            "Llama 3) makes the logits as large as theirs; the ids the tokenizer lacks are "
+                            "ordinary outputs that the warm start learns away, and decoding shows a sampled "
+                            "one as U+FFFD, so a verifier never reads it as part of an answer")
+    max_positions: int = _f(512, "tiny policy and critic: max_position_embeddings; the longest prompt plus "
+                                 "max_new_tokens must fit in it (checked before training)")
+    loss_impl: str = _f("fused_linear", "policy loss of the update: fused_linear (fused_linear_policy_loss on "
+                                        "hidden states x lm_head, never holding the logits), fused (logits "
+                                        "materialised, then fused_policy_loss), eager (log_softmax + gather + "
+                                        "entropy in fp32, then policy_loss), compile (torch.compile of eager)",
+                        choices=LOSS_IMPLS)
+    gradient_checkpointing: bool = _f(False, "recompute each decoder layer in the backward instead of keeping "
+                                             "its activations (long responses)")
 
     def __post_init__(self):
         self.validate()
@@ -108,9 +125,18 @@ class TrainConfig:
             raise ValueError(f"samples_per_prompt must be >= 0, got {self.samples_per_prompt}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        self.validate_long_cot()
         if self.rollouts_per_step % self.group_size:
             raise ValueError(f"rollouts_per_step ({self.rollouts_per_step}) must be a multiple of "
                              f"samples_per_prompt ({self.group_size})")
+
+    def validate_long_cot(self):
+        if self.loss_impl not in LOSS_IMPLS:
+            raise ValueError(f"loss_impl: unknown {self.loss_impl!r}; choose one of {', '.join(LOSS_IMPLS)}")
+        if self.vocab_size < 0:
+            raise ValueError(f"vocab_size must be >= 0 (0: the tokenizer's size), got {self.vocab_size}")
+        if self.max_positions < 2:
+            raise ValueError(f"max_positions must be >= 2, got {self.max_positions}")
 
     @property
     def group_size(self) -> int:

@@ -39,10 +39,12 @@ from sppo_fast.trainer.models import (
     build_critic,
     build_policy,
     describe_model,
+    enable_checkpointing,
     lm_head_of,
     load_tokenizer,
 )
-from sppo_fast.trainer.rollout import Rollout, generate
+from sppo_fast.trainer.loss_impls import check_loss_impl, policy_loss_from_hidden
+from sppo_fast.trainer.rollout import Rollout, check_positions, encode_prompts, generate
 
 EVAL_BATCH = 256
 
@@ -60,11 +62,13 @@ def make_task(cfg):
         return get_task("arithmetic", difficulty=cfg.task_difficulty)
     if cfg.task == "countdown":
         return get_task("countdown")
+    if cfg.task == "long_arithmetic":
+        return get_task("long_arithmetic", difficulty=cfg.task_difficulty)
     if cfg.task == "jsonl":
         if not cfg.task_path:
             raise ValueError("task_path: --task jsonl needs --task_path FILE.jsonl")
         return get_task("jsonl", path=cfg.task_path)
-    raise ValueError(f"task: unknown {cfg.task!r}; choose arithmetic, countdown or jsonl")
+    raise ValueError(f"task: unknown {cfg.task!r}; choose arithmetic, countdown, long_arithmetic or jsonl")
 
 
 def step_examples(task, cfg, step: int):
@@ -164,14 +168,26 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg)
         self.task = make_task(cfg)
         seed_everything(cfg.seed)  # identical initial weights on every rank
+        check_loss_impl(cfg.loss_impl, device)
         self.lm = build_policy(cfg, self.tokenizer, device)
         self.critic = build_critic(cfg, self.tokenizer, device)
+        self.check_lengths()
         self.loss_cfg = algos.loss_config(cfg)
         self.estimator = algos.estimator_name(cfg, self.loss_cfg)
         self.ref = None
 
+    def check_lengths(self):
+        """Before any training: the task's longest prompt (over a sample of both splits) plus
+        max_new_tokens must fit in the policy's positions; every rollout checks its own batch too."""
+        examples = (self.task.examples("train", 256, seed=self.cfg.seed)
+                    + self.task.examples("test", min(self.cfg.eval_examples, 256), seed=self.cfg.seed + 1))
+        prompt_ids, _ = encode_prompts(self.tokenizer, [ex.prompt for ex in examples], "cpu")
+        check_positions(self.lm, prompt_ids.shape[1], self.cfg.max_new_tokens)
+
     def setup_training(self):
         cfg = self.cfg
+        if cfg.gradient_checkpointing:
+            enable_checkpointing(self.lm)
         if cfg.kl_coef > 0:
             self.ref = copy.deepcopy(self.lm).eval().requires_grad_(False)
         self.hidden_model = PolicyHidden(self.lm)
@@ -224,9 +240,9 @@ class Trainer:
             hidden = mb.response_slice(self.policy_ddp(mb.input_ids, mb.attention_mask))
         weight, bias = lm_head_of(self.lm)
         hidden, weight, bias = match_dtype(hidden, weight, bias)
-        out = sppo_fast.fused_linear_policy_loss(
-            hidden, weight, mb.response_ids, old_logp, advantages, mb.response_mask, self.loss_cfg,
-            bias=bias, segment_ids=segments, ref_logp=ref_logp, temperature=cfg.temperature,
+        out = policy_loss_from_hidden(
+            cfg.loss_impl, hidden, weight, bias, mb.response_ids, old_logp, advantages, mb.response_mask,
+            self.loss_cfg, segment_ids=segments, ref_logp=ref_logp, temperature=cfg.temperature,
             normalizer=loss_normalizer(self.loss_cfg, mb.response_mask, self.d), chunk_size=cfg.chunk_size)
         # DDP averages gradients over ranks; the loss is already divided by the global count, so undo
         # the average to get the gradient of the global loss.

@@ -19,12 +19,13 @@ def attention_implementation(requested: str, device: torch.device) -> str:
     return "sdpa"
 
 
-def tiny_llama_config(tokenizer, *, hidden, layers, heads, intermediate=0, attn="sdpa"):
+def tiny_llama_config(tokenizer, *, hidden, layers, heads, intermediate=0, attn="sdpa", vocab_size=0,
+                      max_positions=512):
+    """`vocab_size` 0 means the tokenizer's size; a larger one adds rows no token maps to."""
     from transformers import LlamaConfig
 
-    max_positions = 512
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+        vocab_size=vocab_size or len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=heads,
         intermediate_size=intermediate or 4 * hidden, max_position_embeddings=max_positions,
         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
@@ -48,9 +49,29 @@ def build_policy(cfg, tokenizer, device: torch.device):
         from transformers import LlamaForCausalLM
 
         config = tiny_llama_config(tokenizer, hidden=cfg.hidden_size, layers=cfg.num_layers,
-                                   heads=cfg.num_heads, intermediate=cfg.intermediate_size, attn=attn)
+                                   heads=cfg.num_heads, intermediate=cfg.intermediate_size, attn=attn,
+                                   **policy_sizes(cfg, tokenizer))
         model = LlamaForCausalLM(config)
     return model.to(device)
+
+
+def policy_sizes(cfg, tokenizer) -> dict:
+    """vocab_size and max_positions of the tiny models (policy and critic) from the config."""
+    if cfg.model and cfg.vocab_size:
+        raise ValueError("vocab_size: applies to the tiny policy only; --model brings its own vocabulary")
+    if cfg.vocab_size and cfg.vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size ({cfg.vocab_size}) is smaller than the tokenizer's {len(tokenizer)} "
+                         "tokens: some tokens would have no embedding row")
+    return {"vocab_size": cfg.vocab_size, "max_positions": cfg.max_positions}
+
+
+def enable_checkpointing(lm):
+    """Recompute each decoder layer in the backward (transformers renamed the method; take either)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def load_tokenizer(cfg):
@@ -138,8 +159,10 @@ def build_critic(cfg, tokenizer, device: torch.device):
     attn = attention_implementation(cfg.attn_implementation, device)
     if attn == "flash_attention_2":
         attn = "sdpa"  # the critic stays fp32, which flash-attn does not take
+    # the critic reads the ids the policy samples (the PPO critic reads responses), so it gets every row too
+    sizes = policy_sizes(cfg, tokenizer) if not cfg.model else {}
     config = tiny_llama_config(tokenizer, hidden=cfg.critic_hidden_size, layers=cfg.critic_layers,
-                               heads=cfg.critic_heads, attn=attn)
+                               heads=cfg.critic_heads, attn=attn, **sizes)
     critic = PromptCritic(config) if cfg.algo == "sppo" else TokenCritic(config)
     return critic.to(device)
 

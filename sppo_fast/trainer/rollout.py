@@ -60,6 +60,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempe
     """Sample one response per prompt (repeat prompts for groups). `temperature <= 0` decodes greedily.
     Sampling draws from torch's global generator, which the checkpoints save and restore."""
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
+    check_positions(model, prompt_ids.shape[1], max_new_tokens)
     sample = temperature > 0
     kwargs = dict(do_sample=sample, max_new_tokens=max_new_tokens, use_cache=True,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -79,12 +80,38 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempe
     return Rollout(prompt_ids, prompt_mask, response_ids, mask, texts, truncated)
 
 
+def check_positions(model, prompt_len: int, max_new_tokens: int):
+    """A response that could run past the model's positions would index past its position table (or
+    silently extrapolate RoPE): refuse it up front."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is not None and prompt_len + max_new_tokens > limit:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) plus the prompt ({prompt_len} tokens) exceeds the "
+                         f"model's max_position_embeddings ({limit}); lower max_new_tokens or raise "
+                         "max_positions")
+
+
+UNKNOWN_ID_TEXT = "\ufffd"  # what a sampled id without a token decodes to
+
+
 def decode_responses(tokenizer, response_ids, mask) -> list[str]:
+    """Texts of the responses. A policy with more output rows than the tokenizer has tokens (`--vocab_size`)
+    can sample an id that maps to no token; the tokenizer would drop it silently (so "1<id>2" would read
+    "12"), so each such id becomes U+FFFD, which no verifier accepts inside an answer."""
     texts = []
-    eos = tokenizer.eos_token_id
+    eos, known = tokenizer.eos_token_id, len(tokenizer)
     for ids, m in zip(response_ids.tolist(), mask.tolist()):
         kept = [t for t, keep in zip(ids, m) if keep and t != eos]
-        texts.append(tokenizer.decode(kept, skip_special_tokens=True))
+        if all(t < known for t in kept):
+            texts.append(tokenizer.decode(kept, skip_special_tokens=True))
+            continue
+        pieces, run = [], []
+        for t in kept:
+            if t < known:
+                run.append(t)
+            else:
+                pieces.append(tokenizer.decode(run, skip_special_tokens=True) + UNKNOWN_ID_TEXT)
+                run = []
+        texts.append("".join(pieces) + tokenizer.decode(run, skip_special_tokens=True))
     return texts
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from sppo_fast.trainer.models import PolicyHidden, lm_head_of
 
 SFT_WARMUP_FRACTION = 0.05
+SFT_DENSE_LOGITS_LIMIT = 2**25  # logits elements (128 MiB in fp32) above which the SFT loss is chunked
 
 
 def cache_root(cfg) -> str:
@@ -89,7 +90,14 @@ def sft_loss(hidden_model, lm, ids, attn, loss_mask):
     hidden = hidden_model(ids, attn)[:, :-1]
     targets, mask = ids[:, 1:], loss_mask[:, 1:].bool()
     weight, bias = lm_head_of(lm)
-    logits = F.linear(hidden[mask], weight, bias).float()
+    rows = hidden[mask]
+    if rows.shape[0] * weight.shape[0] > SFT_DENSE_LOGITS_LIMIT:
+        # A real vocabulary (--vocab_size) on long solutions: 64 x 224 tokens x 151936 would be 8.7 GB of
+        # fp32 logits; the chunked op never holds them. Small runs keep the plain path (same numbers as ever).
+        import sppo_fast
+
+        return -sppo_fast.linear_logprobs(rows, weight.to(rows.dtype), targets[mask], bias=bias).mean()
+    logits = F.linear(rows, weight, bias).float()
     return F.cross_entropy(logits, targets[mask])
 
 

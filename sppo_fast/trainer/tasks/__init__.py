@@ -105,12 +105,15 @@ def draw_examples(sample, is_test, split: str, n: int, rng) -> list[Example]:
 
 def get_task(name: str, **options) -> Task:
     """``"arithmetic"`` (difficulty=1..3, test_fraction), ``"countdown"`` (difficulty=1..2,
-    test_fraction), ``"jsonl"`` (path=..., test_path=... or test_fraction=...)."""
+    test_fraction), ``"long_arithmetic"`` (difficulty=1..3, test_fraction), ``"jsonl"`` (path=...,
+    test_path=... or test_fraction=...)."""
     from .arithmetic import ArithmeticTask
     from .countdown import CountdownTask
     from .jsonl import JsonlTask
+    from .long_arithmetic import LongArithmeticTask
 
-    factories = {"arithmetic": ArithmeticTask, "countdown": CountdownTask, "jsonl": JsonlTask}
+    factories = {"arithmetic": ArithmeticTask, "countdown": CountdownTask, "jsonl": JsonlTask,
+                 "long_arithmetic": LongArithmeticTask}
     if name not in factories:
         raise ValueError(f"name must be one of {sorted(factories)}, got {name!r}")
     return factories[name](**options)

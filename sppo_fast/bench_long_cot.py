@@ -1,0 +1,432 @@
+"""`sppo-fast bench --long-cot` (also `python bench/bench_long_cot.py`): one whole RL update step on a long
+response, for each `--loss_impl` of the trainer, on the CPU.
+
+The step is the trainer's: a Llama-style policy (hidden 512, vocab 151936 by default) with activation
+checkpointing on every decoder layer, forward over prompt + response, the SPPO policy loss of the chosen
+implementation (sppo_fast.trainer.loss_impls), backward, gradient clipping and an AdamW step. One
+sequence per step, so the response length is the only size that grows.
+
+How it measures. Every (length, implementation) runs in its own child process (fresh allocator and
+compilation caches). The child builds the model and the optimizer with a fixed seed (so every
+implementation computes the same loss: the rows record it), runs one warm-up step (at the measured
+length up to --warm-full tokens, else at 64 tokens: it allocates the optimizer state and, for compile,
+compiles), then one measured step in four phases: (1) the decoder forward, (2) the loss stage, run as
+its own autograd segment from the detached hidden states (loss forward + backward to the hidden states
+and lm_head: the gradient is the same as one joint backward), (3) the decoder backward from the
+hidden states' gradient, (4) clipping and the optimizer step. Memory is the resident set, made to
+follow live tensors as in `sppo-fast bench` (glibc maps every allocation of 64 KiB or more on its own
+and returns freed memory at once); before each phase the kernel's high-water mark is reset
+(/proc/self/clear_refs). peak = the largest high-water mark of the four phases minus the resident set
+before the step (the weights, gradients of nothing, the optimizer state): what the step adds.
+loss_stage = phase 2's high-water mark minus the resident set when phase 2 starts: what the loss adds
+on top of the model's own activations. Time is the wall time of the measured step (one step: these are
+long, and the machine is shared; the load average is recorded before and after).
+
+Cases are predicted before they run: from the last measured length of the same implementation (peak
+scaled linearly with length, which over-estimates, since the gradients are a fixed part), else from a
+static model of each implementation's logits-sized temporaries. A case predicted above --budget-gib, or
+above the memory the machine has available, is skipped with the reason, and so are the longer ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+
+LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
+IMPLS = ("fused_linear", "fused", "compile", "eager")
+PROMPT = 32
+# Bytes per (token x vocab) that the loss stage keeps alive at its peak, fp32 (a static guess used only
+# until the implementation has a measured length): fused = logits + their gradient; compile ~ three
+# logits-sized fp32 tensors; eager ~ seven (logits, scaled logits, log-softmax, probabilities, their
+# product, and the backward's two); fused_linear keeps chunks, not logits.
+LOSS_BYTES_PER_TV = {"fused_linear": 0.0, "fused": 8.0, "compile": 12.0, "eager": 28.0}
+MEM_MARGIN_GIB = 1.5  # left free for everything else on the machine
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="sppo-fast bench --long-cot", description=__doc__.split("\n\n")[0])
+    p.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS), help="response lengths (tokens)")
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--budget-gib", type=float, default=16.0, help="skip cases predicted to need more")
+    p.add_argument("--warm-full", type=int, default=4096,
+                   help="warm up at the measured length up to this many tokens (else at 64)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads in the child (0: torch's default)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per child process")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks the script in about a minute")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/long-cot-<cpu>-<N>core.json)")
+    p.add_argument("--merge", action="store_true", help="keep the rows of --out that this run does not redo")
+    p.add_argument("--report-only", action="store_true", help="rewrite .md and .png from --out")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.lengths, args.vocab, args.hidden, args.layers, args.heads = [128, 256], 4096, 64, 1, 2
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# The child: one (length, implementation)
+
+
+def build(case):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sppo_fast.trainer.models import PolicyHidden, enable_checkpointing
+
+    torch.manual_seed(0)
+    hidden = case["hidden"]
+    config = LlamaConfig(vocab_size=case["vocab"], hidden_size=hidden, num_hidden_layers=case["layers"],
+                         num_attention_heads=case["heads"], num_key_value_heads=case["heads"],
+                         intermediate_size=4 * hidden, max_position_embeddings=PROMPT + case["length"] + 64,
+                         tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
+    lm = LlamaForCausalLM(config)
+    enable_checkpointing(lm)
+    lm.train()
+    opt = torch.optim.AdamW(lm.parameters(), lr=1e-5, eps=1e-5)
+    return lm, PolicyHidden(lm), opt
+
+
+def batch(case, length):
+    """One prompt + response of `length` tokens. old_logp is the log-prob a near-uniform policy gives
+    (a freshly initialised one is: its logits are small), so ratios sit near 1 as in training."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 100, (1, PROMPT + length), generator=gen)
+    return {"ids": ids, "attn": torch.ones_like(ids), "targets": ids[:, PROMPT:],
+            "old_logp": torch.full((1, length), -math.log(case["vocab"])),
+            "advantages": torch.tensor([0.5]), "mask": torch.ones(1, length)}
+
+
+def update_step(case, lm, policy, opt, inp, phase=None):
+    """The RL update step, phase by phase; `phase(name, fn)` wraps each (measurement), default: run it."""
+    import torch
+
+    import sppo_fast
+    from sppo_fast.trainer.loss_impls import policy_loss_from_hidden
+
+    run = phase or (lambda name, fn: fn())
+    config = sppo_fast.PolicyLossConfig.preset("sppo")
+    weight = lm.get_output_embeddings().weight
+    state = {}
+
+    def forward():
+        out = policy(inp["ids"], inp["attn"])
+        state["hidden"] = out[:, PROMPT - 1: PROMPT - 1 + inp["targets"].shape[1]]
+
+    def loss_stage():
+        h = state["hidden"].detach().requires_grad_(True)
+        out = policy_loss_from_hidden(case["impl"], h, weight, None, inp["targets"], inp["old_logp"],
+                                      inp["advantages"], inp["mask"], config)
+        out.loss.backward()
+        state["grad_hidden"], state["loss"] = h.grad, float(out.loss.detach())
+
+    def backward():
+        state.pop("hidden").backward(state.pop("grad_hidden"))
+
+    def optimizer():
+        state["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for name, fn in (("forward", forward), ("loss", loss_stage), ("backward", backward), ("optimizer", optimizer)):
+        run(name, fn)
+    return state
+
+
+def run_child(case):
+    import gc
+
+    import torch
+
+    from sppo_fast.bench_cli import _faithful_rss, _status_kib
+
+    if case.get("threads"):
+        torch.set_num_threads(case["threads"])
+    lm, policy, opt = build(case)
+    warm_len = case["length"] if case["length"] <= case["warm_full"] else 64
+    t0 = time.perf_counter()
+    update_step(case, lm, policy, opt, batch(case, warm_len))
+    result = {"warmup_tokens": warm_len, "warmup_s": round(time.perf_counter() - t0, 2)}
+    inp = batch(case, case["length"])
+    _faithful_rss()
+    gc.collect()
+    libc_trim = __import__("ctypes").CDLL("libc.so.6").malloc_trim
+    libc_trim(0)
+    base = _status_kib("VmRSS")
+    phases = {}
+
+    def phase(name, fn):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the high-water mark restarts from the current resident set
+        start = _status_kib("VmRSS")
+        t = time.perf_counter()
+        fn()
+        phases[name] = {"s": round(time.perf_counter() - t, 3), "start_mib": round((start - base) / 1024, 1),
+                        "hwm_mib": round((_status_kib("VmHWM") - base) / 1024, 1)}
+
+    t0 = time.perf_counter()
+    state = update_step(case, lm, policy, opt, inp, phase)
+    result["step_s"] = round(time.perf_counter() - t0, 3)
+    result["phases"] = phases
+    result["peak_mib"] = max(p["hwm_mib"] for p in phases.values())
+    result["loss_stage_mib"] = round(phases["loss"]["hwm_mib"] - phases["loss"]["start_mib"], 1)
+    result["loss_stage_s"] = phases["loss"]["s"]
+    result["base_mib"] = round(base / 1024, 1)
+    result["loss"], result["grad_norm"] = state["loss"], state["grad_norm"]
+    result["parameters"] = sum(p.numel() for p in lm.parameters())
+    return result
+
+
+def child_main(case_json):
+    case = json.loads(case_json)
+    try:
+        out = dict(run_child(case), status="ok")
+    except Exception as exc:  # one row of the table, never fatal to the run
+        out = {"status": f"error: {type(exc).__name__}: {str(exc)[:300]}"}
+    print("RESULT " + json.dumps(out), flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# The parent: predict, run, report
+
+
+def static_prediction_gib(case):
+    """Peak above the start: gradients and optimizer temporaries (about 3 x the weights), the checkpointed
+    layer inputs and one layer's recomputed activations, and the loss stage's logits-sized temporaries."""
+    h, v, t, layers = case["hidden"], case["vocab"], PROMPT + case["length"], case["layers"]
+    params = 2 * v * h + layers * (4 * h * h + 3 * h * 4 * h)
+    activations = 4 * t * h * (layers + 2) + 4 * t * (12 * h + 3 * 4 * h)
+    loss = LOSS_BYTES_PER_TV[case["impl"]] * case["length"] * v
+    return (3 * 4 * params + activations + loss) / 2**30
+
+
+def mem_available_gib():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    return float("inf")
+
+
+def skip_reason(case, measured, args):
+    """Why the case must not run (None: run it). `measured`: {impl: (length, peak GiB)} so far."""
+    if case["impl"] in measured:
+        length, peak = measured[case["impl"]]
+        predicted = peak * case["length"] / length
+        how = f"{peak:.2f} GiB measured at {length} tokens, scaled linearly"
+    else:
+        predicted = static_prediction_gib(case)
+        how = "static estimate"
+    case["predicted_gib"] = round(predicted, 2)
+    if predicted > args.budget_gib:
+        return f"skipped: predicted {predicted:.1f} GiB ({how}) > budget {args.budget_gib:g} GiB"
+    free = mem_available_gib() - MEM_MARGIN_GIB
+    if predicted > free:
+        return f"skipped: predicted {predicted:.1f} GiB ({how}) > {free:.1f} GiB available now"
+    return None
+
+
+def run_case(case, args):
+    payload = json.dumps(case)
+    row = dict(case, load_before=round(os.getloadavg()[0], 2))
+    code = "import sys; from sppo_fast.bench_long_cot import child_main; sys.exit(child_main(sys.argv[1]))"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, payload], capture_output=True, text=True,
+                              timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return dict(row, status=f"timeout after {args.timeout:g} s")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return dict(row, status=f"child failed (exit {proc.returncode}): {' | '.join(tail)[:300]}")
+    return dict(row, **json.loads(lines[-1][len("RESULT "):]), load_after=round(os.getloadavg()[0], 2))
+
+
+def cpu_slug():
+    from sppo_fast.bench_cli import _cpu_model
+
+    return re.sub(r"[^a-z0-9]+", "-", _cpu_model().lower()).strip("-") or "cpu"
+
+
+def default_out():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(root, "bench", "results", f"long-cot-{cpu_slug()}-{os.cpu_count()}core.json")
+
+
+def longest_fitting(rows, impl):
+    ok = [r["length"] for r in rows if r["impl"] == impl and r.get("status") == "ok"]
+    return max(ok) if ok else None
+
+
+def targets(rows, budget):
+    """The issue's targets, read off the measured rows."""
+    out = {"budget_gib": budget}
+    longest = {impl: longest_fitting(rows, impl) for impl in IMPLS}
+    out["longest_fitting"] = longest
+    ours = longest.get("fused_linear")
+    for other in ("eager", "compile", "fused"):
+        if ours and longest.get(other):
+            out[f"longer_than_{other}"] = round(ours / longest[other], 2)
+    by = {(r["impl"], r["length"]): r for r in rows if r.get("status") == "ok"}
+    out["time_vs_compile"] = {length: round(by[("fused_linear", length)]["step_s"] / by[("compile", length)]["step_s"], 3)
+                              for (impl, length) in by if impl == "compile" and ("fused_linear", length) in by}
+    out["fused_linear_loss_stage_over_hidden_states"] = {
+        r["length"]: round(r["loss_stage_mib"] / (r["length"] * r["hidden"] * 4 / 2**20), 2)
+        for r in rows if r["impl"] == "fused_linear" and r.get("status") == "ok"}
+    return out
+
+
+def markdown(report):
+    env, rows, tg = report["environment"], report["results"], report["targets"]
+    s = report["settings"]
+    lines = [f"Long-CoT update step: {env['cpu']}, {env['cores']} cores, torch {env['torch']}, "
+             f"`python bench/bench_long_cot.py` ({env['date']}). Policy: hidden {s['hidden']}, "
+             f"{s['layers']} layers, {s['heads']} heads, vocab {s['vocab']} "
+             f"({rows[0].get('parameters', 0) / 1e6 if rows and rows[0].get('parameters') else 0:.0f}M "
+             "parameters), activation checkpointing, 1 sequence of 32 prompt + N response tokens, SPPO loss, "
+             "AdamW. Peak = resident memory the step adds above the weights and optimizer state; loss stage = "
+             "what the loss adds above the model's live activations (its share of the peak in brackets). "
+             "One measured step per cell, on a machine shared with other jobs (load average in the JSON): "
+             "times are noisy. Method: the docstring of `sppo_fast/bench_long_cot.py`.", "",
+             "| response tokens | " + " | ".join(s["impls"]) + " |", "|---|" + "---|" * len(s["impls"])]
+    by = {(r["impl"], r["length"]): r for r in rows}
+    for length in sorted({r["length"] for r in rows}):
+        cells = []
+        for impl in s["impls"]:
+            r = by.get((impl, length))
+            if r is None:
+                cells.append("")
+            elif r.get("status") != "ok":
+                cells.append(r["status"].replace("|", "/")[:120])
+            else:
+                share = r["loss_stage_mib"] / r["peak_mib"] if r["peak_mib"] > 0 else 0
+                cells.append(f"peak {r['peak_mib'] / 1024:.2f} GiB, loss stage {r['loss_stage_mib'] / 1024:.2f} GiB "
+                             f"({share:.0%}); {r['step_s']:.1f} s")
+        lines.append(f"| {length} | " + " | ".join(cells) + " |")
+    lines += ["", f"Longest response measured within the {tg['budget_gib']:g} GiB budget: "
+              + ", ".join(f"{k} {v if v else 'none'}" for k, v in tg["longest_fitting"].items()
+                          if k in s["impls"]) + "."]
+    for other in ("eager", "compile", "fused"):
+        if f"longer_than_{other}" in tg:
+            lines.append(f"- fused_linear fits {tg[f'longer_than_{other}']}x longer responses than {other}.")
+    if tg["time_vs_compile"]:
+        lines.append("- fused_linear step time / compile step time, at the lengths both ran: "
+                     + ", ".join(f"{k}: {v}" for k, v in sorted(tg["time_vs_compile"].items())) + ".")
+    if tg["fused_linear_loss_stage_over_hidden_states"]:
+        lines.append("- fused_linear loss stage / size of the fp32 hidden states (T x H): "
+                     + ", ".join(f"{k}: {v}" for k, v in sorted(tg["fused_linear_loss_stage_over_hidden_states"].items()))
+                     + " (O(T x H) if this stays flat while T grows; the chunk of logits is a constant part).")
+    losses = {}
+    for r in rows:
+        if r.get("status") == "ok":
+            losses.setdefault(r["length"], []).append(r["loss"])
+    spread = max((max(v) - min(v) for v in losses.values() if len(v) > 1), default=0.0)
+    lines.append(f"- Same loss from every implementation at each length (largest spread {spread:.2e}).")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, budget = report["results"], report["settings"]["budget_gib"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for impl in report["settings"]["impls"]:
+        pts = sorted((r["length"], r["peak_mib"] / 1024) for r in rows if r["impl"] == impl and r.get("status") == "ok")
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+    ax.axhline(budget, color="red", linestyle="--", linewidth=1, label=f"budget {budget:g} GiB")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("response tokens")
+    ax.set_ylabel("peak memory of the update step, GiB")
+    s = report["settings"]
+    ax.set_title(f"RL update step, H={s['hidden']}, V={s['vocab']} ({report['environment']['cpu']})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_reports(report, out, with_plot=True):
+    report["targets"] = targets(report["results"], report["settings"]["budget_gib"])
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+    stem = os.path.splitext(out)[0]
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(report))
+    if with_plot:
+        plot(report, stem + ".png")
+    print(f"wrote {out}, {stem}.md" + (f", {stem}.png" if with_plot else ""))
+
+
+def main(argv=None):
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.child is not None:
+        return child_main(args.child)
+    out = args.out or default_out()
+    if args.report_only:
+        with open(out) as f:
+            write_reports(json.load(f), out, not args.no_plot)
+        return 0
+    import torch
+
+    from sppo_fast.bench_cli import environment
+
+    settings = {k: v for k, v in vars(args).items() if k not in ("child", "report_only")}
+    report = {"environment": environment(), "settings": settings, "results": [],
+              "method": __doc__.split("How it measures.")[1].strip()}
+    print(json.dumps(report["environment"]), flush=True)
+    measured, stopped = {}, {}
+    for length in sorted(args.lengths):
+        for impl in args.impls:
+            case = {"impl": impl, "length": length, "vocab": args.vocab, "hidden": args.hidden,
+                    "layers": args.layers, "heads": args.heads, "warm_full": args.warm_full,
+                    "threads": args.threads or torch.get_num_threads()}
+            if impl in stopped:  # memory grows with length: what did not run will not run longer
+                reason = f"skipped: {impl} did not run at {stopped[impl]} tokens"
+            else:
+                reason = skip_reason(case, measured, args)
+            if reason:
+                row = dict(case, status=reason)
+                stopped.setdefault(impl, length)
+            else:
+                row = run_case(case, args)
+                if row.get("status") == "ok":
+                    measured[impl] = (length, row["peak_mib"] / 1024)
+                else:
+                    stopped[impl] = length
+            report["results"].append(row)
+            print(json.dumps(row), flush=True)
+    if args.merge and os.path.exists(out):
+        with open(out) as f:
+            previous = json.load(f)
+        fresh = {(r["impl"], r["length"]) for r in report["results"]}
+        report["results"] = [r for r in previous["results"] if (r["impl"], r["length"]) not in fresh] + report["results"]
+    if args.quick and args.out is None:
+        print(markdown(dict(report, targets=targets(report["results"], args.budget_gib))))
+        return 0
+    write_reports(report, out, not args.no_plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
