@@ -1,0 +1,259 @@
+"""Log-probs and the policy loss of any `transformers` causal LM, from the decoder's last hidden states
+and the output embedding, never holding the (B, T, V) logits.
+
+Positions follow TRL: for `input_ids` (B, L) and `logits_to_keep = K`, the results are those of the
+last K tokens `input_ids[:, -K:]`, each predicted from the hidden state one position earlier
+(`[:, -K-1:-1]`). The decoder body runs (`model.get_decoder()`), never the model's own head, and
+`sppo_fast.linear_logprobs` / `fused_linear_policy_loss` apply the output embedding's weight and bias
+chunk by chunk. Gradients reach every parameter the model's own logits depend on, a tied embedding
+once per use, exactly as autograd through `model(...).logits` would.
+
+What the model does to its logits after the head must be reproduced exactly or refused:
+- Cohere's `logit_scale` (logits * s) and Granite's `logits_scaling` (logits / s) are plain scalings,
+  folded into the temperature: softmax(s * z / T) = softmax(z / (T / s));
+- Gemma-2/3's `final_logit_softcapping` (cap * tanh(z / cap)) is not linear in the hidden states: a
+  ValueError names the model type and the field;
+- anything else: before its first use a model is probed once (one eval-mode, no-grad forward of at
+  most 16 tokens of the first row): its own logits must equal the output embedding applied to the
+  decoder's last hidden state, times the folded scale, or a ValueError says they differ.
+
+Wrappers: PEFT models are unwrapped with `get_base_model()` (their LoRA layers stay active; LoRA on the
+output embedding itself is refused, since its weight would not be the effective one); DDP runs the
+computation inside its own forward, so its reducer prepares for the backward and the gradients are
+all-reduced as after `ddp(...)`; FSDP2 works when the output embedding is not sharded (shard the
+decoder and its layers, as `sppo-fast train` does); a sharded one (a DTensor weight) is refused."""
+
+import math
+import weakref
+
+import torch
+from torch import nn
+
+from .._checks import check_integer, check_temperature, check_tensor
+from ..losses import PolicyLossConfig
+from ..ops import fused_linear_policy_loss, linear_logprobs
+
+PROBE_TOKENS = 16
+_VERIFIED = weakref.WeakKeyDictionary()  # causal LM -> the logit scale its probe confirmed
+
+
+def token_logprobs_from_model(model, input_ids, attention_mask, *, logits_to_keep, temperature=1.0,
+                              return_entropy=False, chunk_size=None):
+    """Log-probs (and entropies) fp32 (B, K) of `input_ids[:, -K:]` under `model` at `temperature`, for
+    old/reference log-probs and evaluation. Positions whose `attention_mask` is 0 get 0."""
+    temperature = check_temperature(temperature)
+    model_parts = resolve_model(model)
+    targets = _check_inputs(model_parts, input_ids, attention_mask, logits_to_keep)
+    ignored = attention_mask[:, -logits_to_keep:] == 0
+    targets = targets.masked_fill(ignored, -100)
+    head = model_parts.head
+
+    def compute():
+        hidden = _completion_hidden(model_parts, input_ids, attention_mask, logits_to_keep)
+        return linear_logprobs(hidden, head.weight, targets, bias=head.bias,
+                               temperature=temperature / model_parts.scale, return_entropy=return_entropy,
+                               chunk_size=chunk_size)
+
+    return model_parts.run(compute)
+
+
+def policy_loss_from_model(model, input_ids, attention_mask, *, logits_to_keep, old_logp, advantages,
+                           response_mask, config, ref_logp=None, segment_ids=None, temperature=1.0,
+                           normalizer=None, rollout_is_weights=None):
+    """`sppo_fast.fused_linear_policy_loss` on the last K = `logits_to_keep` tokens of `input_ids`:
+    `old_logp`, `response_mask`, `ref_logp`, `segment_ids` are (B, K), `advantages` (B,) or (B, K).
+    Returns PolicyLossOutput; `loss.backward()` reaches every parameter of the model."""
+    temperature = check_temperature(temperature)
+    if not isinstance(config, PolicyLossConfig):
+        raise TypeError(f"config must be a PolicyLossConfig, got {type(config).__name__}")
+    model_parts = resolve_model(model)
+    targets = _check_inputs(model_parts, input_ids, attention_mask, logits_to_keep)
+    check_tensor("response_mask", response_mask)
+    if tuple(response_mask.shape) != tuple(targets.shape):
+        raise ValueError(f"response_mask must have shape {tuple(targets.shape)} (B, logits_to_keep), "
+                         f"got {tuple(response_mask.shape)}")
+    head = model_parts.head
+
+    def compute():
+        hidden = _completion_hidden(model_parts, input_ids, attention_mask, logits_to_keep)
+        return fused_linear_policy_loss(hidden, head.weight, targets, old_logp, advantages, response_mask, config,
+                                        bias=head.bias, segment_ids=segment_ids, ref_logp=ref_logp,
+                                        temperature=temperature / model_parts.scale, normalizer=normalizer,
+                                        rollout_is_weights=rollout_is_weights)
+
+    return model_parts.run(compute)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model: wrappers, decoder, output embedding, logit post-processing
+
+
+class ModelParts:
+    """The pieces of a (possibly wrapped) causal LM that the fused path needs."""
+
+    def __init__(self, wrapper, causal_lm, decoder, head, scale):
+        self.wrapper, self.causal_lm, self.decoder, self.head, self.scale = wrapper, causal_lm, decoder, head, scale
+
+    def run(self, compute):
+        """compute() directly, or inside the DDP wrapper's forward (see _through_ddp)."""
+        return compute() if self.wrapper is None else _through_ddp(self.wrapper, compute)
+
+
+def resolve_model(model):
+    """ModelParts of `model`: a transformers causal LM, bare or wrapped by PEFT and/or DDP."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
+    wrapper = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+    causal_lm = model.module if wrapper is not None else model
+    if callable(getattr(causal_lm, "get_base_model", None)):  # PEFT: the model with its adapters injected
+        causal_lm = causal_lm.get_base_model()
+    head = causal_lm.get_output_embeddings() if callable(getattr(causal_lm, "get_output_embeddings", None)) else None
+    if head is None:
+        raise ValueError(f"model ({type(causal_lm).__name__}) has no output embedding "
+                         "(get_output_embeddings() is None): pass the causal LM (...ForCausalLM), not its base model")
+    _check_head(head, causal_lm)
+    decoder = _decoder(causal_lm)
+    return ModelParts(wrapper, causal_lm, decoder, head, _logit_scale(causal_lm))
+
+
+def _check_head(head, causal_lm):
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"model's output embedding is a {type(head).__name__}, not a torch.nn.Linear: a LoRA "
+                         "adapter or other wrapper on lm_head changes its effective weight, which the fused path "
+                         "cannot read; leave lm_head out of the adapter's target_modules")
+    if type(head.weight.data) is not torch.Tensor:
+        raise ValueError(f"model's output embedding weight is a {type(head.weight.data).__name__} (sharded, e.g. by "
+                         "FSDP2): shard the decoder and its layers but leave lm_head unsharded, as sppo-fast train "
+                         f"does ({type(causal_lm).__name__})")
+
+
+def _decoder(causal_lm):
+    """The base model that returns last_hidden_state (final norm included)."""
+    decoder = causal_lm.get_decoder() if callable(getattr(causal_lm, "get_decoder", None)) else None
+    if decoder is None or decoder is causal_lm:
+        decoder = getattr(causal_lm, "base_model", None)
+    if decoder is None or decoder is causal_lm:
+        raise ValueError(f"model ({type(causal_lm).__name__}) has no decoder body (get_decoder() / base_model)")
+    return decoder
+
+
+def _model_type(causal_lm):
+    return getattr(getattr(causal_lm, "config", None), "model_type", type(causal_lm).__name__)
+
+
+def _logit_scale(causal_lm):
+    """The factor the model multiplies its head's output by, refusing what is not a plain scaling."""
+    config = getattr(causal_lm, "config", None)
+    if config is None:
+        return 1.0
+    text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    for cfg in (config, text):
+        cap = getattr(cfg, "final_logit_softcapping", None)
+        if cap is not None:
+            raise ValueError(
+                f"model type {_model_type(causal_lm)!r} soft-caps its logits (config.final_logit_softcapping={cap}): "
+                "cap * tanh(logits / cap) is not linear in the hidden states, so the fused linear path cannot "
+                "reproduce it; use model(...).logits with sppo_fast.fused_policy_loss instead")
+    scale = 1.0
+    if getattr(text, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
+        scale *= float(text.logit_scale)
+    if getattr(text, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
+        scale /= float(text.logits_scaling)
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"model type {_model_type(causal_lm)!r} scales its logits by {scale}: only a finite "
+                         "positive scale folds into the temperature")
+    return scale
+
+
+def verify_logits(model_parts, input_ids):
+    """Once per model: its own logits must be the output embedding of the decoder's last hidden state
+    times the folded scale, so that no post-processing unknown here goes unnoticed."""
+    causal_lm = model_parts.causal_lm
+    if _VERIFIED.get(causal_lm) == model_parts.scale:
+        return
+    probe = input_ids[:1, -PROBE_TOKENS:]
+    seen = {}
+    handle = model_parts.head.register_forward_hook(lambda mod, args, out: seen.update(h=args[0], z=out))
+    was_training = causal_lm.training
+    try:
+        causal_lm.eval()  # no dropout: the two forwards must see the same network
+        with torch.no_grad():
+            logits = causal_lm(input_ids=probe, use_cache=False).logits
+            hidden = _last_hidden(model_parts.decoder(input_ids=probe, use_cache=False))
+    finally:
+        handle.remove()
+        causal_lm.train(was_training)
+    what = f"model type {_model_type(causal_lm)!r}"
+    if "h" not in seen or not _close(seen["h"], hidden):
+        raise ValueError(f"{what}: its output embedding does not read the decoder's last hidden state unchanged "
+                         "(a rescaling or other step in between); the fused path would compute other log-probs")
+    expected = seen["z"].double() * model_parts.scale
+    if not _close(logits, expected):
+        raise ValueError(f"{what}: its logits are post-processed after the output embedding in a way the fused "
+                         "path does not reproduce (not a known scaling); it would compute other log-probs")
+    _VERIFIED[causal_lm] = model_parts.scale
+
+
+def _close(x, reference):
+    """Equal up to the rounding of two matmuls at x's dtype, relative to the largest entry."""
+    if x.shape != reference.shape:
+        return False
+    tol = 1e-4 if x.dtype in (torch.float32, torch.float64) else 2e-2
+    x, reference = x.double(), reference.double()
+    return bool(((x - reference).abs() <= tol * (1 + reference.abs().amax())).all())
+
+
+def _last_hidden(output):
+    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inputs, positions, and the DDP forward
+
+
+def _check_inputs(model_parts, input_ids, attention_mask, logits_to_keep):
+    """Checks before any forward runs; returns the targets input_ids[:, -K:]."""
+    check_integer("input_ids", input_ids)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (B, L), got {tuple(input_ids.shape)}")
+    check_tensor("attention_mask", attention_mask)
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    length = input_ids.shape[1]
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int):
+        raise TypeError(f"logits_to_keep must be an int, got {type(logits_to_keep).__name__}")
+    if not 1 <= logits_to_keep < length:
+        raise ValueError(f"logits_to_keep must be in [1, L - 1] = [1, {length - 1}] (each kept token is predicted "
+                         f"from the position before it), got {logits_to_keep}")
+    device = model_parts.head.weight.device
+    for name, x in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+        if x.device != device:
+            raise ValueError(f"{name} is on {x.device} but the model is on {device}")
+    verify_logits(model_parts, input_ids)
+    return input_ids[:, -logits_to_keep:]
+
+
+def position_ids_from_mask(attention_mask):
+    """Positions counted over the attended tokens, as transformers' generate() makes them for left
+    padding (padding gets 1, masked out anyway)."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)
+
+
+def _completion_hidden(model_parts, input_ids, attention_mask, logits_to_keep):
+    """The decoder's last hidden states at the positions that predict input_ids[:, -K:]: (B, K, H)."""
+    out = model_parts.decoder(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    return _last_hidden(out)[:, -logits_to_keep - 1:-1]
+
+
+def _through_ddp(ddp, compute):
+    """Run compute() as the DDP module's forward: DDP's own __call__ then prepares its reducer for the
+    backward (without that, the gradient hooks do not all-reduce) and honours no_sync()."""
+    inner = ddp.module
+    inner.forward = lambda *args, **kwargs: compute()  # an instance attribute shadows the class's forward
+    try:
+        return ddp()
+    finally:
+        del inner.forward
