@@ -4,8 +4,8 @@ verifiable rewards (SPPO, GRPO, DAPO, Dr. GRPO, RLOO, GSPO, SSPO, PPO). The cont
 from .advantages import gae, group_advantage, rloo_advantage, sequence_advantage, value_bce_loss
 from .dispatch import backend_info
 from .losses import EntropyAdaptiveClip, PolicyLossConfig, PolicyLossOutput, policy_loss
-from .packing import cu_seqlens_from_position_ids
 from .ops import fused_linear_policy_loss, fused_policy_loss, linear_logprobs, token_logprobs
+from .packing import cu_seqlens_from_position_ids
 from .segments import newline_token_ids, segment_ids
 
 __version__ = "0.1.0"

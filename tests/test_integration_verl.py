@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl is not installed (CI installs it with --no-deps)")
 
 from spec_helpers import assert_spec_close  # noqa: E402
-from test_peers_verl import LOSS_TOL, METRIC_TOL, NO_DUAL_CLIP, actor_config, loss_inputs, run_verl  # noqa: E402
+from test_peers_verl import LOSS_TOL, NO_DUAL_CLIP, actor_config, loss_inputs, run_verl  # noqa: E402
 from verl.trainer.ppo import core_algos  # noqa: E402
 from verl.utils.experimental import torch_functional  # noqa: E402
 

@@ -19,7 +19,7 @@ def make_case(lengths, seed=0, per_sequence_advantage=True, packed_row_segments=
     (the packed layout's own width, so Dr. GRPO's T agrees), and `packed` (N,) rows with cu_seqlens.
     Inside each sequence the first token is masked (a prompt token) and ratios straddle the clips."""
     g = torch.Generator().manual_seed(seed)
-    S, N, T = len(lengths), sum(lengths), max(max(lengths, default=0), 1)
+    S, T = len(lengths), max(max(lengths, default=0), 1)
     cu = torch.tensor([0] + torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist(), dtype=torch.int32)
     present = torch.arange(T).unsqueeze(0) < torch.tensor(lengths, dtype=torch.long).reshape(S, 1)
     mask = present & (torch.rand(S, T, generator=g) < 0.85)

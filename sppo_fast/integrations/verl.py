@@ -36,7 +36,7 @@ SPPO_ADVANTAGE = "sppo_fast_sppo"
 SPPO_LOSS = "sppo_fast_sppo"
 SSPO_LOSS = "sppo_fast_sspo"
 
-_LOSS_INPUTS = contextvars.ContextVar("sppo_fast_verl_loss_inputs", default={})
+_LOSS_INPUTS = contextvars.ContextVar("sppo_fast_verl_loss_inputs", default=None)  # a dict inside loss_inputs
 
 
 def _core_algos():
@@ -123,7 +123,8 @@ def clip_bounds(config):
     if config is None:
         raise ValueError("config (verl's ActorConfig) is required: the clip ratios come from it")
     clip = _get(config, "clip_ratio", 0.2)
-    return _get(config, "clip_ratio_low", clip), _get(config, "clip_ratio_high", clip), _get(config, "clip_ratio_c", 3.0)
+    low, high = _get(config, "clip_ratio_low", clip), _get(config, "clip_ratio_high", clip)
+    return low, high, _get(config, "clip_ratio_c", 3.0)
 
 
 def aggregation(loss_agg_mode, response_mask, global_batch_info):
@@ -190,7 +191,7 @@ def sspo_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg
     """SSPO (SPEC §4 preset `sspo`): one ratio per newline-separated segment, entropy-adaptive clip bounds
     (`entropy_clip`, default EntropyAdaptiveClip()), no dual clip (verl's clip_ratio_c is not used).
     `segment_ids` and `entropy` (bs, response_length) come as keywords or from `loss_inputs(...)`."""
-    extra = _LOSS_INPUTS.get()
+    extra = _LOSS_INPUTS.get() or {}
     segment_ids = extra.get("segment_ids") if segment_ids is None else segment_ids
     entropy = extra.get("entropy") if entropy is None else entropy
     if segment_ids is None:
