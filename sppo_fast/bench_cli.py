@@ -563,6 +563,10 @@ def plot(rows, path):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--long-cot" in argv:  # the whole-update-step benchmark has its own options
+        from sppo_fast.bench_long_cot import main as long_cot_main
+
+        return long_cot_main([a for a in argv if a != "--long-cot"])
     args = parse_args(argv)
     if args.child is not None:
         return child_main(args.child)

@@ -22,8 +22,9 @@ loss_stage = phase 2's high-water mark minus the resident set when phase 2 start
 on top of the model's own activations. Time is the wall time of the measured step (one step: these are
 long, and the machine is shared; the load average is recorded before and after).
 
-Cases are predicted before they run: from the last measured length of the same implementation (peak
-scaled linearly with length, which over-estimates, since the gradients are a fixed part), else from a
+Cases are predicted before they run: from the last measured lengths of the same implementation (peak
+scaled as a power of the length fitted to the last two, at least linearly, which over-estimates since
+the gradients are a fixed part), else from a
 static model of each implementation's logits-sized temporaries. A case predicted above --budget-gib, or
 above the memory the machine has available, is skipped with the reason, and so are the longer ones.
 """
@@ -56,7 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--layers", type=int, default=1, help="decoder layers (one keeps the 32k-token attention "
+                                                          "affordable on two CPU cores)")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--budget-gib", type=float, default=16.0, help="skip cases predicted to need more")
     p.add_argument("--warm-full", type=int, default=4096,
@@ -223,12 +225,24 @@ def mem_available_gib():
     return float("inf")
 
 
+def extrapolate(points, length):
+    """Peak at `length` from the measured (length, GiB) points: a power law through the last two (its
+    exponent clamped to [1, 2], so memory that grew faster than linearly, e.g. attention scores, is
+    predicted to keep doing so), linear from a single one."""
+    (l1, p1) = points[-1]
+    exponent = 1.0
+    if len(points) > 1 and points[-2][1] > 0 and p1 > 0:
+        (l0, p0) = points[-2]
+        exponent = min(2.0, max(1.0, math.log(p1 / p0) / math.log(l1 / l0)))
+    return p1 * (length / l1) ** exponent, exponent
+
+
 def skip_reason(case, measured, args):
-    """Why the case must not run (None: run it). `measured`: {impl: (length, peak GiB)} so far."""
-    if case["impl"] in measured:
-        length, peak = measured[case["impl"]]
-        predicted = peak * case["length"] / length
-        how = f"{peak:.2f} GiB measured at {length} tokens, scaled linearly"
+    """Why the case must not run (None: run it). `measured`: {impl: [(length, peak GiB), ...]} so far."""
+    if measured.get(case["impl"]):
+        points = measured[case["impl"]]
+        predicted, exponent = extrapolate(points, case["length"])
+        how = f"{points[-1][1]:.2f} GiB measured at {points[-1][0]} tokens, scaled as length^{exponent:.2f}"
     else:
         predicted = static_prediction_gib(case)
         how = "static estimate"
@@ -411,7 +425,7 @@ def main(argv=None):
             else:
                 row = run_case(case, args)
                 if row.get("status") == "ok":
-                    measured[impl] = (length, row["peak_mib"] / 1024)
+                    measured.setdefault(impl, []).append((length, row["peak_mib"] / 1024))
                 else:
                     stopped[impl] = length
             report["results"].append(row)
