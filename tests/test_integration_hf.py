@@ -156,6 +156,22 @@ def test_token_logprobs_from_model_fp32_kernels_against_fp64():
         assert_spec_close(o[on], e[on], r[on], torch.float32, name)
 
 
+def test_autocast_bf16_like_the_model_under_autocast():
+    """accelerate's mixed precision: fp32 weights, bf16 compute. The head then runs at bf16 like the
+    model's own lm_head, and the fp32 weights get their gradients."""
+    model = build("qwen2-tied")
+    batch = make_inputs(7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = policy_loss_from_model(model, batch["input_ids"], batch["attention_mask"], logits_to_keep=K,
+                                     old_logp=batch["old_logp"], advantages=batch["advantages"],
+                                     response_mask=batch["response_mask"], config=sf.PolicyLossConfig.preset("grpo"))
+        eager = reference_loss(copy.deepcopy(model), batch, sf.PolicyLossConfig.preset("grpo"), 1.0)
+    out.loss.backward()
+    oracle = reference_loss(copy.deepcopy(model).double(), batch, sf.PolicyLossConfig.preset("grpo"), 1.0)
+    assert_spec_close(out.loss, eager.loss, oracle.loss, torch.bfloat16, "loss")
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
 def test_left_padding_changes_nothing():
     """A left-padded row gives what the same tokens give unpadded (GPT-2: absolute positions)."""
     model = build("gpt2-tied").double()
@@ -291,6 +307,18 @@ def test_ddp_forward_runs_through_the_wrapper(process_group, through_wrapper):
     for name in g_plain:
         torch.testing.assert_close(g_ddp[name], g_plain[name], msg=name)
     assert bool(calls) == through_wrapper
+
+
+def test_ddp_keeps_a_forward_patched_onto_the_instance(process_group):
+    """accelerate and TRL set model.forward on the instance; the DDP detour must put theirs back."""
+    model = build("llama")
+    own = model.forward
+    model.forward = lambda *a, **k: own(*a, **k)
+    patched = model.forward
+    ddp = nn.parallel.DistributedDataParallel(model)
+    batch = make_inputs()
+    token_logprobs_from_model(ddp, batch["input_ids"], batch["attention_mask"], logits_to_keep=K)
+    assert model.__dict__["forward"] is patched
 
 
 def test_fsdp2_decoder_sharded_lm_head_replicated(process_group):

@@ -44,15 +44,13 @@ def token_logprobs_from_model(model, input_ids, attention_mask, *, logits_to_kee
     temperature = check_temperature(temperature)
     model_parts = resolve_model(model)
     targets = _check_inputs(model_parts, input_ids, attention_mask, logits_to_keep)
-    ignored = attention_mask[:, -logits_to_keep:] == 0
-    targets = targets.masked_fill(ignored, -100)
-    head = model_parts.head
+    targets = targets.masked_fill(attention_mask[:, -logits_to_keep:] == 0, -100)
 
     def compute():
-        hidden = _completion_hidden(model_parts, input_ids, attention_mask, logits_to_keep)
-        return linear_logprobs(hidden, head.weight, targets, bias=head.bias,
-                               temperature=temperature / model_parts.scale, return_entropy=return_entropy,
-                               chunk_size=chunk_size)
+        hidden, weight, bias = _head_inputs(_completion_hidden(model_parts, input_ids, attention_mask, logits_to_keep),
+                                            model_parts.head)
+        return linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature / model_parts.scale,
+                               return_entropy=return_entropy, chunk_size=chunk_size)
 
     return model_parts.run(compute)
 
@@ -72,12 +70,12 @@ def policy_loss_from_model(model, input_ids, attention_mask, *, logits_to_keep, 
     if tuple(response_mask.shape) != tuple(targets.shape):
         raise ValueError(f"response_mask must have shape {tuple(targets.shape)} (B, logits_to_keep), "
                          f"got {tuple(response_mask.shape)}")
-    head = model_parts.head
 
     def compute():
-        hidden = _completion_hidden(model_parts, input_ids, attention_mask, logits_to_keep)
-        return fused_linear_policy_loss(hidden, head.weight, targets, old_logp, advantages, response_mask, config,
-                                        bias=head.bias, segment_ids=segment_ids, ref_logp=ref_logp,
+        hidden, weight, bias = _head_inputs(_completion_hidden(model_parts, input_ids, attention_mask, logits_to_keep),
+                                            model_parts.head)
+        return fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, response_mask, config,
+                                        bias=bias, segment_ids=segment_ids, ref_logp=ref_logp,
                                         temperature=temperature / model_parts.scale, normalizer=normalizer,
                                         rollout_is_weights=rollout_is_weights)
 
@@ -248,12 +246,28 @@ def _completion_hidden(model_parts, input_ids, attention_mask, logits_to_keep):
     return _last_hidden(out)[:, -logits_to_keep - 1:-1]
 
 
+def _head_inputs(hidden, head):
+    """(hidden, weight, bias) as the model's own lm_head would multiply them: under autocast (fp32
+    weights, bf16 compute, as accelerate's mixed precision runs) all three at the autocast dtype, the
+    casts differentiable so the fp32 weight gets its gradient. The custom ops are not autocast-aware."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, head.weight, head.bias
+    dtype = torch.get_autocast_dtype(device_type)
+    bias = None if head.bias is None else head.bias.to(dtype)
+    return hidden.to(dtype), head.weight.to(dtype), bias
+
+
 def _through_ddp(ddp, compute):
     """Run compute() as the DDP module's forward: DDP's own __call__ then prepares its reducer for the
     backward (without that, the gradient hooks do not all-reduce) and honours no_sync()."""
     inner = ddp.module
+    patched = inner.__dict__.get("forward")  # accelerate and TRL patch forward onto the instance: keep theirs
     inner.forward = lambda *args, **kwargs: compute()  # an instance attribute shadows the class's forward
     try:
         return ddp()
     finally:
-        del inner.forward
+        if patched is None:
+            del inner.forward
+        else:
+            inner.forward = patched
