@@ -32,17 +32,25 @@ from torch import nn
 from .._checks import check_integer, check_temperature, check_tensor
 from ..losses import PolicyLossConfig
 from ..ops import fused_linear_policy_loss, linear_logprobs
+from ..packing import check_cu_seqlens, cu_seqlens_from_position_ids
 
 PROBE_TOKENS = 16
 _VERIFIED = weakref.WeakKeyDictionary()  # causal LM -> the logit scale its probe confirmed
 
 
-def token_logprobs_from_model(model, input_ids, attention_mask, *, logits_to_keep, temperature=1.0,
-                              return_entropy=False, chunk_size=None):
+def token_logprobs_from_model(model, input_ids, attention_mask, *, logits_to_keep=None, temperature=1.0,
+                              return_entropy=False, chunk_size=None, position_ids=None, cu_seqlens=None):
     """Log-probs (and entropies) fp32 (B, K) of `input_ids[:, -K:]` under `model` at `temperature`, for
-    old/reference log-probs and evaluation. Positions whose `attention_mask` is 0 get 0."""
+    old/reference log-probs and evaluation. Positions whose `attention_mask` is 0 get 0.
+    A packed row (`input_ids` (1, N), `attention_mask` None, `position_ids` restarting at 0 or
+    `cu_seqlens`, no `logits_to_keep`) gives (1, N): every token's log-prob within its own sequence,
+    0 at each sequence's first token."""
     temperature = check_temperature(temperature)
     model_parts = resolve_model(model)
+    if position_ids is not None or cu_seqlens is not None:
+        return _packed_token_logprobs(model_parts, input_ids, attention_mask, position_ids, cu_seqlens,
+                                      logits_to_keep, temperature, return_entropy, chunk_size)
+    _require_logits_to_keep(logits_to_keep)
     targets = _check_inputs(model_parts, input_ids, attention_mask, logits_to_keep)
     targets = targets.masked_fill(attention_mask[:, -logits_to_keep:] == 0, -100)
 
@@ -55,16 +63,23 @@ def token_logprobs_from_model(model, input_ids, attention_mask, *, logits_to_kee
     return model_parts.run(compute)
 
 
-def policy_loss_from_model(model, input_ids, attention_mask, *, logits_to_keep, old_logp, advantages,
+def policy_loss_from_model(model, input_ids, attention_mask, *, logits_to_keep=None, old_logp, advantages,
                            response_mask, config, ref_logp=None, segment_ids=None, temperature=1.0,
-                           normalizer=None, rollout_is_weights=None):
+                           normalizer=None, rollout_is_weights=None, position_ids=None, cu_seqlens=None):
     """`sppo_fast.fused_linear_policy_loss` on the last K = `logits_to_keep` tokens of `input_ids`:
     `old_logp`, `response_mask`, `ref_logp`, `segment_ids` are (B, K), `advantages` (B,) or (B, K).
-    Returns PolicyLossOutput; `loss.backward()` reaches every parameter of the model."""
+    Returns PolicyLossOutput; `loss.backward()` reaches every parameter of the model.
+    A packed row (see token_logprobs_from_model): the per-token tensors are (1, N), `advantages` (S,) or
+    (1, N); `response_mask` selects the completion tokens (a sequence's first token never counts)."""
     temperature = check_temperature(temperature)
     if not isinstance(config, PolicyLossConfig):
         raise TypeError(f"config must be a PolicyLossConfig, got {type(config).__name__}")
     model_parts = resolve_model(model)
+    if position_ids is not None or cu_seqlens is not None:
+        return _packed_policy_loss(model_parts, input_ids, attention_mask, position_ids, cu_seqlens, logits_to_keep,
+                                   old_logp, advantages, response_mask, config, ref_logp, segment_ids, temperature,
+                                   normalizer, rollout_is_weights)
+    _require_logits_to_keep(logits_to_keep)
     targets = _check_inputs(model_parts, input_ids, attention_mask, logits_to_keep)
     check_tensor("response_mask", response_mask)
     if tuple(response_mask.shape) != tuple(targets.shape):
@@ -271,3 +286,100 @@ def _through_ddp(ddp, compute):
             del inner.forward
         else:
             inner.forward = patched
+
+
+def _require_logits_to_keep(logits_to_keep):
+    if logits_to_keep is None:
+        raise ValueError("logits_to_keep is required (the number of completion tokens at the end of input_ids), "
+                         "unless the batch is a packed row given with position_ids= or cu_seqlens=")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Packed (padding-free) rows: input_ids (1, N), sequences marked by position_ids restarting at 0 or by
+# cu_seqlens. Every token n of the row gets the log-prob of input_ids[n] predicted from position n - 1
+# of its own sequence; the first token of each sequence has no prediction (0, never in the loss).
+
+
+def _packed_layout(model_parts, input_ids, attention_mask, position_ids, cu_seqlens, logits_to_keep):
+    """(position_ids (1, N), cu_seqlens, starts (N,) bool) of a packed row, checked before any forward."""
+    check_integer("input_ids", input_ids)
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"packed input_ids must have shape (1, N) (one row of concatenated sequences), "
+                         f"got {tuple(input_ids.shape)}")
+    if logits_to_keep is not None:
+        raise ValueError("logits_to_keep must be None for a packed row: every token gets its log-prob; select "
+                         "the completion tokens with response_mask")
+    if attention_mask is not None:
+        check_tensor("attention_mask", attention_mask)
+        if tuple(attention_mask.shape) != tuple(input_ids.shape) or not bool((attention_mask != 0).all()):
+            raise ValueError("attention_mask must be None or all ones for a packed row (a padding-free batch has "
+                             "no padding; the sequences are told apart by position_ids / cu_seqlens)")
+    n, device = input_ids.shape[1], input_ids.device
+    if position_ids is not None:
+        check_integer("position_ids", position_ids)
+        if tuple(position_ids.shape) not in ((1, n), (n,)):
+            raise ValueError(f"position_ids must have shape (1, {n}) like input_ids, got {tuple(position_ids.shape)}")
+        from_positions = cu_seqlens_from_position_ids(position_ids)
+        if cu_seqlens is not None and check_cu_seqlens(cu_seqlens, n, device) != from_positions.tolist():
+            raise ValueError("cu_seqlens and position_ids describe different sequences; pass one of them")
+        cu_seqlens = from_positions if cu_seqlens is None else cu_seqlens
+        positions = position_ids.reshape(1, n).to(torch.long)
+    else:
+        cu = check_cu_seqlens(cu_seqlens, n, device)
+        starts = torch.tensor(cu[:-1], dtype=torch.long, device=device)
+        lengths = torch.tensor([b - a for a, b in zip(cu, cu[1:])], dtype=torch.long, device=device)
+        seq = torch.repeat_interleave(torch.arange(len(cu) - 1, device=device), lengths, output_size=n)
+        positions = (torch.arange(n, device=device) - starts[seq]).unsqueeze(0)
+    if model_parts.head.weight.device != device:
+        raise ValueError(f"input_ids is on {device} but the model is on {model_parts.head.weight.device}")
+    verify_logits(model_parts, input_ids)
+    return positions, cu_seqlens, positions[0] == 0
+
+
+def _packed_hidden(model_parts, input_ids, positions):
+    """(N, H): row n is the decoder's last hidden state at n - 1, the one that predicts input_ids[n] (row 0,
+    a sequence start, repeats row 0 and is never used). The decoder sees position_ids and no attention
+    mask, from which transformers builds the block-diagonal causal mask of packed sequences."""
+    out = model_parts.decoder(input_ids=input_ids, position_ids=positions, use_cache=False)
+    hidden = _last_hidden(out)[0]
+    previous = (torch.arange(hidden.shape[0], device=hidden.device) - 1).clamp(min=0)
+    return hidden.index_select(0, previous)
+
+
+def _packed_token_logprobs(model_parts, input_ids, attention_mask, position_ids, cu_seqlens, logits_to_keep,
+                           temperature, return_entropy, chunk_size):
+    positions, _, starts = _packed_layout(model_parts, input_ids, attention_mask, position_ids, cu_seqlens,
+                                          logits_to_keep)
+    targets = input_ids[0].masked_fill(starts, -100)
+
+    def compute():
+        hidden, weight, bias = _head_inputs(_packed_hidden(model_parts, input_ids, positions), model_parts.head)
+        out = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature / model_parts.scale,
+                              return_entropy=return_entropy, chunk_size=chunk_size)
+        return tuple(x.unsqueeze(0) for x in out) if return_entropy else out.unsqueeze(0)
+
+    return model_parts.run(compute)
+
+
+def _packed_policy_loss(model_parts, input_ids, attention_mask, position_ids, cu_seqlens, logits_to_keep,
+                        old_logp, advantages, response_mask, config, ref_logp, segment_ids, temperature, normalizer,
+                        rollout_is_weights):
+    positions, cu_seqlens, starts = _packed_layout(model_parts, input_ids, attention_mask, position_ids,
+                                                   cu_seqlens, logits_to_keep)
+    check_tensor("response_mask", response_mask)
+    n = input_ids.shape[1]
+    if tuple(response_mask.shape) not in ((1, n), (n,)):
+        raise ValueError(f"response_mask must have shape (1, {n}) like input_ids, got {tuple(response_mask.shape)}")
+    mask = response_mask.reshape(n).bool() & ~starts  # a sequence's first token has no prediction
+    targets = input_ids[0].masked_fill(starts, -100)
+
+    def compute():
+        hidden, weight, bias = _head_inputs(_packed_hidden(model_parts, input_ids, positions), model_parts.head)
+        out = fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask, config, bias=bias,
+                                       segment_ids=segment_ids,
+                                       ref_logp=ref_logp, temperature=temperature / model_parts.scale,
+                                       normalizer=normalizer, rollout_is_weights=rollout_is_weights,
+                                       cu_seqlens=cu_seqlens)
+        return out._replace(logp=out.logp.unsqueeze(0), entropy=out.entropy.unsqueeze(0))
+
+    return model_parts.run(compute)
