@@ -28,10 +28,12 @@ DEFAULT_ALGOS = ("sppo", "grpo")
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_PROMPTS_PER_STEP = 64
 
-# Hyper-parameters per algorithm, on top of the `sppo-fast train` defaults (which are tuned for SPPO).
-# SPPO: one sample per prompt; its advantage R - V comes from the prompt critic.
-# Group algorithms: 8 samples per prompt; the group's own mean (and std) is the baseline, so the
-# advantages are already normalised and less noisy than SPPO's, and they take the same learning rate.
+# Hyper-parameters per algorithm, on top of the `sppo-fast train` defaults (lr, clipping, mini-batches,
+# warm start: the same for every algorithm unless set here or with --set).
+# SPPO: one sample per prompt; its advantage R - V comes from the prompt critic (trained alongside).
+# Group algorithms: 8 samples per prompt; the group's own mean (GRPO, DAPO: and std) is the baseline.
+#   Their steps cost 8x the rollouts of SPPO's and their gradients are less noisy, which is their side of
+#   the trade; they keep the preset's clipping and aggregation (SPEC section 4).
 # PPO: one sample per prompt and a token critic.
 ALGO_SETTINGS: dict[str, dict] = {
     "sppo": {"samples_per_prompt": 1},

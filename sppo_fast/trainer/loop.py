@@ -559,6 +559,9 @@ def _train(cfg, d, device, resume, start_wall):
         "eval_temperature": cfg.eval_temperature, "eval_examples": cfg.eval_examples,
         "eval_accuracy_greedy_before": greedy_before, "eval_accuracy_greedy_after": greedy_after,
         "wall_seconds": wall(), "warm_start_seconds": warm_seconds, "rl_seconds": time.time() - rl_start,
+        # CPU time of this process (all its threads): on a shared machine, the part of the wall-clock
+        # that was this run's own work.
+        "cpu_seconds": time.process_time(),
         "steps": cfg.steps, "resumed_from_step": step0 if ckpt is not None else None,
         "rollouts_per_step": cfg.rollouts_per_step, "samples_per_prompt": cfg.group_size,
         "policy_parameters": describe_model(tr.lm)["parameters"],
