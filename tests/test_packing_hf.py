@@ -120,3 +120,14 @@ def test_packed_inputs_are_checked():
         policy_loss_from_model(model, input_ids, None, position_ids=positions, old_logp=torch.zeros(1, 16),
                                advantages=torch.zeros(4), response_mask=torch.ones(1, 15),
                                config=sf.PolicyLossConfig.preset("sppo"))
+
+
+def test_a_model_that_attends_across_sequences_is_refused(monkeypatch):
+    """Without transformers' packed-sequence detection the decoder would mix sequences: refused."""
+    import transformers.masking_utils as masking_utils
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    model = build("llama")
+    seqs, input_ids, positions = packed_row()
+    with pytest.raises(ValueError, match="packed sequences apart"):
+        token_logprobs_from_model(model, input_ids, None, position_ids=positions)

@@ -333,7 +333,38 @@ def _packed_layout(model_parts, input_ids, attention_mask, position_ids, cu_seql
     if model_parts.head.weight.device != device:
         raise ValueError(f"input_ids is on {device} but the model is on {model_parts.head.weight.device}")
     verify_logits(model_parts, input_ids)
+    verify_packed_attention(model_parts, input_ids)
     return positions, cu_seqlens, positions[0] == 0
+
+
+_PACKED_VERIFIED = weakref.WeakSet()  # causal LMs whose decoder keeps packed sequences apart
+
+
+def verify_packed_attention(model_parts, input_ids):
+    """Once per model: a packed row of two sequences must give the second one the hidden states it gets
+    alone. transformers builds the block-diagonal mask from position_ids (flash-attention reads them
+    directly); a model or version that does not would let tokens attend across sequences, silently."""
+    causal_lm = model_parts.causal_lm
+    tokens = input_ids[0, :PROBE_TOKENS]
+    if causal_lm in _PACKED_VERIFIED or tokens.numel() < 2:
+        return
+    k = tokens.numel() // 2
+    positions = torch.cat([torch.arange(k), torch.arange(tokens.numel() - k)]).to(tokens.device).unsqueeze(0)
+    was_training = causal_lm.training
+    try:
+        causal_lm.eval()
+        with torch.no_grad():
+            packed = _last_hidden(model_parts.decoder(input_ids=tokens.unsqueeze(0), position_ids=positions,
+                                                      use_cache=False))[0, k:]
+            alone = _last_hidden(model_parts.decoder(input_ids=tokens[k:].unsqueeze(0), position_ids=positions[:, k:],
+                                                     use_cache=False))[0]
+    finally:
+        causal_lm.train(was_training)
+    if not _close(packed, alone):
+        raise ValueError(f"model type {_model_type(causal_lm)!r} does not keep packed sequences apart: given "
+                         "position_ids that restart at 0 (and no attention_mask) its tokens attend across sequence "
+                         "boundaries (needs transformers >= 4.56 masks or flash-attention); use padded batches")
+    _PACKED_VERIFIED.add(causal_lm)
 
 
 def _packed_hidden(model_parts, input_ids, positions):
