@@ -4,8 +4,8 @@ where each sequence starts. This is how verl's `use_remove_padding` and TRL's `p
 model.
 
 The loss family is written once, on (B, T) tensors (SPEC §9). So the packed entry points map the small
-per-token tensors (log-probs, masks, advantages: O(N) numbers, never O(N x V)) into the padded
-(S, Tmax) layout by one index, run the shared loss stage there, and map log-probs and entropy back.
+per-token tensors (log-probs, masks, advantages: a few scalars per position, never O(N x V)) into the
+padded (S, Tmax) layout by one index (S x Tmax scalars: more than N when lengths are skewed), run the shared loss stage there, and map log-probs and entropy back.
 Every sequence is its own row of the padded layout, so sequence- and segment-level ratios and every
 aggregation stay inside one packed sequence. The vocabulary-sized work runs on the packed rows
 themselves: (N, V) logits or (N, H) hidden states are never padded (the fused linear loss chunks
