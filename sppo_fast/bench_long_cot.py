@@ -8,9 +8,9 @@ sequence per step, so the response length is the only size that grows.
 
 How it measures. Every (length, implementation) runs in its own child process (fresh allocator and
 compilation caches). The child builds the model and the optimizer with a fixed seed (so every
-implementation computes the same loss: the rows record it), runs one warm-up step (at the measured
-length up to --warm-full tokens, else at 64 tokens: it allocates the optimizer state and, for compile,
-compiles), then one measured step in four phases: (1) the decoder forward, (2) the loss stage, run as
+implementation computes the same loss: the rows record it), runs two short warm-up steps (64 and 96
+tokens: they allocate the optimizer state, and put compile in its steady state, a graph compiled for
+dynamic lengths, as a trainer sees after its first recompilation), then one measured step in four phases: (1) the decoder forward, (2) the loss stage, run as
 its own autograd segment from the detached hidden states (loss forward + backward to the hidden states
 and lm_head: the gradient is the same as one joint backward), (3) the decoder backward from the
 hidden states' gradient, (4) clipping and the optimizer step. Memory is the resident set, made to
@@ -43,6 +43,7 @@ import time
 LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 IMPLS = ("fused_linear", "fused", "compile", "eager")
 PROMPT = 32
+WARMUP_LENGTHS = (64, 96)  # two lengths: compile's second call recompiles for dynamic shapes
 # Bytes per (token x vocab) that the loss stage keeps alive at its peak, fp32 (a static guess used only
 # until the implementation has a measured length): fused = logits + their gradient; compile ~ three
 # logits-sized fp32 tensors; eager ~ seven (logits, scaled logits, log-softmax, probabilities, their
@@ -61,8 +62,8 @@ def parse_args(argv=None):
                                                           "affordable on two CPU cores)")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--budget-gib", type=float, default=16.0, help="skip cases predicted to need more")
-    p.add_argument("--warm-full", type=int, default=4096,
-                   help="warm up at the measured length up to this many tokens (else at 64)")
+    p.add_argument("--max-step-s", type=float, default=1500.0,
+                   help="skip cases whose step is predicted to take longer (seconds, from the measured ones)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in the child (0: torch's default)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per child process")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the script in about a minute")
@@ -159,10 +160,10 @@ def run_child(case):
     if case.get("threads"):
         torch.set_num_threads(case["threads"])
     lm, policy, opt = build(case)
-    warm_len = case["length"] if case["length"] <= case["warm_full"] else 64
     t0 = time.perf_counter()
-    update_step(case, lm, policy, opt, batch(case, warm_len))
-    result = {"warmup_tokens": warm_len, "warmup_s": round(time.perf_counter() - t0, 2)}
+    for warm_len in WARMUP_LENGTHS:
+        update_step(case, lm, policy, opt, batch(case, warm_len))
+    result = {"warmup_s": round(time.perf_counter() - t0, 2)}
     inp = batch(case, case["length"])
     _faithful_rss()
     gc.collect()
@@ -237,7 +238,7 @@ def extrapolate(points, length):
     return p1 * (length / l1) ** exponent, exponent
 
 
-def skip_reason(case, measured, args):
+def skip_reason(case, measured, step_times, args):
     """Why the case must not run (None: run it). `measured`: {impl: [(length, peak GiB), ...]} so far."""
     if measured.get(case["impl"]):
         points = measured[case["impl"]]
@@ -247,6 +248,13 @@ def skip_reason(case, measured, args):
         predicted = static_prediction_gib(case)
         how = "static estimate"
     case["predicted_gib"] = round(predicted, 2)
+    times = step_times.get(case["impl"])
+    if times:
+        seconds = extrapolate(times, case["length"])[0]
+        case["predicted_step_s"] = round(seconds)
+        if seconds > args.max_step_s:
+            return (f"skipped: step predicted to take {seconds:.0f} s (> --max-step-s {args.max_step_s:g}) "
+                    "on this loaded machine")
     if predicted > args.budget_gib:
         return f"skipped: predicted {predicted:.1f} GiB ({how}) > budget {args.budget_gib:g} GiB"
     free = mem_available_gib() - MEM_MARGIN_GIB
@@ -409,16 +417,16 @@ def main(argv=None):
     report = {"environment": environment(), "settings": settings, "results": [],
               "method": __doc__.split("How it measures.")[1].strip()}
     print(json.dumps(report["environment"]), flush=True)
-    measured, stopped = {}, {}
+    measured, step_times, stopped = {}, {}, {}
     for length in sorted(args.lengths):
         for impl in args.impls:
             case = {"impl": impl, "length": length, "vocab": args.vocab, "hidden": args.hidden,
-                    "layers": args.layers, "heads": args.heads, "warm_full": args.warm_full,
+                    "layers": args.layers, "heads": args.heads,
                     "threads": args.threads or torch.get_num_threads()}
             if impl in stopped:  # memory grows with length: what did not run will not run longer
                 reason = f"skipped: {impl} did not run at {stopped[impl]} tokens"
             else:
-                reason = skip_reason(case, measured, args)
+                reason = skip_reason(case, measured, step_times, args)
             if reason:
                 row = dict(case, status=reason)
                 stopped.setdefault(impl, length)
@@ -426,6 +434,7 @@ def main(argv=None):
                 row = run_case(case, args)
                 if row.get("status") == "ok":
                     measured.setdefault(impl, []).append((length, row["peak_mib"] / 1024))
+                    step_times.setdefault(impl, []).append((length, row["step_s"]))
                 else:
                     stopped[impl] = length
             report["results"].append(row)

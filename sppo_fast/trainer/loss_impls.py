@@ -24,7 +24,8 @@ from sppo_fast.trainer.config import LOSS_IMPLS
 def eager_policy_loss(hidden, weight, bias, targets, old_logp, advantages, mask, config, segment_ids=None,
                       ref_logp=None, temperature=1.0, normalizer=None):
     """What one writes without the library's fused ops: full logits, fp32 log-softmax, gather, entropy."""
-    logits = F.linear(hidden, weight, bias).float() / temperature
+    logits = F.linear(hidden, weight, bias)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # fp32 at least
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
