@@ -85,7 +85,7 @@ def test_unit_weights_change_nothing_and_get_no_gradient():
         assert torch.equal(plain.metrics[key], weighted.metrics[key]), key
 
 
-@pytest.mark.parametrize("preset", ["grpo", "dapo", "dr_grpo", "gspo", "sspo", "sppo"])
+@pytest.mark.parametrize("preset", ["grpo", "gspo", "sspo", "sppo"])  # the three ratio levels, the dual clip
 @pytest.mark.parametrize("shape", ["token", "sequence"])
 def test_fused_policy_loss_with_weights_against_fp64(backend, preset, shape):
     _, device = backend
@@ -111,7 +111,7 @@ def test_fused_policy_loss_with_weights_against_fp64(backend, preset, shape):
         assert_spec_close(o, e, r, torch.float32, name)
 
 
-@pytest.mark.parametrize("preset", ["grpo", "dapo", "gspo", "sspo"])
+@pytest.mark.parametrize("preset", ["dapo", "sspo"])
 @pytest.mark.parametrize("chunk_size", [3, 10, None], ids=["token-chunks", "sequence-chunks", "default"])
 def test_fused_linear_policy_loss_with_weights_against_fp64(backend, preset, chunk_size):
     """Both linear paths: the one-pass sequence chunks and linear_logprobs + the loss stage."""
