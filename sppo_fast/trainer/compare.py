@@ -26,7 +26,7 @@ from sppo_fast.trainer.config import ALGOS, GROUP_ALGOS, TrainConfig, field_type
 
 DEFAULT_ALGOS = ("sppo", "grpo")
 DEFAULT_SEEDS = (0, 1, 2)
-DEFAULT_PROMPTS_PER_STEP = 64
+DEFAULT_PROMPTS_PER_STEP = 32
 
 # Hyper-parameters per algorithm, on top of the `sppo-fast train` defaults (lr, clipping, mini-batches,
 # warm start: the same for every algorithm unless set here or with --set).
@@ -36,12 +36,13 @@ DEFAULT_PROMPTS_PER_STEP = 64
 #   the trade; they keep the preset's clipping and aggregation (SPEC section 4).
 # PPO: one sample per prompt and a token critic.
 ALGO_SETTINGS: dict[str, dict] = {
-    "sppo": {"samples_per_prompt": 1},
-    "ppo": {"samples_per_prompt": 1},
-    **{algo: {"samples_per_prompt": 8} for algo in GROUP_ALGOS},
+    "sppo": {"samples_per_prompt": 1, "eval_every": 20},
+    "ppo": {"samples_per_prompt": 1, "eval_every": 20},
+    **{algo: {"samples_per_prompt": 8, "eval_every": 10} for algo in GROUP_ALGOS},
 }
-# Shared by every run of a comparison: evaluations often enough for a curve against time.
-COMMON_SETTINGS = {"eval_every": 10, "progress": False, "threads": 1, "save_every": 0}
+# Shared by every run of a comparison. Evaluations often enough in time for a curve (a one-sample step is
+# several times cheaper than an 8-sample one, hence the two eval_every above), on 256 held-out prompts.
+COMMON_SETTINGS = {"eval_examples": 256, "progress": False, "threads": 1, "save_every": 0}
 
 
 def default_jobs() -> int:
@@ -92,9 +93,8 @@ def run_configs(algos, seeds, out_dir, *, steps=None, prompts_per_step=DEFAULT_P
     configs = []
     for seed in seeds:
         for algo in algos:
-            values = {**COMMON_SETTINGS, **ALGO_SETTINGS[algo], **(common or {}), **(per_algo or {}).get(algo, {})}
-            if steps is not None:
-                values["steps"] = steps
+            values = {**COMMON_SETTINGS, **ALGO_SETTINGS[algo], **({"steps": steps} if steps is not None else {}),
+                      **(common or {}), **(per_algo or {}).get(algo, {})}
             group = values.get("samples_per_prompt") or (8 if algo in GROUP_ALGOS else 1)
             values.update(algo=algo, seed=seed, rollouts_per_step=prompts_per_step * group,
                           out=os.path.join(out_dir, "runs", f"{algo}-seed{seed}"))
