@@ -60,6 +60,7 @@ def make_batch(vocab, *, seed=0, old=True, ref=False, is_ratio=False, level="tok
     prompt_mask = torch.ones(B, P, dtype=torch.long)
     prompt_mask[1, :2] = 0  # left padding
     prompt_mask[3, :1] = 0
+    prompt_ids = prompt_ids.masked_fill(prompt_mask == 0, 0)  # the pad id: the embedding's padding_idx
     completion_ids = torch.randint(5, vocab, (B, K), generator=g)
     completion_mask = torch.ones(B, K, dtype=torch.long)
     completion_mask[0, 4:] = 0  # ended early
@@ -92,8 +93,8 @@ CONTROLLER_STATE = ("entropy_coef", "_last_world_entropy")
 
 
 def assert_same_as_trl(trainer, inputs, atol=2e-6):
-    sf_trl.check_supported(trainer)
-    sf_trl.add_hidden_state_forward(trainer.model)
+    """TRL's own loss first, on the pristine trainer; then the same trainer switched by
+    patch_grpo_trainer (embedding and lm_head gradients then go straight into .grad)."""
     state = {k: getattr(trainer, k) for k in CONTROLLER_STATE}  # the adaptive entropy controller moves
     trainer._metrics["train"].clear()
     ref_loss, ref_grads, ref_metrics = loss_and_grads(GRPOTrainer._compute_loss, trainer, inputs)
@@ -101,7 +102,9 @@ def assert_same_as_trl(trainer, inputs, atol=2e-6):
     for k, v in state.items():
         setattr(trainer, k, v)
     trainer._metrics["train"].clear()
-    loss, grads, metrics = loss_and_grads(sf_trl.sppo_fast_compute_loss, trainer, inputs)
+    sf_trl.patch_grpo_trainer(trainer)
+    loss, grads, metrics = loss_and_grads(lambda t, m, x: t._compute_loss(m, x), trainer, inputs)
+    assert trainer.model.get_input_embeddings()._sppo_fast_grad_into
     for k in CONTROLLER_STATE:
         assert getattr(trainer, k) == pytest.approx(ref_state[k]), k
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=atol)

@@ -1,17 +1,19 @@
-"""Log-probs and entropy through the output projection, with the projection's gradient accumulated
-straight into `weight.grad` (and `bias.grad`), as Megatron's gradient-accumulation fusion does.
+"""Gradients of the two vocabulary-sized parameters, the output projection and the input embedding,
+accumulated straight into their `.grad`, as Megatron's gradient-accumulation fusion does.
 
-`sppo_fast.linear_logprobs` returns the weight's gradient from its backward, so autograd holds a
-fresh (V, H) tensor before adding it to `.grad`: 297 MiB at V = 151936, H = 512 in fp32, more than
-everything else a long-completion RL step needs once the logits are never materialised. Here the
-backward adds each chunk's `grad_logits.T @ hidden` into `.grad` itself and reports no gradient for
-the weight, so that tensor never exists.
+Autograd hands a parameter's gradient to its AccumulateGrad node as a fresh tensor and only then adds
+it to `.grad`: for a (V, H) matrix that is 297 MiB at V = 151936, H = 512 in fp32, twice per step
+(the lm_head's and the embedding's dense backward), more than everything else a long-completion RL
+step needs once the logits are never materialised. Here each backward adds its contribution into
+`.grad` itself (the lm_head chunk by chunk, `grad_logits.T @ hidden`; the embedding by `index_add_`)
+and reports no gradient to autograd, so those tensors never exist. The sum is the same.
 
-Skipping autograd's accumulation is only safe when nothing else watches the weight's gradient:
-`accumulation_is_safe` says no when the weight has hooks, is not a plain fp32 leaf, or is a DTensor
-(FSDP); callers with DDP or DeepSpeed must not ask for it (their reducers hook the accumulation)."""
+Skipping autograd's accumulation is only safe when nothing else watches the parameter's gradient:
+`accumulation_is_safe` says no when it has hooks, is not a plain fp32 leaf, or is a DTensor (FSDP);
+callers with DDP or DeepSpeed must not ask for it (their reducers hook the accumulation)."""
 
 import torch
+import torch.nn.functional as F
 
 from .. import dispatch
 from .._checks import check_targets_range
@@ -98,3 +100,53 @@ class _HeadLogprobsIntoGrad(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias += grad.sum(0)
         return grad_hidden, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The input embedding
+
+
+def embedding_accumulation_possible(module):
+    """An nn.Embedding whose backward is a plain scatter-add (no max_norm, frequency scaling or sparse)."""
+    return (isinstance(module, torch.nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq
+            and not module.sparse)
+
+
+def accumulate_embedding_grad_into_grad(module):
+    """Patch `module` (an nn.Embedding) so that, while `accumulation_is_safe(module.weight)`, its backward
+    adds into `weight.grad` with index_add_ instead of building the dense (V, H) gradient; otherwise
+    its forward is unchanged. Idempotent; returns whether the module was (or already is) patched."""
+    if getattr(module, "_sppo_fast_grad_into", False):
+        return True
+    if not embedding_accumulation_possible(module):
+        return False
+    previous = module.forward
+
+    def forward(input_ids):
+        if torch.is_grad_enabled() and accumulation_is_safe(module.weight):
+            return _EmbeddingIntoGrad.apply(input_ids, module.weight, module.padding_idx)
+        return previous(input_ids)
+
+    module.forward = forward
+    module._sppo_fast_grad_into = True
+    return True
+
+
+class _EmbeddingIntoGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input_ids, weight, padding_idx):
+        ctx.save_for_backward(input_ids)
+        ctx.weight, ctx.padding_idx = weight, padding_idx
+        return F.embedding(input_ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (input_ids,) = ctx.saved_tensors
+        weight = ctx.weight
+        rows = input_ids.reshape(-1)
+        grads = grad_output.reshape(-1, weight.shape[1])
+        if ctx.padding_idx is not None:  # nn.Embedding never updates its padding row
+            keep = rows != ctx.padding_idx
+            rows, grads = rows[keep], grads[keep]
+        _grad_buffer(weight).index_add_(0, rows, grads.to(weight.dtype))
+        return None, None, None

@@ -8,7 +8,8 @@ Switch with one import, or one line on a trainer already built:
 `_compute_loss` keeps every TRL feature that has an exact sppo-fast form and raises a ValueError for
 the others (never a silently different loss). The log-probs and entropy of the completion come from
 the decoder's last hidden states and the `lm_head` weight chunk by chunk (the `(B, T, V)` logits never
-exist), with the `lm_head` gradient added straight into `.grad` on a single process; the clipped
+exist), with the `lm_head` and embedding gradients added straight into `.grad` on a single process
+(sppo_fast/integrations/grad_accumulation.py: no (V, H) temporary); the clipped
 loss is `sppo_fast.policy_loss` with the configuration `loss_config` maps from TRL's arguments:
 
     TRL                                   sppo-fast
@@ -44,7 +45,7 @@ from trl import GRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
 from ..losses import PolicyLossConfig, policy_loss, token_weights
-from .lm_head import accumulation_is_safe, head_logprobs
+from .grad_accumulation import accumulate_embedding_grad_into_grad, accumulation_is_safe, head_logprobs
 
 AGGREGATIONS = {
     "grpo": "seq-mean-token-mean",
@@ -165,11 +166,9 @@ def completion_logprobs(trainer, model, input_ids, attention_mask, logits_to_kee
     weight, bias = head.weight, head.bias
     # only the valid positions go through the head: prompts' padding and post-EOS tokens cost nothing
     rows = hidden[valid].to(weight.dtype)
-    single = (trainer.accelerator.num_processes == 1 and not trainer.is_deepspeed_enabled
-              and not trainer.is_fsdp_enabled)
     temperature = trainer.temperature / logit_scale(base.config.get_text_config())
     logp, entropy = head_logprobs(rows, weight, targets[valid], bias=bias, temperature=temperature,
-                                  accumulate_into_grad=single and accumulation_is_safe(weight))
+                                  accumulate_into_grad=_single_process(trainer) and accumulation_is_safe(weight))
     zeros = torch.zeros(valid.shape, dtype=logp.dtype, device=logp.device)
     return zeros.masked_scatter(valid, logp), zeros.masked_scatter(valid, entropy)
 
@@ -313,9 +312,17 @@ def log_metrics(self, mode, mask, entropies, log_ratio, advantages, per_token_kl
 # The two ways in
 
 
+def _single_process(trainer):
+    """No DDP, DeepSpeed or FSDP reducer hooks the gradients: they may be added into .grad by hand."""
+    return (trainer.accelerator.num_processes == 1 and not trainer.is_deepspeed_enabled
+            and not trainer.is_fsdp_enabled)
+
+
 def _prepare(trainer):
     check_supported(trainer)
     add_hidden_state_forward(trainer.model)
+    if _single_process(trainer):
+        accumulate_embedding_grad_into_grad(_unwrapped(trainer.model).get_input_embeddings())
 
 
 class SppoFastGRPOTrainer(GRPOTrainer):
