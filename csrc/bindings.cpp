@@ -1,5 +1,6 @@
 // Python bindings of the two CPU kernels. setup.py builds this module once per ISA (sppo_fast._C,
 // sppo_fast._C_avx2, sppo_fast._C_avx512); sppo_fast/backends/native.py imports the best one.
+#include "buffer_pool.h"
 #include "token_logprobs.h"
 
 #include <torch/csrc/utils/pybind.h>
@@ -19,6 +20,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("grad_logp"), pybind11::arg("grad_entropy"), pybind11::arg("temperature"),
         pybind11::arg("ignore_index"), pybind11::arg("inplace"),
         "the gradient of the logits (N, V) from per-row grad_logp and grad_entropy");
+  m.def("pool_cached_bytes", &sppo_fast::pool_cached_bytes,
+        "bytes held by freed gradient buffers waiting for reuse (csrc/buffer_pool.cpp)");
+  m.def("pool_release", &sppo_fast::pool_release,
+        "frees the gradient buffers waiting for reuse; returns the bytes freed");
   // The ATen CPU_CAPABILITY this module was compiled for: DEFAULT, AVX2 or AVX512.
   m.attr("CPU_CAPABILITY") = SPPO_STRINGIFY(CPU_CAPABILITY);
 }

@@ -7,36 +7,14 @@
 #include "token_logprobs.h"
 #include "vec_math.h"
 
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
+#include "buffer_pool.h"
 
-#include <sys/mman.h>
+#include <ATen/Parallel.h>
 
 #include <cmath>
-#include <cstdlib>
-#include <new>
 
 namespace sppo_fast {
 namespace {
-
-constexpr size_t kHugePage = size_t{2} << 20;
-
-// An uninitialised contiguous tensor whose pages the kernel backs with 2 MiB huge pages where it can
-// (THP "madvise" mode): the first write to a fresh (N, V) gradient otherwise pays one page fault per
-// 4 KiB, which costs more than the kernel's own work on a few hundred MiB. Small tensors use ATen.
-at::Tensor empty_huge_paged(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  int64_t numel = 1;
-  for (int64_t s : sizes) numel *= s;
-  const size_t bytes = static_cast<size_t>(numel) * options.dtype().itemsize();
-  static const bool enabled = std::getenv("SPPO_FAST_NO_HUGE_PAGES") == nullptr;
-  if (!enabled || bytes < 4 * kHugePage) return at::empty(sizes, options);
-  const size_t padded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
-  void* data = std::aligned_alloc(kHugePage, padded);
-  if (data == nullptr) throw std::bad_alloc();
-  madvise(data, padded, MADV_HUGEPAGE);  // advisory: without THP the pages are simply 4 KiB
-  return at::from_blob(data, sizes, [](void* p) { std::free(p); }, options);
-}
 
 struct RowCoefficients {
   float lse_hi, lse_lo;  // lse = hi + lo: lo is 0 for an fp32 lse, the rest of an fp64 one
@@ -156,7 +134,7 @@ at::Tensor token_logprobs_backward(
   TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "logits must be (N, V) with unit stride");
   TORCH_CHECK(targets.scalar_type() == at::kLong, "targets must be int64");
   const int64_t N = logits.size(0), V = logits.size(1);
-  at::Tensor out = inplace ? logits : empty_huge_paged({N, V}, logits.options());
+  at::Tensor out = inplace ? logits : empty_pooled({N, V}, logits.options());
   if (N == 0 || V == 0) return out;
   const auto targets_c = targets.contiguous();
   const bool lse_fp64 = lse.scalar_type() == at::kDouble;

@@ -86,6 +86,9 @@ def _token_setup_context(ctx, inputs, output):
     ctx.save_for_backward(logits, targets, lse, entropy)
     ctx.options = (temperature, ignore_index, compute_entropy, inplace_backward)
     ctx.mark_non_differentiable(lse)
+    # An entropy used only as a metric gets no gradient: None, not zeros, so that the backward kernel
+    # skips the entropy term (about a tenth of its time) instead of multiplying by zero.
+    ctx.set_materialize_grads(False)
 
 
 def _token_backward(ctx, grad_logp, grad_entropy, _grad_lse):
@@ -180,6 +183,7 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
     ctx.options = (temperature, ignore_index, compute_entropy, chunk_size)
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # as in _token_setup_context
 
 
 def _linear_backward(ctx, grad_logp, grad_entropy, _grad_lse):

@@ -336,15 +336,82 @@ def test_the_max_arrives_in_a_late_chunk(kernels):
     check_spec(kernels, logits, torch.tensor([vocab - 1, 0, vocab // 2]), temperature=0.9)
 
 
-@only("native")
-def test_a_gradient_large_enough_for_huge_pages_is_right_and_freed(kernels):
-    """Gradients of 8 MiB and more come from the huge-page allocator (csrc/token_logprobs_backward)."""
-    native = kernels.module
-    logits, targets = make_case(kernels, 64, 32768 + 5, torch.float32, ignored_rows=(7,), seed=11)
-    check_spec(kernels, logits, targets, temperature=1.3)
-    g_logp, g_ent = coefficients(kernels, 64)
+POOLED_VOCAB = 32768 + 5  # 64 rows of it in fp32: just over 8 MiB, the smallest pooled gradient
+
+
+def pooled_gradient(native, logits, targets, seed):
+    """(gradient, its expected value): the backward into a fresh (pooled) buffer, and the same
+    coefficients in place on a copy of the logits, which takes nothing from the pool."""
+    g_logp, g_ent = coefficients(native_kernels(native), logits.shape[0], seed=seed)
     logp, entropy, lse = native.token_logprobs_forward(logits, targets, 1.0, IGNORE, True)
-    for _ in range(3):  # each gradient is released when its tensor dies
-        grad = native.token_logprobs_backward(logits, targets, lse, entropy, g_logp, g_ent, 1.0, IGNORE, False)
-        assert grad.is_contiguous() and grad.data_ptr() % (2 << 20) == 0
-        del grad
+    grad = native.token_logprobs_backward(logits, targets, lse, entropy, g_logp, g_ent, 1.0, IGNORE, False)
+    expected = native.token_logprobs_backward(logits.clone(), targets, lse, entropy, g_logp, g_ent, 1.0,
+                                              IGNORE, True)
+    return grad, expected
+
+
+def native_kernels(native):
+    return Kernels("native", native, torch.device("cpu"))
+
+
+@only("native")
+def test_a_pooled_gradient_is_right_and_its_block_is_reused_once_it_dies(kernels):
+    """Gradients of 8 MiB and more come from csrc/buffer_pool.cpp: a dead gradient's block serves the
+    next one of its size, and a stale block never changes a result."""
+    from sppo_fast import buffers
+
+    native = kernels.module
+    buffers.empty_cache()
+    logits, targets = make_case(kernels, 64, POOLED_VOCAB, torch.float32, ignored_rows=(7,), seed=11)
+    check_spec(kernels, logits, targets, temperature=1.3)
+    grad, expected = pooled_gradient(native, logits, targets, seed=1)
+    assert grad.is_contiguous() and grad.data_ptr() % (2 << 20) == 0
+    assert torch.equal(grad, expected)
+    address, capacity = grad.data_ptr(), 10 << 20  # 8.0 MiB + 20 KiB, rounded up to 2 MiB pages
+    assert buffers.cached_bytes() == 0
+    del grad
+    assert buffers.cached_bytes() == capacity
+    grad, expected = pooled_gradient(native, logits, targets, seed=2)  # other coefficients, same block
+    assert grad.data_ptr() == address and buffers.cached_bytes() == 0
+    assert torch.equal(grad, expected)
+    del grad
+    assert buffers.empty_cache() == capacity and buffers.cached_bytes() == 0
+
+
+@only("native")
+def test_live_gradients_never_share_a_block_and_the_pool_keeps_two(kernels):
+    from sppo_fast import buffers
+
+    native = kernels.module
+    buffers.empty_cache()
+    logits, targets = make_case(kernels, 64, POOLED_VOCAB, torch.float32, seed=12)
+    live = [pooled_gradient(native, logits, targets, seed=s) for s in range(3)]
+    assert len({grad.data_ptr() for grad, _ in live}) == 3
+    for grad, expected in live:  # each later gradient left the earlier ones alone
+        assert torch.equal(grad, expected)
+    del grad, expected
+    live.clear()
+    assert buffers.cached_bytes() == 2 * (10 << 20)
+    buffers.empty_cache()
+
+
+@only("native")
+def test_a_freed_block_serves_only_a_gradient_of_about_its_size(kernels):
+    """A block is reused for a request at most 1/8 smaller than itself: a small gradient never pins a
+    big block's memory, and a big one never gets a small block."""
+    from sppo_fast import buffers
+
+    native = kernels.module
+    buffers.empty_cache()
+    big, big_targets = make_case(kernels, 128, POOLED_VOCAB, torch.float32, seed=13)
+    small, small_targets = make_case(kernels, 64, POOLED_VOCAB, torch.float32, seed=14)
+    grad, _ = pooled_gradient(native, big, big_targets, seed=1)
+    big_address = grad.data_ptr()
+    del grad
+    grad, expected = pooled_gradient(native, small, small_targets, seed=1)
+    assert grad.data_ptr() != big_address and torch.equal(grad, expected)
+    del grad, expected
+    grad, expected = pooled_gradient(native, big, big_targets, seed=2)
+    assert grad.data_ptr() == big_address and torch.equal(grad, expected)
+    del grad, expected
+    buffers.empty_cache()

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from spec_helpers import assert_spec_close, eager_logprobs, max_error
 
 import sppo_fast as sf
-from sppo_fast import reference
+from sppo_fast import dispatch, reference
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -148,6 +148,34 @@ def test_default_backward_leaves_the_logits_alone(backend):
     before = logits.detach().clone()
     sf.token_logprobs(logits, torch.randint(0, 17, (3,), device=device)).sum().backward()
     assert torch.equal(logits.detach(), before)
+
+
+def test_an_entropy_without_gradient_reaches_the_kernel_as_none(backend, monkeypatch):
+    """An entropy kept as a metric gets no zeros tensor (the kernel would sweep its term for nothing);
+    used in the loss, it does; the gradient is right either way."""
+    name, device = backend
+    module = dispatch.load(name)[0]
+    seen = []
+    original = module.token_logprobs_backward
+
+    def spy(*args):
+        seen.append(args[5] is None)
+        return original(*args)
+
+    monkeypatch.setattr(module, "token_logprobs_backward", spy)
+    logits = torch.randn(4, 33, device=device, requires_grad=True)
+    targets = torch.randint(0, 33, (4,), device=device)
+    logp, entropy = sf.token_logprobs(logits, targets, return_entropy=True)
+    (grad,) = torch.autograd.grad(logp.sum(), logits)
+    logp, entropy = sf.token_logprobs(logits, targets, return_entropy=True)
+    (grad_both,) = torch.autograd.grad(logp.sum() + entropy.sum(), logits)
+    assert seen == [True, False]
+    x = logits.detach().double().requires_grad_(True)
+    logp64, entropy64 = reference.token_logprobs(x, targets, return_entropy=True)
+    (want,) = torch.autograd.grad(logp64.sum(), x, retain_graph=True)
+    (want_both,) = torch.autograd.grad(logp64.sum() + entropy64.sum(), x)
+    torch.testing.assert_close(grad.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_both.double(), want_both, rtol=1e-5, atol=1e-6)
 
 
 @settings(max_examples=12)

@@ -47,6 +47,16 @@ def describe():
     return f"csrc/ C++ kernels, {CPU_CAPABILITY} build ({_C.__name__})"
 
 
+def cached_buffer_bytes():
+    """Bytes held by freed gradient buffers that the backward keeps for reuse (csrc/buffer_pool.cpp)."""
+    return _C.pool_cached_bytes()
+
+
+def release_cached_buffers():
+    """Frees those buffers; returns the bytes freed."""
+    return _C.pool_release()
+
+
 def token_logprobs_forward(logits, targets, temperature, ignore_index, compute_entropy,
                            lse_dtype=torch.float32):
     """The interface's forward; `lse_dtype=torch.float64` (beyond the interface, as the Triton
