@@ -1,18 +1,30 @@
-"""`sppo-fast bench` (also `python bench/bench_ops.py`): the CPU benchmark of the fused ops.
+"""`sppo-fast bench` (also `python bench/bench_ops.py`): the CPU benchmark of the fused ops against
+what users actually run.
 
 Times forward and forward+backward and measures peak memory of
   token_logprobs      log-probs + entropy from (B, T, V) logits, backward of a fixed random mix of both;
-  fused_policy_loss   the policy loss straight from logits, presets dapo, gspo and sspo;
+  fused_policy_loss   the policy loss straight from logits, presets dapo (default), gspo and sspo;
   fused_linear        the policy loss from hidden states x lm_head (dapo, with entropy), never holding
-                      the logits, against Liger-Kernel and Cut Cross-Entropy;
+                      the logits;
 for each implementation, side by side in one run:
   sppo_fast           the op on the native CPU backend (csrc/)
   sppo_fast_inplace   the same with inplace_backward=True (the gradient overwrites the logits)
-  eager               sppo_fast.reference: the same computation in plain PyTorch (fp32 accumulation)
-  compile             torch.compile of that eager function
+  torch_eager         the idiomatic loss: fp32 log_softmax + gather, entropy -(p * logp).sum(-1), then the
+                      preset's loss stage (sppo_fast.policy_loss, plain PyTorch on (B, T): the DAPO loss)
+  torch_compile       torch.compile of torch_eager
+  verl_eager/compile  verl 0.9.1's logprobs_from_logits + entropy_from_logits + compute_policy_loss_vanilla
+                      (token-mean, its default dual clip 3.0), eager and compiled (dapo only)
+  trl_eager/compile   TRL 1.16's selective_log_softmax + entropy_from_logits (under no_grad, as its
+                      GRPOTrainer), then the DAPO loss stage (dapo only)
   liger               Liger-Kernel's LigerFusedLinearGRPOLoss(compiled=True), loss_type="dapo" (linear only)
   cce                 Cut Cross-Entropy's linear_cross_entropy(impl="torch_compile") (linear only; the mean
                       cross-entropy, i.e. the log-probs without entropy or policy loss: less work than ours)
+  trl_chunked         TRL 1.16's chunked fused LM head (trl/kernels/chunked_logprob.py) with entropy, then
+                      the DAPO loss stage (linear only)
+  oracle              sppo_fast.reference, the fp64-grade oracle of the tests (several passes on purpose):
+                      only with --impls oracle, and labelled as such, never a baseline
+Every implementation also returns the mean entropy (the metric a trainer logs), so compile cannot drop
+the entropy as dead code.
 
 How it measures. Every (case, implementation) runs in its own child process, so that compilation
 caches, allocator state and peak RSS of one cannot leak into another. In the child: inputs are built,
@@ -35,6 +47,7 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -44,11 +57,14 @@ import torch
 
 OPS = ("token_logprobs", "fused_policy_loss", "fused_linear")
 PRESETS = ("dapo", "gspo", "sspo")
-IMPLS = {"token_logprobs": ("sppo_fast", "sppo_fast_inplace", "eager", "compile"),
-         "fused_policy_loss": ("sppo_fast", "sppo_fast_inplace", "eager", "compile"),
-         "fused_linear": ("sppo_fast", "eager", "compile", "liger", "cce")}
-TOKENS = (1024, 2048, 4096, 16384)  # 2048: the size of the issue's targets
-VOCABS = (32000, 151936)
+IMPLS = {"token_logprobs": ("sppo_fast", "sppo_fast_inplace", "torch_compile", "torch_eager"),
+         "fused_policy_loss": ("sppo_fast", "sppo_fast_inplace", "torch_compile", "torch_eager", "verl_compile",
+                               "verl_eager", "trl_compile", "trl_eager"),
+         "fused_linear": ("sppo_fast", "torch_compile", "liger", "cce", "trl_chunked")}
+PEER_IMPLS = ("verl_compile", "verl_eager", "trl_compile", "trl_eager")  # their loss is the dapo one
+ORACLE = "oracle"  # sppo_fast.reference: only with --impls oracle, never in the default tables
+TOKENS = (2048,)  # the size of the issue's targets
+SHAPES = ("fp32:32000", "bf16:151936")  # the issue's two target shapes: dtype:V
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SEQ_LEN = 512  # tokens per sequence: B = tokens / SEQ_LEN
 SEGMENT_LEN = 32  # SSPO: tokens per segment of the synthetic segment ids
@@ -56,14 +72,22 @@ HIDDEN = 512  # the linear case's hidden size
 EAGER_LOGITS_COPIES = 5  # an eager fwd+bwd holds about this many logits-sized fp32 tensors
 
 
+def _shape(text):
+    dtype, _, vocab = text.partition(":")
+    if dtype not in DTYPES or not vocab.isdigit():
+        raise argparse.ArgumentTypeError(f"expected dtype:V with dtype in {sorted(DTYPES)}, got {text!r}")
+    return dtype, int(vocab)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="sppo-fast bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
-    p.add_argument("--presets", nargs="+", choices=PRESETS, default=list(PRESETS))
-    p.add_argument("--impls", nargs="+", default=None, help="subset of the implementations (default all)")
+    p.add_argument("--presets", nargs="+", choices=PRESETS, default=["dapo"])
+    p.add_argument("--impls", nargs="+", default=None,
+                   help="subset of the implementations (default all but the oracle)")
     p.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
-    p.add_argument("--vocab", nargs="+", type=int, default=list(VOCABS))
-    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    p.add_argument("--shapes", nargs="+", default=[_shape(x) for x in SHAPES], type=_shape,
+                   help="dtype:V pairs of the logits, e.g. fp32:32000 bf16:151936")
     p.add_argument("--linear-tokens", nargs="+", type=int, default=[2048])
     p.add_argument("--linear-vocab", nargs="+", type=int, default=[32000])
     p.add_argument("--reps", type=int, default=5)
@@ -80,7 +104,7 @@ def parse_args(argv=None):
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.tokens, args.vocab, args.linear_tokens, args.linear_vocab = [256], [4096], [256], [4096]
+        args.tokens, args.shapes, args.linear_tokens, args.linear_vocab = [256], [("fp32", 4096)], [256], [4096]
         args.reps, args.warmup = 3, 1
     return args
 
@@ -136,65 +160,161 @@ def _loss_kwargs(inp, preset):
     return {"segment_ids": inp["segment_ids"]} if preset == "sspo" else {}
 
 
-def build_fn(op, impl, preset):
-    """fn(x, inp) -> scalar loss, where x is the logits (or (hidden, weight) for fused_linear)."""
+def idiomatic_logprobs(logits, targets):
+    """What a trainer writes without a fused kernel: fp32 log_softmax, gather, entropy -(p log p)."""
+    logp_all = torch.log_softmax(logits.float(), dim=-1)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def trl_logprobs(logits, targets):
+    """TRL 1.16's GRPOTrainer: selective_log_softmax with grad, entropy_from_logits under no_grad (its
+    CPU paths: the Triton kernel serves only CUDA/XPU tensors)."""
+    from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+    logp = selective_log_softmax(logits, targets)
+    with torch.no_grad():
+        entropy = entropy_from_logits(logits)
+    return logp, entropy
+
+
+def verl_actor_config(config):
+    """The verl 0.9.1 ActorConfig its vanilla policy loss reads (clip bounds of the preset; verl's default
+    dual clip 3.0 stays: that is what verl runs)."""
+    from verl.workers.config import ActorConfig
+
+    return ActorConfig(strategy="fsdp", rollout_n=1, use_dynamic_bsz=True, clip_ratio=config.clip_low,
+                       clip_ratio_low=config.clip_low, clip_ratio_high=config.clip_high, global_batch_info={})
+
+
+def verl_policy_loss(logits, inp, actor_config):
+    """verl 0.9.1's actor: logprobs_from_logits + entropy_from_logits (CPU: no flash-attn
+    cross-entropy, so its log_softmax paths) + compute_policy_loss_vanilla, token-mean."""
+    from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
+    from verl.utils.torch_functional import entropy_from_logits, logprobs_from_logits
+
+    logp = logprobs_from_logits(logits, inp["targets"])
+    entropy = entropy_from_logits(logits)
+    adv = inp["advantages"].unsqueeze(-1).expand_as(logp)
+    loss, _ = compute_policy_loss_vanilla(inp["old_logp"], logp, adv, inp["mask"], loss_agg_mode="token-mean",
+                                          config=actor_config)
+    return loss, _masked_mean(entropy.detach(), inp["mask"])
+
+
+def _masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _policy_loss(logp, entropy, inp, config, preset):
+    """The (B, T) loss stage every from-logits implementation shares: sppo_fast.policy_loss (plain
+    PyTorch) with the preset; returns (loss, mean entropy), the entropy as the metric a trainer logs."""
+    import sppo_fast as sf
+
+    out = sf.policy_loss(logp, inp["old_logp"], inp["advantages"], inp["mask"], _config(preset), entropy=entropy,
+                         **_loss_kwargs(inp, preset))
+    return out.loss, out.metrics["entropy"]
+
+
+def _compiled(fn):
+    """torch.compile of fn(x, inp) with the tensors of inp as arguments (so that they are graph
+    inputs, not constants), keeping only the loss: the other outputs stay computed, as a trainer
+    logs them, and cannot be dropped as dead code."""
+    compiled = torch.compile(lambda x, **tensors: fn(x, tensors))
+    big = ("logits", "hidden", "weight")  # already x
+    return lambda x, inp: compiled(x, **{k: v for k, v in inp.items() if k not in big})[0]
+
+
+def from_logits_fn(op, impl, preset):
+    """fn(logits, inp) -> (loss, logged extra) for the ops on (B, T, V) logits."""
     import sppo_fast as sf
     from sppo_fast import reference
 
     if op == "token_logprobs":
-        def logprobs_loss(module, x, inp, **kw):
-            logp, ent = module.token_logprobs(x, inp["targets"], return_entropy=True, **kw)
-            return (logp * inp["g_logp"]).sum() + (ent * inp["g_ent"]).sum()
+        def loss_of(logp, entropy, inp):
+            return (logp * inp["g_logp"]).sum() + (entropy * inp["g_ent"]).sum(), entropy.detach().mean()
 
-        if impl == "compile":
-            compiled = torch.compile(lambda x, t, a, b: logprobs_loss(
-                reference, x, {"targets": t, "g_logp": a, "g_ent": b}))
-            return lambda x, inp: compiled(x, inp["targets"], inp["g_logp"], inp["g_ent"])
-        return {"eager": lambda x, inp: logprobs_loss(reference, x, inp),
-                "sppo_fast": lambda x, inp: logprobs_loss(sf, x, inp),
-                "sppo_fast_inplace": lambda x, inp: logprobs_loss(sf, x, inp, inplace_backward=True)}[impl]
+        def native(x, inp, **kw):
+            return loss_of(*sf.token_logprobs(x, inp["targets"], return_entropy=True, **kw), inp)
 
+        return {"sppo_fast": native,
+                "sppo_fast_inplace": lambda x, inp: native(x, inp, inplace_backward=True),
+                "torch": lambda x, inp: loss_of(*idiomatic_logprobs(x, inp["targets"]), inp),
+                "oracle": lambda x, inp: loss_of(*reference.token_logprobs(x, inp["targets"], return_entropy=True),
+                                                 inp)}[impl]
     config = _config(preset)
-    loss_args = ("targets", "old_logp", "advantages", "mask")
-    if op == "fused_policy_loss":
-        def policy(module, x, inp, **kw):
-            return module.fused_policy_loss(x, *(inp[k] for k in loss_args), config,
-                                            **_loss_kwargs(inp, preset), **kw).loss
 
-        if impl == "compile":
-            compiled = torch.compile(lambda x, t, o, a, m, s: reference.fused_policy_loss(
-                x, t, o, a, m, config, segment_ids=s).loss)
-            return lambda x, inp: compiled(x, *(inp[k] for k in loss_args),
-                                           inp["segment_ids"] if preset == "sspo" else None)
-        return {"eager": lambda x, inp: policy(reference, x, inp),
-                "sppo_fast": lambda x, inp: policy(sf, x, inp),
-                "sppo_fast_inplace": lambda x, inp: policy(sf, x, inp, inplace_backward=True)}[impl]
+    def native(x, inp, **kw):
+        out = sf.fused_policy_loss(x, inp["targets"], inp["old_logp"], inp["advantages"], inp["mask"], config,
+                                   **_loss_kwargs(inp, preset), **kw)
+        return out.loss, out.metrics["entropy"]
 
-    # fused_linear: x = (hidden, weight)
+    if impl == "verl":
+        actor_config = verl_actor_config(config)
+        return lambda x, inp: verl_policy_loss(x, inp, actor_config)
+    return {"sppo_fast": native,
+            "sppo_fast_inplace": lambda x, inp: native(x, inp, inplace_backward=True),
+            "torch": lambda x, inp: _policy_loss(*idiomatic_logprobs(x, inp["targets"]), inp, config, preset),
+            "trl": lambda x, inp: _policy_loss(*trl_logprobs(x, inp["targets"]), inp, config, preset),
+            "oracle": lambda x, inp: _policy_loss(*reference.token_logprobs(x, inp["targets"], return_entropy=True),
+                                                  inp, config, preset)}[impl]
+
+
+def linear_fn(impl):
+    """fn((hidden, weight), inp) -> (loss, logged extra) for the linear case (dapo)."""
+    import sppo_fast as sf
+
+    config = _config("dapo")
     if impl == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
         liger = LigerFusedLinearGRPOLoss(beta=0.0, compiled=True, use_ref_model=False, loss_type="dapo",
                                          epsilon_low=config.clip_low, epsilon_high=config.clip_high)
         return lambda x, inp: liger(x[0], x[1], inp["targets"], inp["mask"], inp["advantages"],
-                                    old_per_token_logps=inp["old_logp"])[0]
+                                    old_per_token_logps=inp["old_logp"])
     if impl == "cce":
         from cut_cross_entropy import linear_cross_entropy
 
         def cce(x, inp):
             targets = torch.where(inp["mask"] > 0, inp["targets"], -100)
-            return linear_cross_entropy(x[0], x[1], targets, impl="torch_compile")
+            return linear_cross_entropy(x[0], x[1], targets, impl="torch_compile"), None
         return cce
+    if impl == "trl_chunked":
+        return trl_chunked_loss
+    if impl == "sppo_fast":
+        def native(x, inp):
+            out = sf.fused_linear_policy_loss(x[0], x[1], inp["targets"], inp["old_logp"], inp["advantages"],
+                                              inp["mask"], config)
+            return out.loss, out.metrics["entropy"]
+        return native
+    if impl == "torch":
+        return lambda x, inp: _policy_loss(*idiomatic_logprobs(x[0] @ x[1].T, inp["targets"]), inp, config, "dapo")
+    raise ValueError(f"no implementation {impl!r} of fused_linear")
 
-    def linear(module, x, inp):
-        return module.fused_linear_policy_loss(x[0], x[1], *(inp[k] for k in loss_args), config).loss
 
-    if impl == "compile":
-        compiled = torch.compile(lambda h, w, t, o, a, m: reference.fused_linear_policy_loss(
-            h, w, t, o, a, m, config).loss)
-        return lambda x, inp: compiled(x[0], x[1], *(inp[k] for k in loss_args))
-    return {"eager": lambda x, inp: linear(reference, x, inp),
-            "sppo_fast": lambda x, inp: linear(sf, x, inp)}[impl]
+def trl_chunked_loss(x, inp):
+    """TRL 1.16's fused LM head (trl/kernels/chunked_logprob.py, what GRPOTrainer runs with
+    fused_lm_head): log-probs and entropy of hidden @ weight.T in tiles of 4096 tokens x 32768 vocab
+    entries, every position scored as on a device without Triton; then the DAPO loss stage."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    hidden, weight = x
+    B, T, H = hidden.shape
+    targets = inp["targets"].reshape(-1)
+    logp, entropy, *_ = ChunkedLogProbFunction.apply(hidden.reshape(-1, H), weight, None, targets, 1.0, 32768, None,
+                                                     1.0, ("entropy",))
+    return _policy_loss(logp.view(B, T), entropy.detach().view(B, T), inp, _config("dapo"), "dapo")
+
+
+def build_fn(op, impl, preset):
+    """fn(x, inp) -> scalar loss, where x is the logits (or (hidden, weight) for fused_linear); the
+    `_compile` suffix is torch.compile of the eager implementation of that name."""
+    base, compiled = (impl[:-len("_compile")], True) if impl.endswith("_compile") else (impl.removesuffix("_eager"),
+                                                                                           False)
+    fn = linear_fn(base) if op == "fused_linear" else from_logits_fn(op, base, preset)
+    if compiled:
+        return _compiled(fn)
+    return lambda x, inp: fn(x, inp)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -219,7 +339,14 @@ def _faithful_rss():
 
 
 def peak_extra_mib(fn):
-    """Resident memory above what was resident before fn, at fn's peak (results of fn included)."""
+    """(peak, held) in MiB: resident memory above what was resident before fn at fn's peak (results of
+    fn included), and what sppo_fast's gradient pool holds once the results are dropped (it keeps the
+    last gradient's block for the next call, as CUDA's caching allocator would; its own exact count,
+    not the resident set, which glibc's heap blurs by a few MiB). The pool is emptied first, so that a
+    block it kept from an earlier call does not hide in the baseline."""
+    from sppo_fast import buffers
+
+    buffers.empty_cache()
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
@@ -228,19 +355,23 @@ def peak_extra_mib(fn):
     out = fn()
     peak = _status_kib("VmHWM")
     del out
-    return (peak - base) / 1024
+    gc.collect()
+    return (peak - base) / 1024, buffers.cached_bytes() / 2**20
 
 
 def median_ms(fn, reps, before=None):
-    times = []
+    """(wall, CPU) medians in ms over reps calls. The CPU time of the process (all its threads) is
+    the work done, which other jobs on the machine inflate much less than the wall time."""
+    times, cpu = [], []
     for _ in range(reps):
         if before is not None:
             before()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
         times.append((time.perf_counter() - t0) * 1e3)
+        cpu.append((time.process_time() - c0) * 1e3)
         del out
-    return statistics.median(times)
+    return statistics.median(times), statistics.median(cpu)
 
 
 def run_child(case):
@@ -281,15 +412,15 @@ def run_child(case):
         if restore:
             restore()
         forward_backward()
-    result["fwd_ms"] = median_ms(forward, case["reps"], restore)
-    result["fwd_bwd_ms"] = median_ms(forward_backward, case["reps"], restore)
+    result["fwd_ms"], result["fwd_cpu_ms"] = median_ms(forward, case["reps"], restore)
+    result["fwd_bwd_ms"], result["fwd_bwd_cpu_ms"] = median_ms(forward_backward, case["reps"], restore)
     _faithful_rss()
     if restore:
         restore()
-    result["fwd_peak_mib"] = peak_extra_mib(forward)
+    result["fwd_peak_mib"], _ = peak_extra_mib(forward)
     if restore:
         restore()
-    result["fwd_bwd_peak_mib"] = peak_extra_mib(forward_backward)
+    result["fwd_bwd_peak_mib"], result["pool_held_mib"] = peak_extra_mib(forward_backward)
     return result
 
 
@@ -312,22 +443,25 @@ def logits_mib(tokens, vocab, dtype):
 
 
 def cases(args):
-    impls = lambda op: [i for i in IMPLS[op] if args.impls is None or i in args.impls]  # noqa: E731
+    def impls(op, preset):
+        known = IMPLS[op] + ((ORACLE,) if op != "fused_linear" else ())
+        chosen = [i for i in known if (i in args.impls if args.impls else i != ORACLE)]
+        return [i for i in chosen if preset == "dapo" or i not in PEER_IMPLS]
+
     for op in args.ops:
         if op == "fused_linear":
             for tokens in args.linear_tokens:
                 for vocab in args.linear_vocab:
-                    for impl in impls(op):
+                    for impl in impls(op, "dapo"):
                         yield {"op": op, "impl": impl, "preset": "dapo", "tokens": tokens, "vocab": vocab,
                                "dtype": "fp32", "hidden": HIDDEN}
             continue
-        for dtype in args.dtypes:
-            for vocab in args.vocab:
-                for tokens in args.tokens:
-                    for preset in (args.presets if op == "fused_policy_loss" else [None]):
-                        for impl in impls(op):
-                            yield {"op": op, "impl": impl, "preset": preset, "tokens": tokens, "vocab": vocab,
-                                   "dtype": dtype}
+        for dtype, vocab in args.shapes:
+            for tokens in args.tokens:
+                for preset in (args.presets if op == "fused_policy_loss" else [None]):
+                    for impl in impls(op, preset):
+                        yield {"op": op, "impl": impl, "preset": preset, "tokens": tokens, "vocab": vocab,
+                               "dtype": dtype}
 
 
 def too_big(case, args):
@@ -335,7 +469,7 @@ def too_big(case, args):
     if case["op"] == "fused_linear":
         return None
     logits_gib = logits_mib(case["tokens"], case["vocab"], case["dtype"]) / 1024
-    if case["impl"] in ("eager", "compile"):  # fp32 temporaries the size of the logits
+    if not case["impl"].startswith("sppo_fast"):  # fp32 temporaries the size of the logits
         need = logits_gib + case["tokens"] * case["vocab"] * 4 / 2**30 * EAGER_LOGITS_COPIES
     else:  # the logits and their gradient (in place: the logits and a pristine copy to restore)
         need = 2 * logits_gib
@@ -394,10 +528,11 @@ def environment():
            "cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
            "python": platform.python_version(), "backend": sf.backend_info()["cpu"],
-           "thp": _read("/sys/kernel/mm/transparent_hugepage/enabled")}
+           "thp": _read("/sys/kernel/mm/transparent_hugepage/enabled"), "isa_flags": _isa_flags(),
+           "load_average": [round(x, 2) for x in os.getloadavg()]}
     from importlib.metadata import PackageNotFoundError, version
 
-    for pkg in ("liger-kernel", "cut-cross-entropy"):
+    for pkg in ("liger-kernel", "cut-cross-entropy", "trl", "verl", "transformers"):
         try:
             env[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -413,6 +548,24 @@ def _read(path):
         return "unknown"
 
 
+def _isa_flags():
+    """The vector ISA extensions /proc/cpuinfo lists that matter to these kernels."""
+    for line in _read("/proc/cpuinfo").splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return sorted(f for f in flags if f in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16",
+                                                     "amx_bf16"))
+    return []
+
+
+def machine_slug(cpu, cores):
+    """bench/results/<slug>: e.g. "AMD EPYC" and 2 cores -> "amd-epyc-2core"; the frequency, "(R)",
+    "CPU", "Processor" and an "N-Core" of the model name dropped."""
+    name = re.sub(r"\(r\)|\(tm\)|@.*$|\bcpu\b|\bprocessor\b|\b\d+-core\b", " ", cpu.lower())
+    name = re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "cpu"
+    return f"{name}-{cores}core"
+
+
 def _cpu_model():
     for line in _read("/proc/cpuinfo").splitlines():
         if line.startswith("model name"):
@@ -422,7 +575,7 @@ def _cpu_model():
 
 def default_out():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(root, "bench", "results", f"cpu-{os.cpu_count()}core.json")
+    return os.path.join(root, "bench", "results", machine_slug(_cpu_model(), os.cpu_count()) + ".json")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -459,102 +612,144 @@ def speedups(rows):
 
 def markdown_table(rows):
     head = ("| op | preset | dtype | V | tokens | impl | fwd ms | fwd+bwd ms | fwd+bwd peak MiB "
-            "(x logits) | first call s |\n|---|---|---|---|---|---|---|---|---|---|")
+            "(x logits) | pool holds MiB | first call s | load before, after |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         case = f"| {r['op']} | {r.get('preset') or ''} | {r['dtype']} | {r['vocab']} | {r['tokens']} | {r['impl']} |"
         if r.get("status") != "ok":
-            lines.append(f"{case} {r['status']} | | | |")
+            lines.append(f"{case} {r['status']} | | | | | |")
             continue
         ratio = "" if r["op"] == "fused_linear" else f" ({r['fwd_bwd_peak_mib'] / r['logits_mib']:.2f}x)"
         lines.append(f"{case} {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | "
-                     f"{r['fwd_bwd_peak_mib']:.0f}{ratio} | {r['first_call_s']:.1f} |")
+                     f"{r['fwd_bwd_peak_mib']:.0f}{ratio} | {r.get('pool_held_mib', float('nan')):.0f} | "
+                     f"{r['first_call_s']:.1f} | {r.get('load_before')}, {r.get('load_after')} |")
     return "\n".join(lines)
 
 
-def summary_table(rows):
-    """One line per case: fwd+bwd time of each implementation, with the others' time as a multiple of
-    sppo_fast's, and peak memory above the inputs as a multiple of the logits' size."""
+IMPL_ORDER = ("sppo_fast", "sppo_fast_inplace", "torch_compile", "torch_eager", "verl_compile", "verl_eager",
+              "trl_compile", "trl_eager", "trl_chunked", "liger", "cce", ORACLE)
+
+
+def _by_case(rows):
     by_case = {}
     for r in rows:
         by_case.setdefault(_key(r), {})[r["impl"]] = r
-    order = ("sppo_fast", "sppo_fast_inplace", "compile", "eager", "liger", "cce")
-    lines = ["| op | dtype | V | tokens | " + " | ".join(order) + " |", "|---|---|---|---|" + "---|" * len(order)]
-    for key, impls in sorted(by_case.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][2], kv[0][3],
-                                                               kv[0][4])):
+    return sorted(by_case.items(), key=lambda kv: tuple(str(k) for k in kv[0]))
+
+
+def _memory(r, linear):
+    if linear:
+        return f"{r['fwd_bwd_peak_mib']:.0f} MiB", f"{r.get('pool_held_mib', float('nan')):.0f} MiB"
+    return (f"{r['fwd_bwd_peak_mib'] / r['logits_mib']:.2f}x",
+            f"{r.get('pool_held_mib', float('nan')) / r['logits_mib']:.2f}x")
+
+
+def summary_table(rows):
+    """One line per (case, implementation): fwd+bwd median, as a multiple of sppo_fast's, the forward
+    alone, and memory above the inputs (peak during the call, and what sppo_fast's gradient pool holds
+    after it) as a multiple of the logits' size (MiB for the linear case, whose logits the fused
+    implementations never hold)."""
+    lines = ["| op | dtype | V | tokens | impl | fwd+bwd ms | x sppo_fast | fwd+bwd CPU ms | fwd ms | peak | "
+             "pool holds after |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, impls in _by_case(rows):
         ours = impls.get("sppo_fast")
         base = ours["fwd_bwd_ms"] if ours and ours.get("status") == "ok" else None
-        cells = []
-        for name in order:
-            r = impls.get(name)
-            if r is None:
-                cells.append("")
-            elif r.get("status") != "ok":
-                cells.append("skipped" if r["status"].startswith("skipped") else r["status"][:30])
-            else:
-                ratio = f" ({r['fwd_bwd_ms'] / base:.1f}x)" if base and not name.startswith("sppo_fast") else ""
-                compiled = impls.get("compile", {})
-                if name == "sppo_fast_inplace" and compiled.get("status") == "ok":
-                    ratio = f" (compile: {compiled['fwd_bwd_ms'] / r['fwd_bwd_ms']:.1f}x this)"
-                mem = (f"{r['fwd_bwd_peak_mib']:.0f} MiB" if key[0] == "fused_linear"
-                       else f"{r['fwd_bwd_peak_mib'] / r['logits_mib']:.2f}x")
-                cells.append(f"{r['fwd_bwd_ms']:.0f} ms{ratio}, {mem}")
         op = key[0] + (f" {key[1]}" if key[1] and key[0] != "fused_linear" else "")
-        lines.append(f"| {op} | {key[2]} | {key[3]} | {key[4]} | " + " | ".join(cells) + " |")
+        for name in sorted(impls, key=lambda n: IMPL_ORDER.index(n) if n in IMPL_ORDER else len(IMPL_ORDER)):
+            r = impls[name]
+            label = f"{name} (the fp64-grade oracle, not a baseline)" if name == ORACLE else name
+            case = f"| {op} | {key[2]} | {key[3]} | {key[4]} | {label} |"
+            if r.get("status") != "ok":
+                lines.append(f"{case} {r['status'][:80]} | | | | | |")
+                continue
+            ratio = f"{r['fwd_bwd_ms'] / base:.2f}x" if base else ""
+            peak, held = _memory(r, key[0] == "fused_linear")
+            cpu = f"{r['fwd_bwd_cpu_ms']:.0f}" if "fwd_bwd_cpu_ms" in r else ""
+            lines.append(f"{case} {r['fwd_bwd_ms']:.0f} | {ratio} | {cpu} | {r['fwd_ms']:.0f} | {peak} | {held} |")
+    return "\n".join(lines)
+
+
+def targets_table(rows):
+    """Issue 12's targets, per case of fused_policy_loss: sppo_fast >= 3x torch.compile of the idiomatic
+    loss (in place >= 5x), peak 1.00x the logits (0 in place), backward (fwd+bwd - fwd) <= 1.5x the
+    forward."""
+    lines = ["| case | sppo_fast vs torch_compile | in place vs torch_compile | the same in CPU time | "
+             "peak (in place) | backward / forward (in place) |", "|---|---|---|---|---|---|"]
+    for key, impls in _by_case(rows):
+        if key[0] != "fused_policy_loss":
+            continue
+        ours, inplace, comp = (impls.get(n, {}) for n in ("sppo_fast", "sppo_fast_inplace", "torch_compile"))
+        if not all(r.get("status") == "ok" for r in (ours, inplace, comp)):
+            continue
+
+        def bwd_over_fwd(r):
+            return (r["fwd_bwd_ms"] - r["fwd_ms"]) / r["fwd_ms"]
+
+        x, xi = comp["fwd_bwd_ms"] / ours["fwd_bwd_ms"], comp["fwd_bwd_ms"] / inplace["fwd_bwd_ms"]
+        cpu = "" if "fwd_bwd_cpu_ms" not in comp else ", ".join(
+            f"{comp['fwd_bwd_cpu_ms'] / r['fwd_bwd_cpu_ms']:.2f}x" for r in (ours, inplace))
+        mark = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+        peak, peak_in = (r["fwd_bwd_peak_mib"] / r["logits_mib"] for r in (ours, inplace))
+        lines.append(f"| {key[1]} {key[2]} V={key[3]} {key[4]} tokens | {x:.2f}x ({mark(x >= 3)}) | "
+                     f"{xi:.2f}x ({mark(xi >= 5)}) | {cpu} | {peak:.2f}x ({peak_in:.2f}x) | "
+                     f"{bwd_over_fwd(ours):.2f} ({bwd_over_fwd(inplace):.2f}) |")
     return "\n".join(lines)
 
 
 def write_reports(report, out, plot_png=True):
     stem = os.path.splitext(out)[0]
     env = report["environment"]
+    runs = report.get("runs", [report["settings"]])
     with open(stem + ".md", "w") as f:
-        f.write(f"CPU benchmark: {env['cpu']}, {env['cores']} cores, torch {env['torch']}, "
-                f"`python bench/bench_ops.py` (method: bench/README.md).\n\n"
-                "Forward+backward median time (in brackets: as a multiple of `sppo_fast`'s; for the in-place "
-                "variant, compile's time as a multiple of its own) and peak memory "
-                "above the inputs (as a multiple of the logits' size; in MiB for the linear case, whose "
-                "logits are never materialised by the fused implementations).\n\n")
-        f.write(summary_table(report["results"]) + "\n\nEvery measurement (forward alone included):\n\n")
+        f.write(f"CPU benchmark: **{env['cpu']}**, {env['cores']} cores ({', '.join(env.get('isa_flags', []))}), "
+                f"torch {env['torch']}, kernels: {env['backend']}; `python bench/bench_ops.py` "
+                f"(method: bench/README.md), {len(runs)} run(s), the last on {env['date']}; load average "
+                f"{env.get('load_average', 'not recorded')} at its start (other jobs on the machine slow every "
+                "implementation; each row records the load before and after it).\n\n"
+                "Medians of forward+backward, the forward alone (under no_grad), and memory above the inputs "
+                "(peak during one call after warm-up, and what sppo_fast's gradient pool holds after it: the "
+                "last gradient's block, kept for the next call), as a multiple of the logits' size (MiB for "
+                "the linear case).\n\n")
+        targets = targets_table(report["results"])
+        if targets.count("\n") > 1:
+            f.write("Issue 12's targets on this machine:\n\n" + targets + "\n\n")
+        f.write(summary_table(report["results"]) + "\n\nEvery measurement:\n\n")
         f.write(markdown_table(report["results"]) + "\n")
-    if plot_png and plot(report["results"], stem + ".png"):
+    if plot_png and plot(report["results"], stem + ".png", env):
         print(f"wrote {stem}.png")
     print(f"wrote {stem}.md")
 
 
-def plot(rows, path):
-    """Time and peak memory of fwd+bwd against tokens, one line per implementation, one column per
-    (op, preset, dtype, V) with more than one token count."""
+def plot(rows, path, env):
+    """One panel per case: fwd+bwd median of each implementation (bars, log scale), its peak memory as
+    a multiple of the logits written on the bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = {}
-    for r in rows:
-        if r.get("status") == "ok":
-            groups.setdefault(_key(r)[:4], []).append(r)
-    groups = {k: v for k, v in groups.items() if len({r["tokens"] for r in v}) > 1}
-    if not groups:
+    cases = [(key, {n: r for n, r in impls.items() if r.get("status") == "ok"}) for key, impls in _by_case(rows)]
+    cases = [(key, impls) for key, impls in cases if impls]
+    if not cases:
         return False
-    fig, axes = plt.subplots(2, len(groups), figsize=(3.6 * len(groups), 6.5), squeeze=False)
-    for col, (key, group) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
-        impls = sorted({r["impl"] for r in group})
-        for impl in impls:
-            pts = sorted((r["tokens"], r["fwd_bwd_ms"], r["fwd_bwd_peak_mib"])
-                         for r in group if r["impl"] == impl)
-            xs = [p[0] for p in pts]
-            axes[0][col].plot(xs, [p[1] for p in pts], marker="o", label=impl)
-            axes[1][col].plot(xs, [p[2] for p in pts], marker="o", label=impl)
-        op, preset, dtype, vocab = key
-        axes[0][col].set_title(f"{op}{'/' + preset if preset else ''}\n{dtype} V={vocab}", fontsize=8)
-        for ax in (axes[0][col], axes[1][col]):
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("tokens", fontsize=8)
-            ax.tick_params(labelsize=7)
-        axes[0][col].set_ylabel("fwd+bwd ms", fontsize=8)
-        axes[1][col].set_ylabel("fwd+bwd peak MiB above inputs", fontsize=8)
-    axes[0][0].legend(fontsize=7)
+    fig, axes = plt.subplots(1, len(cases), figsize=(3.4 * len(cases), 4.2), squeeze=False)
+    for ax, (key, impls) in zip(axes[0], cases):
+        names = [n for n in IMPL_ORDER if n in impls]
+        times = [impls[n]["fwd_bwd_ms"] for n in names]
+        colors = ["tab:green" if n.startswith("sppo_fast") else "tab:gray" for n in names]
+        ax.bar(range(len(names)), times, color=colors)
+        for i, n in enumerate(names):
+            r = impls[n]
+            mem = (f"{r['fwd_bwd_peak_mib']:.0f}M" if key[0] == "fused_linear"
+                   else f"{r['fwd_bwd_peak_mib'] / r['logits_mib']:.1f}x")
+            ax.text(i, times[i], mem, ha="center", va="bottom", fontsize=6)
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("fwd+bwd ms (median)", fontsize=8)
+        ax.set_title(f"{key[0]}{' ' + key[1] if key[1] else ''}\n{key[2]} V={key[3]} {key[4]} tokens", fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+    fig.suptitle(f"{env['cpu']}, {env['cores']} cores, torch {env['torch']} (labels: peak memory)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
