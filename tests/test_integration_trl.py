@@ -199,3 +199,35 @@ def test_train_steps_end_to_end():
     assert not torch.equal(lm_head, before["lm_head.weight"])  # the head's gradient reached the optimizer
     assert not torch.equal(trainer.model.model.layers[0].mlp.up_proj.weight,
                            before["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_sppo_mode_one_sample_per_prompt_with_a_prompt_critic():
+    from sppo_fast.trainer.models import PromptCritic, tiny_llama_config
+
+    tokenizer = build_tokenizer()
+    critic = PromptCritic(tiny_llama_config(tokenizer, hidden=16, layers=1, heads=2))
+    before = [p.detach().clone() for p in critic.parameters()]
+    seen_logits, seen_rewards = [], []
+    critic_forward = critic.forward
+    critic.forward = lambda ids, mask: seen_logits.append(critic_forward(ids, mask)) or seen_logits[-1]
+
+    def has_digit(completions, **kwargs):
+        rewards = [float(any(ch.isdigit() for ch in c)) for c in completions]
+        seen_rewards.append(torch.tensor(rewards))
+        return rewards
+
+    args = sf_trl.sppo_config(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4, max_completion_length=K,
+                              max_steps=2, report_to=[], use_cpu=True, logging_steps=1, save_strategy="no",
+                              bf16=False, loss_type="bnpo", learning_rate=1e-2, gradient_checkpointing=False)
+    trainer = sf_trl.SPPOTrainer(model=tiny_qwen2(tokenizer), reward_funcs=has_digit, args=args,
+                                 train_dataset=prompts(), processing_class=tokenizer, critic=critic)
+    trainer.train()
+    assert trainer.num_generations == 1 and len(seen_rewards) == 2 and all(len(r) == 4 for r in seen_rewards)
+    # the last batch's advantages are R - sigmoid(z) with the critic's values from before its update
+    expected = seen_rewards[-1] - torch.sigmoid(seen_logits[-1].detach())
+    got = torch.cat([b["advantages"] for b in trainer._buffered_inputs])
+    torch.testing.assert_close(got.sort().values, expected.sort().values)
+    assert any(not torch.equal(p, q) for p, q in zip(critic.parameters(), before))  # the critic learned
+    assert all("sppo/critic_loss" in h for h in trainer.state.log_history if "loss" in h)
+    with pytest.raises(ValueError, match="num_generations"):
+        sf_trl.sppo_config(output_dir=tempfile.mkdtemp(), num_generations=4)

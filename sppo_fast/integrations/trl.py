@@ -342,3 +342,75 @@ def patch_grpo_trainer(trainer):
     _prepare(trainer)
     trainer._compute_loss = types.MethodType(sppo_fast_compute_loss, trainer)
     return trainer
+
+
+# ----------------------------------------------------------------------------------------------------
+# SPPO mode: one sample per prompt, the baseline from a prompt critic
+
+
+def sppo_config(**grpo_config_kwargs):
+    """A GRPOConfig for SPPOTrainer: `num_generations` 1 (one sample per prompt). GRPOConfig itself
+    refuses fewer than 2 because a group baseline needs them; SPPO's baseline is the critic, so the
+    config is validated with 2 and then set to 1 (TRL's trainer code handles 1: its eval path uses it)."""
+    from trl import GRPOConfig
+
+    if grpo_config_kwargs.get("num_generations", 1) != 1 or grpo_config_kwargs.get("num_generations_eval", 1) != 1:
+        raise ValueError("num_generations must be 1 in SPPO mode (one sample per prompt; the critic is the baseline)")
+    config = GRPOConfig(**dict(grpo_config_kwargs, num_generations=2))
+    config.num_generations, config.num_generations_eval = 1, 1
+    return config
+
+
+class SPPOTrainer(SppoFastGRPOTrainer):
+    """SPPO inside TRL: one completion per prompt, advantages `R - sigmoid(critic(prompt))` (SPEC §3.7)
+    with the critic's values taken before its update, the critic trained by `value_bce_loss` once per
+    generation batch; the policy loss is TRL's (its `loss_type`, e.g. "bnpo" or "dapo") through sppo-fast.
+
+    `critic`: a module mapping TRL's left-padded `(prompt_ids, prompt_mask)` to one logit per prompt,
+    e.g. `sppo_fast.trainer.models.PromptCritic`. Rewards must lie in [0, 1] (success probabilities).
+    `args` must come from `sppo_config(...)`. The critic is not saved in TRL's checkpoints: save
+    `trainer.critic.state_dict()` yourself."""
+
+    def __init__(self, *args, critic, critic_learning_rate=1e-3, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.num_generations != 1:
+            raise ValueError(f"SPPOTrainer needs one sample per prompt: build args with sppo_config(...), got "
+                             f"num_generations={self.num_generations}")
+        self.critic = critic.to(self.accelerator.device)
+        self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=critic_learning_rate)
+        self._sppo_rewards = None
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)  # all processes
+        rewards = (per_func * self.reward_weights.to(per_func.device).unsqueeze(0)).nansum(dim=1)
+        rewards[torch.isnan(per_func).all(dim=1)] = torch.nan  # unscorable: no advantage, no critic target
+        start = self.accelerator.process_index * len(prompts)
+        self._sppo_rewards = rewards[start:start + len(prompts)]
+        return per_func
+
+    def _generate_and_score_completions(self, inputs):
+        from ..advantages import sequence_advantage, value_bce_loss
+
+        out = super()._generate_and_score_completions(inputs)
+        rewards, self._sppo_rewards = self._sppo_rewards, None
+        scored = ~torch.isnan(rewards)
+        if bool(((rewards[scored] < 0) | (rewards[scored] > 1)).any()):
+            raise ValueError("SPPO needs rewards in [0, 1] (the critic predicts a success probability); got "
+                             f"{rewards[scored].min().item()}..{rewards[scored].max().item()}")
+        prompt_ids, prompt_mask = out["prompt_ids"], out["prompt_mask"]
+        mode = "train" if self.model.training else "eval"
+        logits = self.critic(prompt_ids, prompt_mask)
+        out["advantages"] = torch.where(scored, sequence_advantage(rewards.nan_to_num(0.0), logits),
+                                        torch.zeros_like(rewards))
+        if mode == "train" and bool(scored.any()):  # after the advantages: values from before the update
+            loss = value_bce_loss(logits[scored], rewards[scored])
+            self.critic_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.accelerator.num_processes > 1:  # the critic is not DDP-wrapped: average its gradients
+                for p in self.critic.parameters():
+                    if p.grad is not None:
+                        p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+            self.critic_optimizer.step()
+            self._metrics[mode]["sppo/critic_loss"].append(loss.item())
+        self._metrics[mode]["sppo/value_mean"].append(torch.sigmoid(logits.detach()).mean().item())
+        return out
