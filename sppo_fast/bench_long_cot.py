@@ -70,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="JSON path (default bench/results/long-cot-<cpu>-<N>core.json)")
     p.add_argument("--merge", action="store_true", help="keep the rows of --out that this run does not redo")
     p.add_argument("--report-only", action="store_true", help="rewrite .md and .png from --out")
+    p.add_argument("--from-log", default=None, metavar="LOG",
+                   help="write the report from the lines a run printed (its stdout), e.g. of a run stopped "
+                        "before the end; the settings are this command's")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -400,6 +403,17 @@ def write_reports(report, out, with_plot=True):
     print(f"wrote {out}, {stem}.md" + (f", {stem}.png" if with_plot else ""))
 
 
+def report_from_log(args):
+    """The report of a run from its printed lines: the environment first, then one JSON row per case."""
+    with open(args.from_log) as f:
+        lines = [json.loads(ln) for ln in f if ln.startswith("{")]
+    settings = {k: v for k, v in vars(args).items() if k not in ("child", "report_only", "from_log")}
+    rows = [r for r in lines[1:] if "impl" in r]
+    return {"environment": lines[0], "settings": settings, "results": rows,
+            "method": __doc__.split("How it measures.")[1].strip(),
+            "note": f"rebuilt from the printed rows of the run ({len(rows)} cases)"}
+
+
 def main(argv=None):
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.child is not None:
@@ -408,6 +422,9 @@ def main(argv=None):
     if args.report_only:
         with open(out) as f:
             write_reports(json.load(f), out, not args.no_plot)
+        return 0
+    if args.from_log:
+        write_reports(report_from_log(args), out, not args.no_plot)
         return 0
     import torch
 
