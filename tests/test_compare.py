@@ -42,6 +42,12 @@ def test_bad_overrides_are_refused(tmp_path, override, message):
     assert not (tmp_path / "cmp").exists()
 
 
+def test_an_unknown_time_axis_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="time_axis"):
+        cmp.compare(["sppo"], [0], str(tmp_path / "cmp"), time_axis="gpu", log=lambda m: None)
+    assert not (tmp_path / "cmp").exists()
+
+
 def test_an_invalid_run_config_names_the_run(tmp_path):
     with pytest.raises(ValueError, match="grpo seed 0: .*temperature"):
         cmp.compare(["sppo", "grpo"], [0], str(tmp_path / "cmp"), overrides=["grpo.temperature=0"],
@@ -87,7 +93,7 @@ def test_tiny_comparison_keeps_the_other_runs_when_one_crashes(tmp_path):
     assert result["aggregate"]["algorithms"]["rloo"]["runs"] == 0
     curve = by[("sppo", 0)]["curve"]
     assert [p["step"] for p in curve] == [0, 1, 2]
-    assert curve[0]["rl_seconds"] == 0 and curve[-1]["rl_seconds"] > 0
+    assert curve[0]["rl_seconds"] == 0 and curve[-1]["rl_seconds"] > 0 and curve[-1]["rl_cpu_seconds"] > 0
     table = (out / "compare.md").read_text()
     assert "| sppo | 1 | 1 ok |" in table and "0 ok, 1 failed" in table and "Failed runs" in table
     saved = json.loads((out / "compare.json").read_text())
@@ -96,7 +102,8 @@ def test_tiny_comparison_keeps_the_other_runs_when_one_crashes(tmp_path):
 
 
 def _record(algo, seed, curve, before=0.1):
-    pts = [{"step": i, "rl_seconds": t, "accuracy": a} for i, (t, a) in enumerate(curve)]
+    # CPU time: half the wall-clock, as on a machine shared with one other job
+    pts = [{"step": i, "rl_seconds": t, "rl_cpu_seconds": t / 2, "accuracy": a} for i, (t, a) in enumerate(curve)]
     summary = {"eval_accuracy_before": before, "eval_accuracy_after": curve[-1][1], "wall_seconds": 10.0 + seed,
                "steps": len(curve) - 1, "rollouts_per_step": 8 if algo == "grpo" else 1,
                "samples_per_prompt": 8 if algo == "grpo" else 1}
@@ -123,6 +130,9 @@ def test_aggregate_means_and_time_to_reach_the_reference():
     assert s["time_to_reference"]["fraction_of_reference_time"] == pytest.approx(10 / 60)
     assert g["time_to_reference"]["per_run"] == [None, 60]
     assert cmp.time_to_reach([], 0.1) is None
+    cpu = cmp.aggregate(records, ["sppo", "grpo"], "grpo", time_key="rl_cpu_seconds")["algorithms"]["sppo"]
+    assert cpu["time_to_reference"]["per_run"] == [5, None] and cpu["rl_cpu_seconds"][0] == 10
+    assert cpu["time_to_reference"]["fraction_of_reference_time"] == pytest.approx(5 / 30)
 
 
 def test_markdown_and_plot_from_a_result(tmp_path):
@@ -133,7 +143,7 @@ def test_markdown_and_plot_from_a_result(tmp_path):
                            "steps_note": "sppo 1 steps", "eval_examples": 4, "cpu": "cpu", "cores": 2,
                            "per_algo_settings": {"sppo": {}, "grpo": {}}}}
     table = cmp.markdown(result)
-    assert "5 s (1 of 1 runs; 0.08x grpo's RL time)" in table
+    assert "5 s (1 of 1 runs; 0.08x grpo's)" in table
     assert "`RuntimeError: x/y`" in table
     path = cmp.plot(result, os.path.join(tmp_path, "p.png"))
     assert os.path.getsize(path) > 1000

@@ -225,7 +225,7 @@ def test_one_step_of_every_algorithm(tmp_path, algo, alternating_rewards):
     step = rows[-1]
     assert step["step"] == 1
     for key in ("reward", "accuracy", "entropy", "clipfrac", "approx_kl", "response_length", "tokens_per_s",
-                "step_time", "eval_accuracy", "loss"):
+                "step_time", "step_cpu_time", "eval_accuracy", "loss"):
         assert key in step and step[key] is not None and math.isfinite(step[key]), key
     if algo in ("sppo", "ppo"):
         assert math.isfinite(step["critic_loss"])

@@ -8,7 +8,10 @@ to each, so its step costs that many times more rollouts. Each algorithm keeps i
 `--set algo.key=value` for one algorithm only.
 
 Time axis: the sum of the RL steps' own wall-clock (`step_time`), so that neither the warm start (made
-once per seed before the runs, shared by every algorithm) nor the held-out evaluations count.
+once per seed before the runs, shared by every algorithm) nor the held-out evaluations count; or, with
+`--time cpu`, the sum of the steps' CPU time in their process (`step_cpu_time`), which on a machine shared
+with other jobs counts each run's own work only (every run uses one thread, so on an idle machine the two
+agree).
 """
 
 from __future__ import annotations
@@ -145,15 +148,21 @@ def run_one(cfg: TrainConfig) -> dict:
     return record
 
 
+TIME_KEYS = {"wall": "rl_seconds", "cpu": "rl_cpu_seconds"}
+
+
 def accuracy_curve(run_dir: str) -> list[dict]:
-    """(step, RL seconds, held-out accuracy) at every evaluation; RL seconds sum the steps' own time."""
+    """(step, RL seconds, RL CPU seconds, held-out accuracy) at every evaluation; the seconds sum the
+    steps' own wall-clock and CPU time."""
     from sppo_fast.trainer.plots import read_metrics
 
-    points, seconds = [], 0.0
+    points, seconds, cpu = [], 0.0, 0.0
     for row in read_metrics(run_dir):
         seconds += row.get("step_time") or 0.0
+        cpu += row.get("step_cpu_time") or 0.0
         if row.get("eval_accuracy") is not None:
-            points.append({"step": row["step"], "rl_seconds": seconds, "accuracy": row["eval_accuracy"]})
+            points.append({"step": row["step"], "rl_seconds": seconds, "rl_cpu_seconds": cpu,
+                           "accuracy": row["eval_accuracy"]})
     return points
 
 
@@ -213,15 +222,16 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def time_to_reach(curve: list[dict], target: float) -> float | None:
+def time_to_reach(curve: list[dict], target: float, time_key: str = "rl_seconds") -> float | None:
     """RL seconds at the first evaluation whose accuracy is at least `target` (None if never)."""
     for point in curve:
         if point["accuracy"] >= target - 1e-12:
-            return point["rl_seconds"]
+            return point[time_key]
     return None
 
 
-def aggregate(records: list[dict], algos: list[str], reference: str | None) -> dict:
+def aggregate(records: list[dict], algos: list[str], reference: str | None, time_key: str = "rl_seconds"
+              ) -> dict:
     """Per algorithm: final accuracy, gain, wall-clock, rollouts, and the time to reach the reference
     algorithm's mean final accuracy (GRPO's by default)."""
     ok = {a: [r for r in records if r["algo"] == a and r["status"] == "ok"] for a in algos}
@@ -235,6 +245,8 @@ def aggregate(records: list[dict], algos: list[str], reference: str | None) -> d
             "final_accuracy": mean_std(final), "accuracy_before": mean_std(before),
             "gain": mean_std([f - b for f, b in zip(final, before)]),
             "rl_seconds": mean_std([r["curve"][-1]["rl_seconds"] for r in runs if r["curve"]]),
+            "rl_cpu_seconds": mean_std([r["curve"][-1].get("rl_cpu_seconds", float("nan"))
+                                        for r in runs if r["curve"]]),
             "wall_seconds": mean_std([r["summary"]["wall_seconds"] for r in runs]),
             "rollouts": mean_std([r["summary"]["steps"] * r["summary"]["rollouts_per_step"] for r in runs]),
             "samples_per_prompt": runs[0]["summary"]["samples_per_prompt"] if runs else None,
@@ -242,15 +254,16 @@ def aggregate(records: list[dict], algos: list[str], reference: str | None) -> d
     target = None
     if reference in stats and stats[reference]["runs"]:
         target = stats[reference]["final_accuracy"][0]
-        ref_seconds = stats[reference]["rl_seconds"][0]
+        ref_seconds = stats[reference][time_key][0]
         for algo in algos:
-            times = [time_to_reach(r["curve"], target) for r in ok[algo]]
+            times = [time_to_reach(r["curve"], target, time_key) for r in ok[algo]]
             reached = [t for t in times if t is not None]
             stats[algo]["time_to_reference"] = {
                 "per_run": times, "reached": len(reached), "mean": mean_std(reached)[0] if reached else None,
                 "fraction_of_reference_time": (mean_std(reached)[0] / ref_seconds
                                                if reached and ref_seconds else None)}
-    return {"reference": reference, "reference_final_accuracy": target, "algorithms": stats}
+    return {"reference": reference, "reference_final_accuracy": target, "time_key": time_key,
+            "algorithms": stats}
 
 
 # --- outputs ---------------------------------------------------------------------------------------
@@ -271,12 +284,15 @@ def markdown(result: dict) -> str:
     lines = [f"# sppo-fast compare: {', '.join(settings['algos'])} x seeds {settings['seeds']}", "",
              f"{settings['prompts_per_step']} prompts per step, {settings['steps_note']}; held-out accuracy "
              f"sampled at T = 1 on {settings['eval_examples']} prompts; {settings['jobs']} runs at a time on "
-             f"{settings['cpu']} ({settings['cores']} cores usable). RL seconds: the steps' own wall-clock "
-             "(warm start and evaluations excluded). Mean +- sample std over the runs that finished.", ""]
+             f"{settings['cpu']} ({settings['cores']} cores usable). RL seconds: the steps' own wall-clock; "
+             "RL CPU seconds: their CPU time in the run's process (warm start and evaluations excluded from "
+             f"both); time to reach is measured in {'RL CPU' if agg['time_key'] == 'rl_cpu_seconds' else 'RL'} "
+             "seconds. Mean +- sample std over the runs that finished.", ""]
+    unit = "RL CPU seconds" if agg["time_key"] == "rl_cpu_seconds" else "RL seconds"
     header = ["algorithm", "samples/prompt", "runs", "accuracy before RL", "final accuracy", "gain (points)",
-              "RL seconds", "wall-clock (all)", "rollouts"]
+              "RL seconds", "RL CPU seconds", "wall-clock (all)", "rollouts"]
     if agg["reference_final_accuracy"] is not None:
-        header.append(f"RL seconds to reach {ref}'s final {100 * agg['reference_final_accuracy']:.1f}%")
+        header.append(f"{unit} to reach {ref}'s final {100 * agg['reference_final_accuracy']:.1f}%")
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for algo, s in agg["algorithms"].items():
         gain = s["gain"]
@@ -284,7 +300,7 @@ def markdown(result: dict) -> str:
                                                                          else ""),
                _pct(s["accuracy_before"]), _pct(s["final_accuracy"]),
                "n/a" if math.isnan(gain[0]) else f"{100 * gain[0]:+.1f} +- {100 * gain[1]:.1f}",
-               _sec(s["rl_seconds"]), _sec(s["wall_seconds"]),
+               _sec(s["rl_seconds"]), _sec(s["rl_cpu_seconds"]), _sec(s["wall_seconds"]),
                "n/a" if math.isnan(s["rollouts"][0]) else f"{s['rollouts'][0]:,.0f}"]
         if "time_to_reference" in s:
             t = s["time_to_reference"]
@@ -293,7 +309,7 @@ def markdown(result: dict) -> str:
             else:
                 frac = t["fraction_of_reference_time"]
                 row.append(f"{t['mean']:.0f} s ({t['reached']} of {s['runs']} runs; "
-                           f"{frac:.2f}x {ref}'s RL time)")
+                           f"{frac:.2f}x {ref}'s)")
         lines.append("| " + " | ".join(row) + " |")
     failed = [r for r in result["runs"] if r["status"] != "ok"]
     if failed:
@@ -316,11 +332,11 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _interpolate(curve: list[dict], grid: list[float]) -> list[float]:
+def _interpolate(curve: list[dict], grid: list[float], key: str = "rl_seconds") -> list[float]:
     """Accuracy of a step-wise curve at each time of `grid` (the last evaluation at or before it)."""
     out, i = [], 0
     for t in grid:
-        while i + 1 < len(curve) and curve[i + 1]["rl_seconds"] <= t:
+        while i + 1 < len(curve) and curve[i + 1][key] <= t:
             i += 1
         out.append(curve[i]["accuracy"])
     return out
@@ -334,6 +350,7 @@ def plot(result: dict, path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    key = result["aggregate"]["time_key"]
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for i, algo in enumerate(result["settings"]["algos"]):
         curves = [r["curve"] for r in result["runs"] if r["algo"] == algo and r["status"] == "ok" and r["curve"]]
@@ -341,11 +358,11 @@ def plot(result: dict, path: str) -> str:
             continue
         color = f"C{i % 10}"
         for curve in curves:
-            ax.plot([p["rl_seconds"] for p in curve], [p["accuracy"] for p in curve], color=color, alpha=0.25,
+            ax.plot([p[key] for p in curve], [p["accuracy"] for p in curve], color=color, alpha=0.25,
                     linewidth=0.8)
-        end = min(c[-1]["rl_seconds"] for c in curves)
+        end = min(c[-1][key] for c in curves)
         grid = [end * k / 200 for k in range(201)]
-        values = [_interpolate(c, grid) for c in curves]
+        values = [_interpolate(c, grid, key) for c in curves]
         stats = [mean_std([v[k] for v in values]) for k in range(len(grid))]
         means = [m for m, _ in stats]
         ax.plot(grid, means, color=color, linewidth=2, label=f"{algo} (N={curves and result['aggregate']['algorithms'][algo]['samples_per_prompt']}, "
@@ -355,7 +372,8 @@ def plot(result: dict, path: str) -> str:
     if target is not None:
         ax.axhline(target, color="grey", linestyle=":", linewidth=1,
                    label=f"{result['aggregate']['reference']} final mean")
-    ax.set_xlabel("RL wall-clock seconds (steps only; warm start and evaluations excluded)")
+    ax.set_xlabel(("RL CPU seconds" if key == "rl_cpu_seconds" else "RL wall-clock seconds")
+                  + " (steps only; warm start and evaluations excluded)")
     ax.set_ylabel("held-out accuracy (sampled, T = 1)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -380,8 +398,10 @@ def cpu_name() -> str:
 
 def compare(algos=DEFAULT_ALGOS, seeds=DEFAULT_SEEDS, out_dir="compare", *, steps=None,
             prompts_per_step=DEFAULT_PROMPTS_PER_STEP, jobs=None, overrides=(), reference="grpo",
-            log=print) -> dict:
+            time_axis="wall", log=print) -> dict:
     """Run every (algorithm, seed), write compare.{md,json} and accuracy_vs_time.png; returns the result."""
+    if time_axis not in TIME_KEYS:
+        raise ValueError(f"time_axis must be one of {', '.join(TIME_KEYS)}, got {time_axis!r}")
     common, per_algo = parse_overrides(list(overrides))
     configs = run_configs(algos, seeds, out_dir, steps=steps, prompts_per_step=prompts_per_step,
                           common=common, per_algo=per_algo)
@@ -416,7 +436,7 @@ def compare(algos=DEFAULT_ALGOS, seeds=DEFAULT_SEEDS, out_dir="compare", *, step
             "total_seconds": time.time() - start,
         },
         "runs": records,
-        "aggregate": aggregate(records, algos, reference if reference in algos else None),
+        "aggregate": aggregate(records, algos, reference if reference in algos else None, TIME_KEYS[time_axis]),
     }
     with open(os.path.join(out_dir, "compare.json"), "w") as f:
         json.dump(_json_safe(result), f, indent=2)
@@ -466,6 +486,9 @@ def parser() -> argparse.ArgumentParser:
                    help="override a `sppo-fast train` field for every algorithm, or for ALGO only; repeatable")
     p.add_argument("--reference", default="grpo",
                    help="algorithm whose mean final accuracy the others must reach (default: %(default)s)")
+    p.add_argument("--time", dest="time_axis", choices=sorted(TIME_KEYS), default="wall",
+                   help="time axis of the plot and of the time to reach the reference: the RL steps' wall-clock "
+                        "or their CPU time (fairer on a machine shared with other jobs; default: %(default)s)")
     p.add_argument("--out", default=None, help="output directory (default: compare-<timestamp>)")
     p.add_argument("--warm-start-only", dest="warm_start_only", default=None, help=argparse.SUPPRESS)
     return p
@@ -480,6 +503,7 @@ def main(argv=None) -> int:
     try:
         result = compare(algos, args.seeds, out, steps=args.steps, prompts_per_step=args.prompts_per_step,
                          jobs=args.jobs, overrides=args.overrides, reference=args.reference,
+                         time_axis=args.time_axis,
                          log=lambda m: print(m, file=sys.stderr, flush=True))
     except ValueError as error:
         raise SystemExit(f"sppo-fast compare: {error}") from None

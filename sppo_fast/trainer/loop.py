@@ -267,7 +267,7 @@ class Trainer:
 
     def step(self, step: int) -> dict:
         cfg = self.cfg
-        t0 = time.time()
+        t0, cpu0 = time.time(), time.process_time()
         self.lm.train()
         rollout, rewards, counts = self.rollout(step)
         t_rollout = time.time() - t0
@@ -299,8 +299,12 @@ class Trainer:
                     critic_losses.append(self.critic_update(mb, rows(rewards), rows(returns)))
         self.sched.step()
         step_time = time.time() - t0
-        return self.step_metrics(step, rollout, rewards, counts, critic_logits, values, returns,
-                                 policy_metrics, critic_losses, step_time, t_rollout)
+        m = self.step_metrics(step, rollout, rewards, counts, critic_logits, values, returns,
+                              policy_metrics, critic_losses, step_time, t_rollout)
+        # This process's own CPU time for the step: on a shared machine the wall-clock also counts the
+        # others' work, this does not.
+        m["step_cpu_time"] = time.process_time() - cpu0
+        return m
 
     def step_metrics(self, step, rollout, rewards, counts, critic_logits, values, returns,
                      policy_metrics, critic_losses, step_time, t_rollout) -> dict:
