@@ -149,3 +149,22 @@ def test_markdown_and_plot_from_a_result(tmp_path):
     assert os.path.getsize(path) > 1000
     assert cmp._interpolate([{"rl_seconds": 0, "accuracy": 0.1}, {"rl_seconds": 5, "accuracy": 0.5}],
                             [0, 4.9, 5, 9]) == [0.1, 0.1, 0.5, 0.5]
+
+
+def test_an_interrupted_comparison_stops_its_runs(tmp_path):
+    """`_stop_live` (called when compare() is interrupted) ends every run in flight."""
+    import signal
+    import threading
+    import time
+
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(
+        rc=cmp._launch(["-c", "import time; time.sleep(120)"], str(tmp_path / "log"))[0]))
+    worker.start()
+    deadline = time.time() + 30
+    while not cmp._LIVE and time.time() < deadline:
+        time.sleep(0.05)
+    cmp._stop_live()
+    worker.join(30)
+    assert not worker.is_alive() and result["rc"] == -signal.SIGTERM
+    assert not cmp._LIVE

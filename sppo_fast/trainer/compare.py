@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -108,10 +109,29 @@ def run_configs(algos, seeds, out_dir, *, steps=None, prompts_per_step=DEFAULT_P
     return configs
 
 
+_LIVE: set = set()  # runs in flight, stopped by `_stop_live` if the comparison itself is interrupted
+
+
+def _stop_live():
+    for proc in list(_LIVE):
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
 def _launch(args: list[str], log_path: str) -> tuple[int, str]:
-    """Run `python args...` with its output in `log_path`; (exit code, last lines of the output)."""
+    """Run `python args...` with its output in `log_path`; (exit code, last lines of the output). The run
+    gets its own session, so that when the comparison is interrupted (or fails) the whole run, with any
+    process it started, is stopped rather than left behind."""
     with open(log_path, "w") as log:
-        rc = subprocess.run([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT).returncode
+        proc = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        _LIVE.add(proc)
+        try:
+            rc = proc.wait()
+        finally:
+            _LIVE.discard(proc)
     with open(log_path, errors="replace") as log:
         tail = log.read()[-4000:]
     return rc, tail
@@ -196,8 +216,8 @@ def warm_start_only(config_path: str) -> int:
     """Child process of `prepare_warm_starts`: fine-tune (or find in the cache) one seed's warm start."""
     import torch
 
-    from sppo_fast.trainer.loop import Trainer
     from sppo_fast.trainer.distributed import init_distributed
+    from sppo_fast.trainer.loop import Trainer
     from sppo_fast.trainer.warmstart import warm_start
 
     with open(config_path) as f:
@@ -365,8 +385,8 @@ def plot(result: dict, path: str) -> str:
         values = [_interpolate(c, grid, key) for c in curves]
         stats = [mean_std([v[k] for v in values]) for k in range(len(grid))]
         means = [m for m, _ in stats]
-        ax.plot(grid, means, color=color, linewidth=2, label=f"{algo} (N={curves and result['aggregate']['algorithms'][algo]['samples_per_prompt']}, "
-                                                              f"{len(curves)} seeds)")
+        n_samples = result["aggregate"]["algorithms"][algo]["samples_per_prompt"]
+        ax.plot(grid, means, color=color, linewidth=2, label=f"{algo} (N={n_samples}, {len(curves)} seeds)")
         ax.fill_between(grid, [m - s for m, s in stats], [m + s for m, s in stats], color=color, alpha=0.2)
     target = result["aggregate"]["reference_final_accuracy"]
     if target is not None:
@@ -396,6 +416,20 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _run_all(configs, jobs, out_dir, log) -> list[dict]:
+    warm_failed = prepare_warm_starts(configs, jobs, out_dir, log=log)
+    todo = [c for c in configs if c.seed not in warm_failed]
+    records = [{"algo": c.algo, "seed": c.seed, "run_dir": c.out, "status": "failed",
+                "error": f"warm start failed: {warm_failed[c.seed]}"} for c in configs if c.seed in warm_failed]
+    log(f"compare: {len(todo)} runs, {jobs} at a time -> {out_dir}")
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for record in pool.map(run_one, todo):
+            status = record["status"] if record["status"] == "ok" else f"FAILED ({record['error']})"
+            log(f"compare: {record['algo']} seed {record['seed']}: {status}")
+            records.append(record)
+    return records
+
+
 def compare(algos=DEFAULT_ALGOS, seeds=DEFAULT_SEEDS, out_dir="compare", *, steps=None,
             prompts_per_step=DEFAULT_PROMPTS_PER_STEP, jobs=None, overrides=(), reference="grpo",
             time_axis="wall", log=print) -> dict:
@@ -410,16 +444,11 @@ def compare(algos=DEFAULT_ALGOS, seeds=DEFAULT_SEEDS, out_dir="compare", *, step
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     os.makedirs(out_dir, exist_ok=True)
     start = time.time()
-    warm_failed = prepare_warm_starts(configs, jobs, out_dir, log=log)
-    todo = [c for c in configs if c.seed not in warm_failed]
-    records = [{"algo": c.algo, "seed": c.seed, "run_dir": c.out, "status": "failed",
-                "error": f"warm start failed: {warm_failed[c.seed]}"} for c in configs if c.seed in warm_failed]
-    log(f"compare: {len(todo)} runs, {jobs} at a time -> {out_dir}")
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for record in pool.map(run_one, todo):
-            status = record["status"] if record["status"] == "ok" else f"FAILED ({record['error']})"
-            log(f"compare: {record['algo']} seed {record['seed']}: {status}")
-            records.append(record)
+    try:
+        records = _run_all(configs, jobs, out_dir, log)
+    except BaseException:  # Ctrl-C: leave no run behind
+        _stop_live()
+        raise
     order = {(c.algo, c.seed): i for i, c in enumerate(configs)}
     records.sort(key=lambda r: order[(r["algo"], r["seed"])])
     algos = list(algos)
