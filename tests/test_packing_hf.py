@@ -11,6 +11,11 @@ from spec_helpers import assert_spec_close
 import sppo_fast as sf
 from sppo_fast.integrations.hf import policy_loss_from_model, token_logprobs_from_model
 
+masking_utils = pytest.importorskip("transformers.masking_utils")
+if not hasattr(masking_utils, "find_packed_sequence_indices"):
+    pytest.skip(f"transformers {transformers.__version__} does not build packed-sequence masks from position_ids "
+                "(the helpers refuse packed rows there)", allow_module_level=True)
+
 V, H = 97, 32
 SMALL = dict(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)
@@ -124,8 +129,6 @@ def test_packed_inputs_are_checked():
 
 def test_a_model_that_attends_across_sequences_is_refused(monkeypatch):
     """Without transformers' packed-sequence detection the decoder would mix sequences: refused."""
-    import transformers.masking_utils as masking_utils
-
     monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
     model = build("llama")
     seqs, input_ids, positions = packed_row()
