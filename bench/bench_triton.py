@@ -1,11 +1,15 @@
 """GPU benchmark of the Triton path: forward and forward+backward time and peak memory of
 (1) token_logprobs (log-probs and entropy from logits) and (2) a GRPO/DAPO policy loss from logits, for
-4k, 16k and 64k tokens x vocabularies of 32k and 152k, against eager PyTorch, torch.compile and
-Liger-Kernel's Triton GRPO loss. Results go to bench/results/triton_<gpu>.json.
+4k, 16k and 64k tokens x vocabularies of 32k and 152k, against the idiomatic PyTorch loss, its
+torch.compile and Liger-Kernel's Triton GRPO loss. Results go to bench/results/triton_<gpu>.json and, as a table,
+bench/results/triton_<gpu>.md.
 
     python bench/bench_triton.py                       # everything (about 10-20 minutes on an H100)
     python bench/bench_triton.py --tokens 4096 --vocab 151936 --impls sppo_fast liger
     python bench/bench_triton.py --smoke               # tiny shapes, any device, to check the script
+    python bench/bench_triton.py --compile-only        # no GPU needed: compile every kernel and config
+                                                       # for sm_80/sm_90a/gfx942, registers and spills
+                                                       # (bench/triton_compile_report.py)
 
 What is timed (median of --reps runs after --warmup runs, CUDA events):
   fwd      the op under torch.no_grad() (computing old/ref log-probs, no activations kept);
@@ -17,8 +21,9 @@ out-of-memory run is recorded as "oom", not fatal. The first call of each (autot
 kernels, compilation for torch.compile) is timed separately as first_call_s.
 
 Implementations:
-  eager               sppo_fast.reference (plain PyTorch at fp32 accumulation, as a user would write it)
-  compile             torch.compile of the same function
+  torch_eager         the idiomatic loss a trainer writes without a fused kernel: fp32 log_softmax + gather,
+                      entropy -(p * logp).sum(-1), then the same (B, T) loss stage (sppo_fast.policy_loss)
+  torch_compile       torch.compile of torch_eager
   sppo_fast           sppo_fast.token_logprobs / fused_policy_loss on the Triton backend
   sppo_fast_inplace   the same with inplace_backward=True (the gradient overwrites the logits)
   liger               liger_kernel's triton_grpo_loss (loss_type="dapo", inplace), GRPO loss only: Liger
@@ -38,7 +43,7 @@ import time
 import torch
 
 OPS = ("token_logprobs", "grpo_loss")
-IMPLS = ("eager", "compile", "sppo_fast", "sppo_fast_inplace", "liger")
+IMPLS = ("torch_eager", "torch_compile", "sppo_fast", "sppo_fast_inplace", "liger")
 TOKENS = (4096, 16384, 65536)
 VOCABS = (32000, 151936)
 SEQ_LEN = 1024  # tokens per sequence: B = tokens / SEQ_LEN sequences
@@ -57,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", default=None, help="JSON path (default bench/results/triton_<gpu>.json)")
+    p.add_argument("--compile-only", action="store_true",
+                   help="run bench/triton_compile_report.py instead (no GPU needed)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes on any device (on CPU through the Triton interpreter): checks the "
                         "script, measures nothing")
@@ -92,63 +99,57 @@ def loss_config():
     return sf.PolicyLossConfig.preset("dapo", kl_coef=KL_COEF, kl_estimator="k3")
 
 
+def idiomatic_logprobs(x, targets, temperature):
+    """What a trainer writes without a fused kernel (as in sppo_fast/bench_cli.py): fp32 log_softmax,
+    gather, entropy -(p log p). Never sppo_fast.reference: that is the tests' oracle, slow on purpose."""
+    logp_all = torch.log_softmax(x.float() / temperature, dim=-1)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return logp, -(logp_all.exp() * logp_all).sum(-1)
+
+
 def build_fn(op, impl, temperature):
-    """fn(inputs) -> scalar loss to backpropagate (or the outputs, for the forward)."""
+    """fn(logits, inputs) -> scalar loss to backpropagate (its value alone, for the forward)."""
     import sppo_fast as sf
-    from sppo_fast import reference
-
-    if op == "token_logprobs":
-        def logprobs(x, inp, inplace=False, module=sf):
-            kwargs = {"inplace_backward": inplace} if module is sf else {}
-            logp, ent = module.token_logprobs(x, inp["targets"], temperature=temperature, return_entropy=True,
-                                              **kwargs)
-            return (logp * inp["g_logp"]).sum() + (ent * inp["g_ent"]).sum()
-
-        impls = {
-            "eager": lambda x, inp: logprobs(x, inp, module=reference),
-            "sppo_fast": lambda x, inp: logprobs(x, inp),
-            "sppo_fast_inplace": lambda x, inp: logprobs(x, inp, inplace=True),
-        }
-        if impl == "compile":
-            compiled = torch.compile(lambda x, targets, g_logp, g_ent: _eager_logprobs_loss(
-                x, targets, g_logp, g_ent, temperature))
-            return lambda x, inp: compiled(x, inp["targets"], inp["g_logp"], inp["g_ent"])
-        return impls.get(impl)
 
     config = loss_config()
-    if impl == "liger":
-        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+    if op == "token_logprobs":
+        def mix(logp, ent, g_logp, g_ent):
+            return (logp * g_logp).sum() + (ent * g_ent).sum()
 
-        def liger(x, inp):
-            loss, _ = triton_grpo_loss(x, inp["old_logp"], inp["ref_logp"], inp["targets"], inp["advantages"],
-                                       inp["mask"], temperature=temperature, beta=KL_COEF,
-                                       eps_low=config.clip_low, eps_high=config.clip_high, inplace=True,
-                                       loss_type="dapo", reduce=True)
-            return loss
-        return liger
+        def ours(x, inp, **kw):
+            return mix(*sf.token_logprobs(x, inp["targets"], temperature=temperature, return_entropy=True, **kw),
+                       inp["g_logp"], inp["g_ent"])
 
-    def policy(module, x, inp, **kwargs):
-        out = module.fused_policy_loss(x, inp["targets"], inp["old_logp"], inp["advantages"], inp["mask"],
-                                       config, ref_logp=inp["ref_logp"], temperature=temperature, **kwargs)
-        return out.loss
+        def torch_loss(x, targets, g_logp, g_ent):
+            return mix(*idiomatic_logprobs(x, targets, temperature), g_logp, g_ent)
 
-    if impl == "compile":
-        compiled = torch.compile(lambda x, t, o, a, m, r: reference.fused_policy_loss(
-            x, t, o, a, m, config, ref_logp=r, temperature=temperature).loss)
-        return lambda x, inp: compiled(x, inp["targets"], inp["old_logp"], inp["advantages"], inp["mask"],
-                                       inp["ref_logp"])
-    return {
-        "eager": lambda x, inp: policy(reference, x, inp),
-        "sppo_fast": lambda x, inp: policy(sf, x, inp),
-        "sppo_fast_inplace": lambda x, inp: policy(sf, x, inp, inplace_backward=True),
-    }[impl]
+        keys = ("targets", "g_logp", "g_ent")
+        impls = {"sppo_fast": ours, "sppo_fast_inplace": lambda x, inp: ours(x, inp, inplace_backward=True)}
+    else:
+        def ours(x, inp, **kw):
+            return sf.fused_policy_loss(x, inp["targets"], inp["old_logp"], inp["advantages"], inp["mask"], config,
+                                        ref_logp=inp["ref_logp"], temperature=temperature, **kw).loss
+
+        def torch_loss(x, targets, old_logp, advantages, mask, ref_logp):
+            logp, ent = idiomatic_logprobs(x, targets, temperature)
+            return sf.policy_loss(logp, old_logp, advantages, mask, config, entropy=ent, ref_logp=ref_logp).loss
+
+        keys = ("targets", "old_logp", "advantages", "mask", "ref_logp")
+        impls = {"sppo_fast": ours, "sppo_fast_inplace": lambda x, inp: ours(x, inp, inplace_backward=True),
+                 "liger": lambda x, inp: liger_loss(x, inp, config, temperature)}
+    if impl in ("torch_eager", "torch_compile"):
+        fn = torch.compile(torch_loss) if impl == "torch_compile" else torch_loss
+        return lambda x, inp: fn(x, *(inp[k] for k in keys))  # tensors as graph inputs, not constants
+    return impls.get(impl)
 
 
-def _eager_logprobs_loss(x, targets, g_logp, g_ent, temperature):
-    from sppo_fast import reference
+def liger_loss(x, inp, config, temperature):
+    from liger_kernel.transformers.grpo_loss import triton_grpo_loss
 
-    logp, ent = reference.token_logprobs(x, targets, temperature=temperature, return_entropy=True)
-    return (logp * g_logp).sum() + (ent * g_ent).sum()
+    loss, _ = triton_grpo_loss(x, inp["old_logp"], inp["ref_logp"], inp["targets"], inp["advantages"], inp["mask"],
+                               temperature=temperature, beta=KL_COEF, eps_low=config.clip_low,
+                               eps_high=config.clip_high, inplace=True, loss_type="dapo", reduce=True)
+    return loss
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -243,21 +244,21 @@ def run_case(op, impl, tokens, vocab, args, device, clock):
 
 
 def agreement(args, device):
-    """Before timing anything: the fused loss and its gradient against eager, on the smallest shape, so
-    that a broken kernel cannot produce good-looking numbers."""
+    """Before timing anything: the fused loss and its gradient against the oracle (sppo_fast.reference),
+    on the smallest shape, so that a broken kernel cannot produce good-looking numbers."""
     import sppo_fast as sf
     from sppo_fast import reference
 
     inp = make_inputs(min(args.tokens), min(args.vocab), DTYPES[args.dtype], device, seed=1)
     config = loss_config()
     results = {}
-    for name, module in (("sppo_fast", sf), ("eager", reference)):
+    for name, module in (("sppo_fast", sf), ("oracle", reference)):
         x = inp["logits"].detach().clone().requires_grad_(True)
         out = module.fused_policy_loss(x, inp["targets"], inp["old_logp"], inp["advantages"], inp["mask"],
                                        config, ref_logp=inp["ref_logp"], temperature=args.temperature)
         out.loss.backward()
         results[name] = (out.loss.detach().double(), out.logp.double(), x.grad.double())
-    ours, ref = results["sppo_fast"], results["eager"]
+    ours, ref = results["sppo_fast"], results["oracle"]
     report = {"loss_abs_diff": (ours[0] - ref[0]).abs().item(),
               "logp_max_abs_diff": (ours[1] - ref[1]).abs().max().item(),
               "grad_max_abs_diff": (ours[2] - ref[2]).abs().max().item(),
@@ -271,7 +272,8 @@ def environment(device):
     import triton
 
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+           else platform.processor() or platform.machine(),
            "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
            "triton_interpret": os.environ.get("TRITON_INTERPRET", "0")}
     try:
@@ -290,8 +292,52 @@ def default_out(env):
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"triton_{slug}.json")
 
 
+def autotune_choices():
+    """The forward kernel's config chosen by the autotuner for each key it met (the key holds V, the
+    row bucket, the flags and the argument dtypes); none under the interpreter, which does not tune."""
+    import triton
+    from sppo_fast.kernels import token_logprobs_forward as fwd
+
+    if not isinstance(fwd._launch, triton.runtime.Autotuner):
+        return []
+    return [{"key": [str(k) for k in key], "config": str(config)} for key, config in fwd._launch.cache.items()]
+
+
+def markdown(report):
+    """The GPU table: one line per (op, tokens, vocab, implementation), times and peak memory, and each
+    time as a multiple of sppo_fast's in the same case."""
+    env = report["environment"]
+    lines = [f"# Triton path on {env['device']}", "",
+             f"`python bench/bench_triton.py`, {env['date']}, torch {env['torch']}, triton {env['triton']}, "
+             f"{env['backend']}, dtype {report['settings']['dtype']}; median of {report['settings']['reps']} runs. "
+             "Peak: memory allocated above the inputs. Ratios: time / sppo_fast's time in the same case.", "",
+             "| op | tokens | V | impl | fwd ms | fwd+bwd ms | fwd+bwd vs sppo_fast | fwd+bwd peak MiB | status |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    ours = {(r["op"], r["tokens"], r["vocab"]): r for r in report["results"]
+            if r["impl"] == "sppo_fast" and r["status"] == "ok"}
+
+    def cell(value, fmt):
+        return "" if value is None else format(value, fmt)
+
+    for r in report["results"]:
+        base = ours.get((r["op"], r["tokens"], r["vocab"]))
+        ratio = (r["fwd_bwd_ms"] / base["fwd_bwd_ms"]) if base and r["status"] == "ok" else None
+        lines.append(f"| {r['op']} | {r['tokens']} | {r['vocab']} | {r['impl']} | {cell(r.get('fwd_ms'), '.2f')} | "
+                     f"{cell(r.get('fwd_bwd_ms'), '.2f')} | {cell(ratio, '.2f')} | "
+                     f"{cell(r.get('fwd_bwd_peak_extra_mib'), '.0f')} | {r['status']} |")
+    if report.get("autotuned"):
+        lines += ["", "Forward configs chosen by the autotuner (key: V, row bucket, flags, dtypes):", ""]
+        lines += [f"- `{', '.join(c['key'])}`: {c['config']}" for c in report["autotuned"]]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.compile_only:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import triton_compile_report
+
+        return triton_compile_report.main(["--check"])
     if args.smoke:
         args.tokens, args.vocab, args.reps, args.warmup = [64], [1000], 1, 0
         if not torch.cuda.is_available():
@@ -312,7 +358,7 @@ def main(argv=None):
     report = {"environment": env, "settings": vars(args), "agreement": agreement(args, device), "results": []}
     print(json.dumps(report["environment"], indent=1), "\nagreement:", report["agreement"], flush=True)
     if not report["agreement"]["ok"]:
-        print("the fused loss disagrees with eager: not timing a wrong kernel", file=sys.stderr)
+        print("the fused loss disagrees with the oracle: not timing a wrong kernel", file=sys.stderr)
         return 1
     for op in args.ops:
         for tokens in args.tokens:
@@ -321,12 +367,16 @@ def main(argv=None):
                     row = run_case(op, impl, tokens, vocab, args, device, Clock(device))
                     report["results"].append(row)
                     print(json.dumps(row), flush=True)
+    report["autotuned"] = autotune_choices()
     out = args.out or (None if args.smoke else default_out(env))
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as f:
             json.dump(report, f, indent=1)
-        print(f"wrote {out}")
+        table = os.path.splitext(out)[0] + ".md"
+        with open(table, "w") as f:
+            f.write(markdown(report))
+        print(markdown(report), f"\nwrote {out} and {table}")
     return 0
 
 
