@@ -333,10 +333,27 @@ def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask
             ref_logp=ref_logp, temperature=float(temperature), normalizer=normalizer,
             seqs_per_chunk=max(1, tokens_per_chunk // T), compute_grad=needs_grad,
             rollout_is_weights=expand_rollout_is_weights(rollout_is_weights, (B, T), torch.float32))
-    logp, entropy = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                                    return_entropy=True, chunk_size=chunk_size)
+    logp, entropy = _linear_logprobs_of_valid_rows(hidden, weight, bias, targets, valid, temperature, chunk_size)
     return aggregate(logp, old_logp, advantages, valid, config, segment_ids=segment_ids, entropy=entropy,
                      ref_logp=ref_logp, normalizer=normalizer, rollout_is_weights=rollout_is_weights)
+
+
+def _linear_logprobs_of_valid_rows(hidden, weight, bias, targets, valid, temperature, chunk_size):
+    """linear_logprobs over the rows that carry loss only: sequences longer than a chunk come here, and
+    their prompt and padding rows would otherwise cost a quarter or more of the matmuls. Masked positions
+    get logp = entropy = 0, as in the one-pass path. fp64 and traced calls keep every row (a
+    data-dependent row count would break the graph)."""
+    if hidden.dtype == torch.float64 or torch.compiler.is_compiling() or bool(valid.all()):
+        return linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                               return_entropy=True, chunk_size=chunk_size)
+    B, T, H = hidden.shape
+    rows = valid.reshape(-1).nonzero().squeeze(1)
+    lp, ent = linear_logprobs(hidden.reshape(-1, H).index_select(0, rows), weight,
+                              targets.reshape(-1).index_select(0, rows), bias=bias, temperature=temperature,
+                              return_entropy=True, chunk_size=chunk_size)
+    logp = lp.new_zeros(B * T).index_copy(0, rows, lp).view(B, T)
+    entropy = ent.new_zeros(B * T).index_copy(0, rows, ent).view(B, T)
+    return logp, entropy
 
 
 def _check_loss_args(like, old_logp, advantages, mask, config, segment_ids, ref_logp, normalizer,
