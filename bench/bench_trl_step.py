@@ -165,7 +165,21 @@ def child(impl, tokens, warmup, reps):
             "lm_head_grad_mib": round(VOCAB * HIDDEN * 4 / 2**20, 1)}
 
 
+def _now_and_load():
+    import datetime
+
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[0]
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), load
+
+
 def run_case(impl, tokens, warmup, reps, timeout):
+    started, load = _now_and_load()
+    result = _run_child(impl, tokens, warmup, reps, timeout)
+    return dict(result, started=started, loadavg_1min_at_start=load)
+
+
+def _run_child(impl, tokens, warmup, reps, timeout):
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import bench_trl_step as b; "
             "print('RESULT ' + json.dumps(b.child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))))")
     cmd = [sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__)), impl, str(tokens), str(warmup),
@@ -199,18 +213,19 @@ def markdown(report):
     lines = [f"TRL GRPO step, tiny Qwen2 H={HIDDEN} V={VOCAB} ({LAYERS} layers, fp32), 1 completion, dapo; "
              f"{report['env']['cpu']}, {report['env']['cores']} cores, load average at start "
              f"{' '.join(report['env']['loadavg_at_start'])} (shared machine: times are noisy)", "",
-             "| completion tokens | path | peak above start | vs TRL | step time (median) | vs TRL |",
-             "|---|---|---|---|---|---|"]
+             "| tokens | path | peak above start | vs TRL | step time (median) | vs TRL | started (UTC), load |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("status") != "ok":
-            lines.append(f"| {r['tokens']} | {r['impl']} | {r['status']} | | | |")
+            lines.append(f"| {r['tokens']} | {r['impl']} | {r['status']} | | | | |")
             continue
         base = by.get(("trl", r["tokens"]))
         ok = base is not None and base.get("status") == "ok"
         mem = f"{base['peak_mib'] / r['peak_mib']:.1f}x lower" if ok and r["impl"] != "trl" else ""
         speed = f"{base['step_s'] / r['step_s']:.1f}x faster" if ok and r["impl"] != "trl" else ""
-        lines.append(f"| {r['tokens']} | {r['impl']} | {r['peak_mib']:.0f} MiB | {mem} | {r['step_s']:.2f} s | "
-                     f"{speed} |")
+        when = f"{r.get('started', '?')[11:19]}, {r.get('loadavg_1min_at_start', '?')}"
+        lines.append(f"| {r['tokens']} | {r['impl']} | {r['peak_mib']:.0f} MiB | {mem} | {r['step_s']:.1f} s | "
+                     f"{speed} | {when} |")
     return "\n".join(lines) + "\n"
 
 
@@ -222,12 +237,16 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--timeout", type=int, default=1800, help="seconds per child process")
     p.add_argument("--out", default=None, help="path without extension (default bench/results/trl-step-<cpu>-Ncore)")
+    p.add_argument("--merge", default=None, help="a JSON-lines file of results of an earlier run to report with")
     a = p.parse_args(argv)
     env = environment()
     cpu = "amd-epyc" if "AMD EPYC" in env["cpu"] else env["cpu"].lower().replace(" ", "-")[:24]
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                 f"trl-step-{cpu}-{env['cores']}core")
     results = []
+    if a.merge:  # rows printed by an earlier invocation (one JSON object per line), reported alongside
+        with open(a.merge) as f:
+            results = [json.loads(line) for line in f if line.startswith("{")]
     for tokens in a.tokens:
         for impl in a.impls:  # side by side: every path at one length before the next length
             r = run_case(impl, tokens, a.warmup, a.reps, a.timeout)

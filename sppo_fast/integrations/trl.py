@@ -9,8 +9,8 @@ Switch with one import, or one line on a trainer already built:
 the others (never a silently different loss). The log-probs and entropy of the completion come from
 the decoder's last hidden states and the `lm_head` weight chunk by chunk (the `(B, T, V)` logits never
 exist), with the `lm_head` and embedding gradients added straight into `.grad` on a single process
-(sppo_fast/integrations/grad_accumulation.py: no (V, H) temporary); the clipped
-loss is `sppo_fast.policy_loss` with the configuration `loss_config` maps from TRL's arguments:
+(grad_accumulation.py: no (V, H) temporary); the clipped loss is `sppo_fast.policy_loss` with the
+configuration `loss_config` maps from TRL's arguments (`SPPOTrainer`, at the end, is the SPPO mode):
 
     TRL                                   sppo-fast
     loss_type grpo                        aggregation seq-mean-token-mean, normalizer B * grad_accum
@@ -33,6 +33,14 @@ loss is `sppo_fast.policy_loss` with the configuration `loss_config` maps from T
     metrics                               TRL's names: entropy, kl, clip_ratio/*, policy_loss, entropy_coef
 
 Each TRL choice that is not one of these raises in `check_supported` (listed in docs/integrations.md).
+
+Why log-probs + `policy_loss` rather than `fused_linear_policy_loss` (whose one-pass form saves one
+matmul): TRL's off-policy mask and high-entropy mask need the current log-probs and entropies before
+the loss, its on-policy default (no old log-probs) needs `logp.detach()` as the old ones, and its
+entropy bonus needs a differentiable entropy under its own normalisation. At V = 151936 a sequence
+longer than 128 tokens does not fit one chunk anyway, and `fused_linear_policy_loss` then runs this
+same two-stage path. The head runs here, not in `integrations.hf`, for the gradient accumulation and
+for TRL's position ids (TRL passes none; `integrations.hf` derives them from the mask).
 """
 
 import functools
