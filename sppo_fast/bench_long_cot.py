@@ -298,9 +298,46 @@ def longest_fitting(rows, impl):
     return max(ok) if ok else None
 
 
-def targets(rows, budget):
-    """The issue's targets, read off the measured rows."""
+def best_guess_gib(measured_rows, length):
+    """The report's estimate of the peak at an unmeasured `length` (the run's skip decisions use the more
+    cautious `extrapolate`): phase by phase, the optimizer phase held constant (it holds only
+    parameter-sized tensors), each other phase's high-water mark affine in the length through the last
+    two measured lengths (gradients of the weights are its constant part), or proportional to the length
+    from a single one; the largest phase is the peak."""
+    rows = sorted(measured_rows, key=lambda r: r["length"])
+    last = rows[-1]
+    guesses = [last["phases"]["optimizer"]["hwm_mib"]]
+    for name in ("forward", "loss", "backward"):
+        y1 = last["phases"][name]["hwm_mib"]
+        if len(rows) > 1:
+            l0, y0 = rows[-2]["length"], rows[-2]["phases"][name]["hwm_mib"]
+            slope = max(0.0, (y1 - y0) / (last["length"] - l0))
+            guesses.append(y1 + slope * (length - last["length"]))
+        else:
+            guesses.append(y1 * length / last["length"])
+    return max(guesses) / 1024
+
+
+def predictions(rows, lengths, impls):
+    """{impl: {length: GiB}} for the grid's lengths past an implementation's longest measured one (an
+    estimate from `best_guess_gib`, never reported as a measurement)."""
+    out = {}
+    for impl in impls:
+        ok = [r for r in rows if r["impl"] == impl and r.get("status") == "ok"]
+        if ok:
+            top = max(r["length"] for r in ok)
+            out[impl] = {length: round(best_guess_gib(ok, length), 2) for length in lengths if length > top}
+    return out
+
+
+def targets(rows, budget, lengths=LENGTHS, impls=IMPLS):
+    """The issue's targets, read off the measured rows; predicted fits are reported apart."""
     out = {"budget_gib": budget}
+    predicted = predictions(rows, lengths, impls)
+    out["predicted_peak_gib"] = predicted
+    out["longest_predicted_to_fit"] = {
+        impl: max([length for length, gib in predicted.get(impl, {}).items() if gib <= budget]
+                  + [longest_fitting(rows, impl) or 0]) or None for impl in impls}
     longest = {impl: longest_fitting(rows, impl) for impl in IMPLS}
     out["longest_fitting"] = longest
     ours = longest.get("fused_linear")
@@ -310,9 +347,18 @@ def targets(rows, budget):
     by = {(r["impl"], r["length"]): r for r in rows if r.get("status") == "ok"}
     out["time_vs_compile"] = {length: round(by[("fused_linear", length)]["step_s"] / by[("compile", length)]["step_s"], 3)
                               for (impl, length) in by if impl == "compile" and ("fused_linear", length) in by}
-    out["fused_linear_loss_stage_over_hidden_states"] = {
-        r["length"]: round(r["loss_stage_mib"] / (r["length"] * r["hidden"] * 4 / 2**20), 2)
-        for r in rows if r["impl"] == "fused_linear" and r.get("status") == "ok"}
+    out["loss_stage_growth_bytes_per_token"] = growth_per_token(rows, impls)
+    return out
+
+
+def growth_per_token(rows, impls):
+    """{impl: {"L0->L1": bytes}}: how much the loss stage's memory grows per added response token between
+    consecutive measured lengths. O(T x H) means a few times H x 4 bytes (the hidden states and their
+    gradient); O(T x V) means multiples of V x 4 bytes (a row of fp32 logits)."""
+    out = {}
+    for impl in impls:
+        ok = sorted((r["length"], r["loss_stage_mib"]) for r in rows if r["impl"] == impl and r.get("status") == "ok")
+        out[impl] = {f"{a[0]}->{b[0]}": round((b[1] - a[1]) * 2**20 / (b[0] - a[0])) for a, b in zip(ok, ok[1:])}
     return out
 
 
@@ -330,12 +376,13 @@ def markdown(report):
              "times are noisy. Method: the docstring of `sppo_fast/bench_long_cot.py`.", "",
              "| response tokens | " + " | ".join(s["impls"]) + " |", "|---|" + "---|" * len(s["impls"])]
     by = {(r["impl"], r["length"]): r for r in rows}
-    for length in sorted({r["length"] for r in rows}):
+    for length in sorted({r["length"] for r in rows} | set(s["lengths"])):
         cells = []
         for impl in s["impls"]:
             r = by.get((impl, length))
+            guess = tg["predicted_peak_gib"].get(impl, {}).get(length)
             if r is None:
-                cells.append("")
+                cells.append("" if guess is None else f"not run (out of time); predicted peak {guess:.1f} GiB")
             elif r.get("status") != "ok":
                 cells.append(r["status"].replace("|", "/")[:120])
             else:
@@ -346,16 +393,22 @@ def markdown(report):
     lines += ["", f"Longest response measured within the {tg['budget_gib']:g} GiB budget: "
               + ", ".join(f"{k} {v if v else 'none'}" for k, v in tg["longest_fitting"].items()
                           if k in s["impls"]) + "."]
+    lines.append("Longest predicted to fit (an estimate from the measured rows, phase by phase: see "
+                 "`best_guess_gib`): "
+                 + ", ".join(f"{k} {v if v else 'none'}" for k, v in tg["longest_predicted_to_fit"].items()
+                             if k in s["impls"]) + ".")
     for other in ("eager", "compile", "fused"):
         if f"longer_than_{other}" in tg:
             lines.append(f"- fused_linear fits {tg[f'longer_than_{other}']}x longer responses than {other}.")
     if tg["time_vs_compile"]:
         lines.append("- fused_linear step time / compile step time, at the lengths both ran: "
                      + ", ".join(f"{k}: {v}" for k, v in sorted(tg["time_vs_compile"].items())) + ".")
-    if tg["fused_linear_loss_stage_over_hidden_states"]:
-        lines.append("- fused_linear loss stage / size of the fp32 hidden states (T x H): "
-                     + ", ".join(f"{k}: {v}" for k, v in sorted(tg["fused_linear_loss_stage_over_hidden_states"].items()))
-                     + " (O(T x H) if this stays flat while T grows; the chunk of logits is a constant part).")
+    growth = {k: v for k, v in tg["loss_stage_growth_bytes_per_token"].items() if v}
+    if growth:
+        lines.append(f"- Growth of the loss stage's memory per added response token (H x 4 = {4 * s['hidden']} "
+                     f"bytes, one fp32 logits row V x 4 = {4 * s['vocab']} bytes): "
+                     + "; ".join(f"{impl} " + ", ".join(f"{k}: {v} B" for k, v in g.items())
+                                 for impl, g in growth.items()) + ".")
     losses = {}
     for r in rows:
         if r.get("status") == "ok":
@@ -391,7 +444,8 @@ def plot(report, path):
 
 
 def write_reports(report, out, with_plot=True):
-    report["targets"] = targets(report["results"], report["settings"]["budget_gib"])
+    s = report["settings"]
+    report["targets"] = targets(report["results"], s["budget_gib"], s["lengths"], s["impls"])
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(report, f, indent=1)
