@@ -203,9 +203,9 @@ def markdown(report):
              "the specializations compiled (logits fp32/bf16/fp16, flags off/on, V divisible by 16 or not); "
              "spills and stack/scratch over all of them. Shared memory is Triton's allocation per program. "
              "Full rows: `triton-compile.json`.", ""]
-    for name, why in report["skipped_targets"].items():
-        lines.append(f"Not compiled for {name}: {why}.")
-    lines += ["", "| kernel | BLOCK_V | warps | target | registers | spills | stack | shared (B) | note |",
+    if report["skipped_targets"]:
+        lines += [f"Not compiled for {name}: {why}." for name, why in report["skipped_targets"].items()] + [""]
+    lines += ["| kernel | BLOCK_V | warps | target | registers | spills | stack | shared (B) | note |",
               "|---|---|---|---|---|---|---|---|---|"]
     for s in report["summary"]:
         note = "pruned by the autotuner (under 4 elements per thread)" if s["autotune_pruned"] else ""
