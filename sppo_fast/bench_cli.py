@@ -733,7 +733,7 @@ def plot(rows, path, env):
     cases = [(key, impls) for key, impls in cases if impls]
     if not cases:
         return False
-    fig, axes = plt.subplots(1, len(cases), figsize=(3.4 * len(cases), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(cases), figsize=(max(5.0, 3.4 * len(cases)), 4.4), squeeze=False)
     for ax, (key, impls) in zip(axes[0], cases):
         names = [n for n in IMPL_ORDER if n in impls]
         times = [impls[n]["fwd_bwd_ms"] for n in names]
@@ -749,7 +749,7 @@ def plot(rows, path, env):
         ax.set_ylabel("fwd+bwd ms (median)", fontsize=8)
         ax.set_title(f"{key[0]}{' ' + key[1] if key[1] else ''}\n{key[2]} V={key[3]} {key[4]} tokens", fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
-    fig.suptitle(f"{env['cpu']}, {env['cores']} cores, torch {env['torch']} (labels: peak memory)", fontsize=9)
+    fig.suptitle(f"{env['cpu']}, {env['cores']} cores, torch {env['torch']}\n(labels: peak memory)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
