@@ -100,6 +100,14 @@ def test_tiny_comparison_keeps_the_other_runs_when_one_crashes(tmp_path):
     assert len(saved["runs"]) == 2
     assert (out / "accuracy_vs_time.png").stat().st_size > 1000
 
+    # --reuse keeps the finished sppo run (same config) and tries the failed rloo run again
+    again = cmp.compare(["sppo", "rloo"], [0], str(out), steps=2, prompts_per_step=2, jobs=2, reuse=True,
+                        overrides=TINY + [f"rloo.model={missing}", "rloo.samples_per_prompt=2",
+                                          f"cache_dir={tmp_path / 'cache'}"], reference="sppo", log=lambda m: None)
+    by_again = {r["algo"]: r for r in again["runs"]}
+    assert by_again["sppo"].get("reused") and by_again["sppo"]["summary"] == by[("sppo", 0)]["summary"]
+    assert by_again["rloo"]["status"] == "failed" and not by_again["rloo"].get("reused")
+
 
 def _record(algo, seed, curve, before=0.1):
     # CPU time: half the wall-clock, as on a machine shared with one other job

@@ -149,6 +149,8 @@ def last_error(log_tail: str) -> str:
 def run_one(cfg: TrainConfig) -> dict:
     """Train one configuration in a fresh process; never raises for the run's own failure."""
     os.makedirs(cfg.out, exist_ok=True)
+    if os.path.exists(os.path.join(cfg.out, DONE_MARKER)):
+        os.remove(os.path.join(cfg.out, DONE_MARKER))  # finished again below, or not at all
     config_path = os.path.join(cfg.out, "compare-config.json")
     with open(config_path, "w") as f:
         json.dump(cfg.to_dict(), f, indent=2)
@@ -161,11 +163,32 @@ def run_one(cfg: TrainConfig) -> dict:
     if rc != 0 or not os.path.exists(summary_path):
         record.update(status="failed", error=last_error(tail) if rc != 0 else "no summary.json written")
         return record
-    with open(summary_path) as f:
+    with open(os.path.join(cfg.out, DONE_MARKER), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2)
+    return finished_record(cfg, record)
+
+
+DONE_MARKER = "compare-done.json"  # the config of a run that finished, for --reuse
+
+
+def finished_record(cfg: TrainConfig, record: dict | None = None) -> dict:
+    """The record of the finished run in `cfg.out`."""
+    record = record or {"algo": cfg.algo, "seed": cfg.seed, "run_dir": cfg.out, "returncode": 0, "reused": True}
+    with open(os.path.join(cfg.out, "summary.json")) as f:
         record["summary"] = json.load(f)
     record["curve"] = accuracy_curve(cfg.out)
     record["status"] = "ok"
     return record
+
+
+def already_finished(cfg: TrainConfig) -> bool:
+    """Whether `cfg.out` holds a finished run of exactly this configuration (compare --reuse)."""
+    try:
+        with open(os.path.join(cfg.out, DONE_MARKER)) as f:
+            done = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return done == json.loads(json.dumps(cfg.to_dict())) and os.path.exists(os.path.join(cfg.out, "summary.json"))
 
 
 TIME_KEYS = {"wall": "rl_seconds", "cpu": "rl_cpu_seconds"}
@@ -416,11 +439,19 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _run_all(configs, jobs, out_dir, log) -> list[dict]:
+def _run_all(configs, jobs, out_dir, log, reuse=False) -> list[dict]:
+    records = []
+    if reuse:
+        done = [c for c in configs if already_finished(c)]
+        records = [finished_record(c) for c in done]
+        configs = [c for c in configs if c not in done]
+        if done:
+            log(f"compare: reusing {len(done)} finished runs: "
+                + ", ".join(f"{c.algo} seed {c.seed}" for c in done))
     warm_failed = prepare_warm_starts(configs, jobs, out_dir, log=log)
     todo = [c for c in configs if c.seed not in warm_failed]
-    records = [{"algo": c.algo, "seed": c.seed, "run_dir": c.out, "status": "failed",
-                "error": f"warm start failed: {warm_failed[c.seed]}"} for c in configs if c.seed in warm_failed]
+    records += [{"algo": c.algo, "seed": c.seed, "run_dir": c.out, "status": "failed",
+                 "error": f"warm start failed: {warm_failed[c.seed]}"} for c in configs if c.seed in warm_failed]
     log(f"compare: {len(todo)} runs, {jobs} at a time -> {out_dir}")
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for record in pool.map(run_one, todo):
@@ -432,7 +463,7 @@ def _run_all(configs, jobs, out_dir, log) -> list[dict]:
 
 def compare(algos=DEFAULT_ALGOS, seeds=DEFAULT_SEEDS, out_dir="compare", *, steps=None,
             prompts_per_step=DEFAULT_PROMPTS_PER_STEP, jobs=None, overrides=(), reference="grpo",
-            time_axis="wall", log=print) -> dict:
+            time_axis="wall", reuse=False, log=print) -> dict:
     """Run every (algorithm, seed), write compare.{md,json} and accuracy_vs_time.png; returns the result."""
     if time_axis not in TIME_KEYS:
         raise ValueError(f"time_axis must be one of {', '.join(TIME_KEYS)}, got {time_axis!r}")
@@ -445,7 +476,7 @@ def compare(algos=DEFAULT_ALGOS, seeds=DEFAULT_SEEDS, out_dir="compare", *, step
     os.makedirs(out_dir, exist_ok=True)
     start = time.time()
     try:
-        records = _run_all(configs, jobs, out_dir, log)
+        records = _run_all(configs, jobs, out_dir, log, reuse=reuse)
     except BaseException:  # Ctrl-C: leave no run behind
         _stop_live()
         raise
@@ -519,6 +550,9 @@ def parser() -> argparse.ArgumentParser:
                    help="time axis of the plot and of the time to reach the reference: the RL steps' wall-clock "
                         "or their CPU time (fairer on a machine shared with other jobs; default: %(default)s)")
     p.add_argument("--out", default=None, help="output directory (default: compare-<timestamp>)")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the runs in --out that finished with exactly the same configuration (an interrupted "
+                        "comparison, or one whose other algorithms changed) instead of training them again")
     p.add_argument("--warm-start-only", dest="warm_start_only", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -532,7 +566,7 @@ def main(argv=None) -> int:
     try:
         result = compare(algos, args.seeds, out, steps=args.steps, prompts_per_step=args.prompts_per_step,
                          jobs=args.jobs, overrides=args.overrides, reference=args.reference,
-                         time_axis=args.time_axis,
+                         time_axis=args.time_axis, reuse=args.reuse,
                          log=lambda m: print(m, file=sys.stderr, flush=True))
     except ValueError as error:
         raise SystemExit(f"sppo-fast compare: {error}") from None
