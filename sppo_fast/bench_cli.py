@@ -746,6 +746,7 @@ def plot(rows, path, env):
             ax.text(i, times[i], mem, ha="center", va="bottom", fontsize=6)
         ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
         ax.set_yscale("log")
+        ax.set_ylim(min(times) / 4, max(times) * 2)  # room below the shortest bar, so its height shows
         ax.set_ylabel("fwd+bwd ms (median)", fontsize=8)
         ax.set_title(f"{key[0]}{' ' + key[1] if key[1] else ''}\n{key[2]} V={key[3]} {key[4]} tokens", fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
