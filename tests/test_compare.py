@@ -134,13 +134,17 @@ def test_aggregate_means_and_time_to_reach_the_reference():
     assert g["rl_seconds"][0] == 60 and g["rollouts"][0] == 16
     assert (s["runs"], s["failed"]) == (2, 1)
     assert s["gain"][0] == pytest.approx((0.6 + 0.39) / 2)
-    assert s["time_to_reference"]["per_run"] == [10, None]
-    assert s["time_to_reference"]["fraction_of_reference_time"] == pytest.approx(10 / 60)
-    assert g["time_to_reference"]["per_run"] == [None, 60]
+    # per seed, against grpo's run of the same seed (finals 0.4 and 0.6)
+    assert s["time_to_reference"]["per_run"] == [5, None]
+    # the mean curve (0.1, 0.275, 0.4, 0.595 at 0, 5, 10, 20 s) reaches grpo's mean final 0.5 at 20 s
+    assert s["time_to_reference"]["mean_curve"] == 20
+    assert s["time_to_reference"]["fraction_of_reference_time"] == pytest.approx(20 / 60)
+    assert g["time_to_reference"]["per_run"] == [60, 60] and g["time_to_reference"]["mean_curve"] == 60
     assert cmp.time_to_reach([], 0.1) is None
     cpu = cmp.aggregate(records, ["sppo", "grpo"], "grpo", time_key="rl_cpu_seconds")["algorithms"]["sppo"]
-    assert cpu["time_to_reference"]["per_run"] == [5, None] and cpu["rl_cpu_seconds"][0] == 10
-    assert cpu["time_to_reference"]["fraction_of_reference_time"] == pytest.approx(5 / 30)
+    assert cpu["time_to_reference"]["per_run"] == [2.5, None] and cpu["rl_cpu_seconds"][0] == 10
+    assert cpu["time_to_reference"]["fraction_of_reference_time"] == pytest.approx(10 / 30)
+    assert cmp.mean_curve([]) == []
 
 
 def test_markdown_and_plot_from_a_result(tmp_path):
@@ -151,7 +155,7 @@ def test_markdown_and_plot_from_a_result(tmp_path):
                            "steps_note": "sppo 1 steps", "eval_examples": 4, "cpu": "cpu", "cores": 2,
                            "per_algo_settings": {"sppo": {}, "grpo": {}}}}
     table = cmp.markdown(result)
-    assert "5 s (1 of 1 runs; 0.08x grpo's)" in table
+    assert "5 s = 0.08x grpo's; per seed (vs grpo's same seed): 5 |" in table
     assert "`RuntimeError: x/y`" in table
     path = cmp.plot(result, os.path.join(tmp_path, "p.png"))
     assert os.path.getsize(path) > 1000
