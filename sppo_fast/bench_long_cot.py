@@ -367,7 +367,7 @@ def markdown(report):
     s = report["settings"]
     lines = [f"Long-CoT update step: {env['cpu']}, {env['cores']} cores, torch {env['torch']}, "
              f"`python bench/bench_long_cot.py` ({env['date']}). Policy: hidden {s['hidden']}, "
-             f"{s['layers']} layers, {s['heads']} heads, vocab {s['vocab']} "
+             f"{s['layers']} decoder layer(s), {s['heads']} heads, vocab {s['vocab']} "
              f"({rows[0].get('parameters', 0) / 1e6 if rows and rows[0].get('parameters') else 0:.0f}M "
              "parameters), activation checkpointing, 1 sequence of 32 prompt + N response tokens, SPPO loss, "
              "AdamW. Peak = resident memory the step adds above the weights and optimizer state; loss stage = "
@@ -397,9 +397,12 @@ def markdown(report):
                  "`best_guess_gib`): "
                  + ", ".join(f"{k} {v if v else 'none'}" for k, v in tg["longest_predicted_to_fit"].items()
                              if k in s["impls"]) + ".")
+    fit = tg["longest_predicted_to_fit"]
     for other in ("eager", "compile", "fused"):
-        if f"longer_than_{other}" in tg:
-            lines.append(f"- fused_linear fits {tg[f'longer_than_{other}']}x longer responses than {other}.")
+        if fit.get("fused_linear") and fit.get(other):
+            lines.append(f"- Estimated from the rows: fused_linear fits {fit['fused_linear'] / fit[other]:g}x "
+                         f"longer responses than {other} in {tg['budget_gib']:g} GiB (of the lengths in the grid; "
+                         "an estimate wherever a length was not run).")
     if tg["time_vs_compile"]:
         lines.append("- fused_linear step time / compile step time, at the lengths both ran: "
                      + ", ".join(f"{k}: {v}" for k, v in sorted(tg["time_vs_compile"].items())) + ".")
