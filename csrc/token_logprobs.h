@@ -1,4 +1,4 @@
-// The two vocabulary-sized CPU kernels of SPEC §9 (interface in sppo_fast/backends/__init__.py).
+// The two vocabulary-sized CPU kernels of docs/api.md §9 (interface in sppo_fast/backends/__init__.py).
 #pragma once
 
 #include <ATen/Dispatch.h>

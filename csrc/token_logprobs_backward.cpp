@@ -1,6 +1,6 @@
 // Backward kernel: the gradient of the logits from per-row coefficients, one read and one write.
 //
-// With u_j = z_j - lse and p_j = exp(u_j), SPEC §3.1 gives
+// With u_j = z_j - lse and p_j = exp(u_j), docs/api.md §3.1 gives
 //   grad_j = (g_logp (1[j = t] - p_j) - g_H p_j (u_j + H)) / T = -p_j (a + b u_j) + 1[j = t] g_logp / T
 // with the per-row a = (g_logp + g_H H) / T and b = g_H / T. The target element is redone in scalar
 // code after the vector sweep, so the row is swept once whatever the target.

@@ -1,4 +1,4 @@
-"""Triton backward of token_logprobs (SPEC §3.1, §9 kernel 2): one read of the logits, one write.
+"""Triton backward of token_logprobs (docs/api.md §3.1, §9 kernel 2): one read of the logits, one write.
 
 Given the forward's lse and entropy and the per-row coefficients g_logp = dL/dlogp and
 g_ent = dL/dentropy, one program per row streams the vocabulary and writes, with z = logits / T and

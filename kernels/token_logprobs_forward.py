@@ -1,4 +1,4 @@
-"""Triton forward of token_logprobs (SPEC §3.1, §9 kernel 1): per row, one read of the logits.
+"""Triton forward of token_logprobs (docs/api.md §3.1, §9 kernel 1): per row, one read of the logits.
 
 One program per row streams the vocabulary in BLOCK_V tiles and keeps three fp32 scalars, an online
 softmax with an entropy accumulator:

@@ -1,5 +1,5 @@
 """sppo-fast: fused kernels and a small trainer for reinforcement learning of reasoning LLMs with
-verifiable rewards (SPPO, GRPO, DAPO, Dr. GRPO, RLOO, GSPO, SSPO, PPO). The contract is SPEC.md."""
+verifiable rewards (SPPO, GRPO, DAPO, Dr. GRPO, RLOO, GSPO, SSPO, PPO). The API reference is docs/api.md."""
 
 from .advantages import gae, group_advantage, rloo_advantage, sequence_advantage, value_bce_loss
 from .dispatch import backend_info

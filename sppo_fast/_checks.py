@@ -1,5 +1,5 @@
 """Argument checks shared by the public functions: each error names the argument and says what was
-expected, and every check runs before any kernel does (SPEC §6)."""
+expected, and every check runs before any kernel does (docs/api.md §6)."""
 
 import torch
 

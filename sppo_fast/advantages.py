@@ -1,4 +1,4 @@
-"""Advantage estimators and the SPPO critic loss (SPEC §3.7), on (B,) or (B, T) tensors."""
+"""Advantage estimators and the SPPO critic loss (docs/api.md §3.7), on (B,) or (B, T) tensors."""
 
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""Which kernel serves a tensor (SPEC §7): Triton on CUDA, the native C++ kernels on CPU, the eager
+"""Which kernel serves a tensor (docs/api.md §7): Triton on CUDA, the native C++ kernels on CPU, the eager
 reference where neither can (with a warning, once). `SPPO_FAST_BACKEND=triton|native|reference`
 or `use_backend(name)` forces one."""
 

@@ -1,6 +1,6 @@
-"""The loss family of SPEC §3.2-§3.6, written once in PyTorch on (B, T) tensors and shared by every
+"""The loss family of docs/api.md §3.2-§3.6, written once in PyTorch on (B, T) tensors and shared by every
 backend. Autograd through this stage yields the per-token coefficients (d loss / d logp and
-d loss / d entropy) that the backward kernel turns into the logits' gradient (SPEC §9).
+d loss / d entropy) that the backward kernel turns into the logits' gradient (docs/api.md §9).
 
 A loss is `sum_t w_t * l_t`: a per-token loss `l_t` (ratios, clipping, KL, entropy bonus) and
 per-token weights `w_t` that encode the aggregation. A new variant is a few lines here."""
@@ -20,7 +20,7 @@ ADVANTAGES = ("gae", "group_std", "group_none", "rloo", "sppo")
 
 @dataclass(frozen=True)
 class EntropyAdaptiveClip:
-    """SSPO's entropy-adaptive clip bounds (SPEC §3.4). Every constant is a parameter: the paper's
+    """SSPO's entropy-adaptive clip bounds (docs/api.md §3.4). Every constant is a parameter: the paper's
     exact values are not public."""
 
     low_threshold: float = 0.5
@@ -39,7 +39,7 @@ class EntropyAdaptiveClip:
 
 @dataclass(frozen=True)
 class PolicyLossConfig:
-    """Everything that makes PPO, GRPO, DAPO, Dr. GRPO, RLOO, GSPO, SSPO and SPPO differ (SPEC §4)."""
+    """Everything that makes PPO, GRPO, DAPO, Dr. GRPO, RLOO, GSPO, SSPO and SPPO differ (docs/api.md §4)."""
 
     ratio_level: str = "token"
     clip_low: float = 0.2
@@ -77,7 +77,7 @@ class PolicyLossConfig:
 
     @classmethod
     def preset(cls, name, **overrides):
-        """A preset of SPEC §4 with any field overridden, e.g. `preset("dapo", kl_coef=0.01)`."""
+        """A preset of docs/api.md §4 with any field overridden, e.g. `preset("dapo", kl_coef=0.01)`."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         known = {f.name for f in fields(cls)}
@@ -160,7 +160,7 @@ def masked_sequence_mean(values, valid):
 
 
 def log_ratio(logp, old_logp, valid, config, segment_ids=None):
-    """SPEC §3.2: the clamped log-ratio at token, sequence or segment level (0 off the mask)."""
+    """docs/api.md §3.2: the clamped log-ratio at token, sequence or segment level (0 off the mask)."""
     c = config.log_ratio_clamp
     r = torch.where(valid, (logp - old_logp).clamp(-c, c), torch.zeros_like(logp))
     if config.ratio_level == "sequence":
@@ -171,7 +171,7 @@ def log_ratio(logp, old_logp, valid, config, segment_ids=None):
 
 
 def clip_bounds(config, valid, segment_ids=None, entropy=None):
-    """SPEC §3.4: (lo, hi) as numbers, or per-token tensors when entropy-adaptive."""
+    """docs/api.md §3.4: (lo, hi) as numbers, or per-token tensors when entropy-adaptive."""
     lo, hi = 1.0 - config.clip_low, 1.0 + config.clip_high
     ea = config.entropy_adaptive
     if ea is None:
@@ -185,7 +185,7 @@ def clip_bounds(config, valid, segment_ids=None, entropy=None):
 
 
 def kl_penalty(logp, ref_logp, estimator):
-    """SPEC §3.4: k1, k2 or k3 with d = clamp(ref_logp - logp, -20, 20)."""
+    """docs/api.md §3.4: k1, k2 or k3 with d = clamp(ref_logp - logp, -20, 20)."""
     d = (ref_logp - logp).clamp(-20.0, 20.0)
     if estimator == "k1":
         return -d
@@ -204,7 +204,7 @@ class TokenLoss(NamedTuple):
 
 def per_token_loss(logp, old_logp, advantages, valid, config, segment_ids=None, entropy=None, ref_logp=None,
                    rollout_is_weights=None):
-    """SPEC §3.4 per token: l_t = max(-A rho, -A clip(rho, lo, hi)), the dual clip, KL and entropy.
+    """docs/api.md §3.4 per token: l_t = max(-A rho, -A clip(rho, lo, hi)), the dual clip, KL and entropy.
     `rollout_is_weights` ((B, T), constant) multiplies the clipped policy-gradient term only, as TRL
     1.16 multiplies by its `importance_sampling_ratio`: the KL and entropy terms are not weighted."""
     rho = torch.exp(log_ratio(logp, old_logp, valid, config, segment_ids))
@@ -231,7 +231,7 @@ def per_token_loss(logp, old_logp, advantages, valid, config, segment_ids=None, 
 
 
 def token_weights(valid, config, normalizer=None, dtype=torch.float32):
-    """SPEC §3.5 as per-token weights: the loss is sum_t w_t l_t. `normalizer` replaces the local
+    """docs/api.md §3.5 as per-token weights: the loss is sum_t w_t l_t. `normalizer` replaces the local
     denominator (the token count, or the sequence count) for data-parallel jobs."""
     m = valid.to(dtype)
     per_seq = m.sum(-1, keepdim=True)
@@ -261,7 +261,7 @@ def _positive(denom):
 
 def policy_loss(logp, old_logp, advantages, mask, config, *, segment_ids=None, entropy=None, ref_logp=None,
                 normalizer=None, rollout_is_weights=None, cu_seqlens=None):
-    """The clipped policy loss of SPEC §3 on per-token log-probs. Returns PolicyLossOutput.
+    """The clipped policy loss of docs/api.md §3 on per-token log-probs. Returns PolicyLossOutput.
 
     `cu_seqlens` ((S + 1,) int32/int64 offsets) takes a packed batch: every per-token tensor is
     (N,) or (1, N), advantages and rollout_is_weights may also be (S,); see sppo_fast.packing.
@@ -300,7 +300,7 @@ def aggregate(logp, old_logp, advantages, valid, config, *, segment_ids=None, en
 
 
 def loss_metrics(terms, logp, old_logp, entropy, valid):
-    """SPEC §3.6: masked token means over the local batch, detached."""
+    """docs/api.md §3.6: masked token means over the local batch, detached."""
     with torch.no_grad():
         n = valid.sum().clamp(min=1).to(torch.float32)
         zero = torch.zeros_like(terms.ratio)
@@ -354,7 +354,7 @@ def check_rollout_is_weights(weights, shape, device, logp_name="logp"):
 
 def check_loss_inputs(logp, old_logp, advantages, mask, config, *, segment_ids=None, entropy=None,
                       ref_logp=None, normalizer=None, logp_name="logp", rollout_is_weights=None):
-    """Checks of SPEC §6 for the (B, T) stage. Returns (valid: bool (B, T), advantages: fp32 (B, T))."""
+    """Checks of docs/api.md §6 for the (B, T) stage. Returns (valid: bool (B, T), advantages: fp32 (B, T))."""
     if not isinstance(config, PolicyLossConfig):
         raise TypeError(f"config must be a PolicyLossConfig (e.g. PolicyLossConfig.preset('sppo')), "
                         f"got {type(config).__name__}")

@@ -1,5 +1,5 @@
-"""The fused ops: torch.library custom ops around the two kernels of SPEC §9, their autograd, and the
-public functions of SPEC §2 that check their arguments and compose them with the loss stage.
+"""The fused ops: torch.library custom ops around the two kernels of docs/api.md §9, their autograd, and the
+public functions of docs/api.md §2 that check their arguments and compose them with the loss stage.
 
 Four custom ops (namespace `sppo_fast`) carry all vocabulary-sized work:
     token_logprobs_forward / token_logprobs_backward(_)   on (N, V) logits
@@ -199,7 +199,7 @@ linear_logprobs_forward.register_autograd(_linear_backward, setup_context=_linea
 
 
 # ----------------------------------------------------------------------------------------------------
-# Public functions (SPEC §2)
+# Public functions (docs/api.md §2)
 
 
 def _rows(x, width):
@@ -220,7 +220,7 @@ def _check_vocab(logits, name):
 def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, return_entropy=False,
                    inplace_backward=False):
     """Per-token log-probs of `targets` under softmax(logits / temperature), fp32 with the leading shape
-    of `targets`; with return_entropy, also the entropy of each distribution (SPEC §3.1)."""
+    of `targets`; with return_entropy, also the entropy of each distribution (docs/api.md §3.1)."""
     temperature = check_logits_and_targets(logits, targets, temperature, ignore_index)
     _check_vocab(logits, "logits")
     if logits.dtype == torch.float64:  # the fp64 oracle path: eager, differentiable by autograd
@@ -285,7 +285,7 @@ def _check_bt(name, x):
 def fused_policy_loss(logits, targets, old_logp, advantages, mask, config, *, segment_ids=None, ref_logp=None,
                       temperature=1.0, normalizer=None, inplace_backward=False, rollout_is_weights=None,
                       cu_seqlens=None):
-    """The policy loss of SPEC §3 straight from (B, T, V) logits: one forward kernel, the (B, T) loss
+    """The policy loss of docs/api.md §3 straight from (B, T, V) logits: one forward kernel, the (B, T) loss
     stage, one backward kernel. Equals policy_loss(token_logprobs(logits, ...), ...).
     `rollout_is_weights` ((B,), (B, 1) or (B, T), constant) weights each token's clipped
     policy-gradient term, not its KL or entropy term, as TRL's `importance_sampling_ratio` does.
@@ -309,7 +309,7 @@ def fused_policy_loss(logits, targets, old_logp, advantages, mask, config, *, se
 def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask, config, *, bias=None,
                              segment_ids=None, ref_logp=None, temperature=1.0, normalizer=None,
                              chunk_size=None, rollout_is_weights=None, cu_seqlens=None):
-    """The policy loss of SPEC §3 from hidden states and the lm_head weight, never holding the logits.
+    """The policy loss of docs/api.md §3 from hidden states and the lm_head weight, never holding the logits.
     `rollout_is_weights` as in fused_policy_loss. `cu_seqlens` takes a packed batch: hidden (N, H) or
     (1, N, H), never padded (see sppo_fast.packing)."""
     if cu_seqlens is not None:

@@ -3,7 +3,7 @@
 where each sequence starts. This is how verl's `use_remove_padding` and TRL's `padding_free` feed a
 model.
 
-The loss family is written once, on (B, T) tensors (SPEC §9). So the packed entry points map the small
+The loss family is written once, on (B, T) tensors (docs/api.md §9). So the packed entry points map the small
 per-token tensors (log-probs, masks, advantages: a few scalars per position, never O(N x V)) into the
 padded (S, Tmax) layout by one index (S x Tmax scalars: more than N when lengths are skewed), run the shared loss stage there, and map log-probs and entropy back.
 Every sequence is its own row of the padded layout, so sequence- and segment-level ratios and every

@@ -1,5 +1,5 @@
-"""Eager PyTorch for every formula of SPEC §3: the executable specification that each kernel is tested
-against. Pass float64 tensors to get the oracle; other dtypes compute in float32 (SPEC §3: all
+"""Eager PyTorch for every formula of docs/api.md §3: the executable specification that each kernel is tested
+against. Pass float64 tensors to get the oracle; other dtypes compute in float32 (docs/api.md §3: all
 accumulation in fp32). The loss family itself (§3.2-§3.6) is `sppo_fast.losses`, written once in
 PyTorch on (B, T) tensors and shared by every backend, so the references here compose with it."""
 
@@ -13,7 +13,7 @@ def _compute_dtype(dtype):
 
 
 def logprobs_entropy_lse(logits, targets, temperature=1.0, ignore_index=-100):
-    """SPEC §3.1 forward on (..., V): returns (logp, entropy, lse); logp and entropy in the compute
+    """docs/api.md §3.1 forward on (..., V): returns (logp, entropy, lse); logp and entropy in the compute
     dtype, lse in fp64. Everything is taken relative to the row max m, so a logit of 1e4 loses
     nothing: logp = (z_t - m) - log S rather than z_t - lse, whose fp32 lse is off by ulp(1e4)."""
     z = logits.to(_compute_dtype(logits.dtype)) / temperature
@@ -25,7 +25,7 @@ def logprobs_entropy_lse(logits, targets, temperature=1.0, ignore_index=-100):
     safe_targets = torch.where(ignored, torch.zeros_like(targets), targets).long()
     logp = shifted.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1) - log_s
     # entropy = lse - sum p z, written as sum p (lse - z): the same number without the cancellation of
-    # two large terms; p == 0 terms are 0 (0 * -inf counts as 0, SPEC §3.1).
+    # two large terms; p == 0 terms are 0 (0 * -inf counts as 0, docs/api.md §3.1).
     p = torch.exp(shifted - log_s.unsqueeze(-1))
     # masking the surprisal itself (not only the product) keeps inf out of autograd's backward too
     surprisal = torch.where(p > 0, log_s.unsqueeze(-1) - shifted, torch.zeros_like(z))
@@ -37,7 +37,7 @@ def logprobs_entropy_lse(logits, targets, temperature=1.0, ignore_index=-100):
 
 def logprobs_grad(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature=1.0,
                   ignore_index=-100):
-    """SPEC §3.1 backward: the gradient of the logits given per-row coefficients (compute dtype)."""
+    """docs/api.md §3.1 backward: the gradient of the logits given per-row coefficients (compute dtype)."""
     z = logits.to(_compute_dtype(logits.dtype)) / temperature
     log_p = z - lse.unsqueeze(-1)
     p = torch.exp(log_p)

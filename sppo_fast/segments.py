@@ -1,4 +1,4 @@
-"""Subsentence segments for SSPO (SPEC §3.3): a boundary token (usually a newline) closes its segment."""
+"""Subsentence segments for SSPO (docs/api.md §3.3): a boundary token (usually a newline) closes its segment."""
 
 import torch
 

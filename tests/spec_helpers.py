@@ -1,4 +1,4 @@
-"""Comparisons of SPEC §5: the error of a fused op against fp64 must not exceed the error of the same
+"""Comparisons of docs/api.md §5: the error of a fused op against fp64 must not exceed the error of the same
 computation in eager PyTorch at the input dtype, plus 1e-5 (fp32) or 1e-2 (bf16/fp16)."""
 
 import torch

@@ -1,4 +1,4 @@
-"""SPEC §6: every bad input gets a clear error naming the argument, before any kernel runs."""
+"""docs/api.md §6: every bad input gets a clear error naming the argument, before any kernel runs."""
 
 import pytest
 import torch

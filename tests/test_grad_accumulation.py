@@ -1,5 +1,5 @@
 """sppo_fast.integrations.grad_accumulation: the lm_head's and the embedding's gradients added straight
-into `.grad` equal what autograd accumulates (SPEC §5 against fp64), and the by-hand path is refused
+into `.grad` equal what autograd accumulates (docs/api.md §5 against fp64), and the by-hand path is refused
 or skipped wherever a hook, a dtype or a wrapper would make it differ."""
 
 import pytest

@@ -1,6 +1,6 @@
 """sppo_fast.integrations.hf on tiny transformers models built from configs: log-probs and the policy
 loss from the decoder's hidden states against `model(...).logits` + eager log-softmax (fp64 oracle,
-SPEC §5 criterion), values and the gradient of every parameter; tied embeddings, an lm_head bias,
+docs/api.md §5 criterion), values and the gradient of every parameter; tied embeddings, an lm_head bias,
 Cohere/Granite scalings, Gemma-2 soft-capping refused, PEFT/LoRA, DDP and FSDP2 on one gloo process,
 left padding, bad input."""
 

@@ -210,7 +210,7 @@ def run_head(module, hidden, weight, ids, w_logp, w_ent, temperature, use_entrop
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("use_entropy", [True, False])
 def test_fused_linear_for_ppo_matches_verl(shape, dtype, use_entropy):
-    """Outputs (dtype and shape) and gradients of verl's torch implementation, to SPEC §5: our error against
+    """Outputs (dtype and shape) and gradients of verl's torch implementation, to docs/api.md §5: our error against
     fp64 at most verl's own (same dtype) plus the tolerance."""
     inputs = head_inputs(shape, dtype)
     ours = run_head(sf_verl.FusedLinearForPPO(chunk_size=8), *inputs, 0.7, use_entropy)

@@ -1,5 +1,5 @@
 """The two kernels of the backend interface (sppo_fast/backends/__init__.py), native CPU (csrc/) and
-Triton (kernels/), against an fp64 reference under SPEC §5's criterion: the kernels' error may exceed
+Triton (kernels/), against an fp64 reference under docs/api.md §5's criterion: the kernels' error may exceed
 the error of eager PyTorch at the logits' dtype by at most 1e-5 (fp32) or 1e-2 (bf16/fp16).
 
 Every shared test runs once per backend through the `kernels` fixture. Without a GPU the Triton
@@ -100,7 +100,7 @@ def run_kernels(kernels, logits, targets, g_logp, g_ent, *, temperature=1.0, inp
 
 
 def oracle(logits, targets, g_logp, g_ent, temperature):
-    """fp64 autograd of SPEC §3.1: (logp, entropy, lse, grad)."""
+    """fp64 autograd of docs/api.md §3.1: (logp, entropy, lse, grad)."""
     x = logits.detach().double().requires_grad_(True)
     logp, entropy = eager_logprobs(x, targets, temperature, IGNORE)
     lse = torch.logsumexp(x.detach() / temperature, dim=-1)
@@ -121,7 +121,7 @@ def eager(logits, targets, g_logp, g_ent, temperature):
 
 
 def check_spec(kernels, logits, targets, *, temperature=1.0, lse_dtype=torch.float32, seed=1):
-    """Values and gradient of the kernels within SPEC §5 of fp64; returns the kernels' outputs."""
+    """Values and gradient of the kernels within docs/api.md §5 of fp64; returns the kernels' outputs."""
     g_logp, g_ent = coefficients(kernels, targets.shape[0], seed)
     ours = run_kernels(kernels, logits, targets, g_logp, g_ent, temperature=temperature, lse_dtype=lse_dtype)
     ref = oracle(logits, targets, g_logp, g_ent, temperature)
@@ -201,7 +201,7 @@ def test_logits_of_magnitude_1e4(kernels, dtype):
 def test_large_offset_near_ties_with_an_fp64_lse(kernels, kept):
     """Logits 1e4 + N(0, 1): p_j is O(1) while lse ~ 1e4, whose fp32 rounding (ulp/2 ~ 5e-4) would
     shift every p_j = exp(z_j - lse) by that relative amount in the backward. With an fp64 lse the
-    kernels meet SPEC §5 here too; the interface's fp32 lse does where |lse| is moderate (below ~256).
+    kernels meet docs/api.md §5 here too; the interface's fp32 lse does where |lse| is moderate (below ~256).
     Each row's kept finite logit sits among the others (offset + 0.5) or far below them (0.5)."""
     logits, targets = make_case(kernels, 4, 7, torch.float32, scale=1.0, offset=1e4, kept=kept, seed=6)
     logits[0, :2] = 1e4  # an exact tie

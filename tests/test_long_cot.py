@@ -65,7 +65,7 @@ def run_impl(impl, inputs, config, **kw):
 @pytest.mark.parametrize("impl,preset", [(impl, preset) for preset in ("sppo", "sspo")
                                          for impl in ("fused_linear", "fused", "eager")] + [("compile", "sppo")])
 def test_every_loss_impl_gives_the_same_loss_and_gradients(impl, preset):
-    """Each implementation against fp64 (the eager loss on fp64 inputs), by SPEC section 5's criterion:
+    """Each implementation against fp64 (the eager loss on fp64 inputs), by docs/api.md §5's criterion:
     no further from it than the eager loss in fp32, plus 1e-5. sspo: segment ratios, entropy-adaptive
     clipping; the entropy bonus makes the entropy's gradient count too."""
     config = sppo_fast.PolicyLossConfig.preset(preset, entropy_coef=0.01)

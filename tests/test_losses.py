@@ -1,4 +1,4 @@
-"""The loss family (SPEC §3.2-§3.6): presets, properties, hand-computed cases, and the fused ops
+"""The loss family (docs/api.md §3.2-§3.6): presets, properties, hand-computed cases, and the fused ops
 against the fp64 reference on every backend."""
 
 import math

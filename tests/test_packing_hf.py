@@ -1,6 +1,6 @@
 """The HF model helpers on packed (padding-free) rows (issue 9 part 4): input_ids (1, N) with
 position_ids restarting at 0, or cu_seqlens. Log-probs, entropy, the loss and the gradient of every
-parameter equal those of each sequence run through `model(...).logits` on its own (fp64 oracle, SPEC §5
+parameter equal those of each sequence run through `model(...).logits` on its own (fp64 oracle, docs/api.md §5
 criterion for the values)."""
 
 import pytest

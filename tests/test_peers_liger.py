@@ -4,7 +4,7 @@ share: grpo, dapo, dr_grpo, at token and sequence (GSPO) level, with and without
 Liger's fused op is a chunked matmul giving per-token log-probs followed by its `ppo_loss_fn` on
 (B, T) tensors. The fused comparisons run the whole op against ours (loss, and gradients wrt hidden,
 weight, bias); the pins of semantic differences call `ppo_loss_fn` directly, on chosen log-probs.
-Every difference is listed, with the reason we follow the SPEC, in docs/peer-differences.md.
+Every difference is listed, with the reason we follow docs/api.md, in docs/peer-differences.md.
 
 Liger computes its log-probs in float32 whatever the input dtype, so the fused comparisons are at
 float32: Liger and our float32 op are each held to the same distance from our float64 oracle."""
@@ -167,7 +167,7 @@ def test_fused_loss_and_gradients_agree(loss_type, eps_high, level):
 
 def test_fused_gspo_preset_equals_liger_sequence_level():
     """Our gspo preset is Liger's loss_type='grpo' at sequence level with GSPO's 3e-4 / 4e-4 clip; Liger's
-    gradient also flows through the sequence mean (SPEC §3.2). Without bias, at temperature 0.7."""
+    gradient also flows through the sequence mean (docs/api.md §3.2). Without bias, at temperature 0.7."""
     case = fused_case(11, bias=False, temperature=0.7)
     assert_fused_agree(
         case,
@@ -204,7 +204,7 @@ def test_fused_compiled_liger_agrees():
 
 def test_pin_grpo_divides_by_all_sequences():
     """PINNED: Liger's grpo divides the sum of per-sequence means by B, counting sequences that have no
-    token; SPEC §3.5 (seq-mean-token-mean) averages over sequences with at least one token. Liger's loss
+    token; docs/api.md §3.5 (seq-mean-token-mean) averages over sequences with at least one token. Liger's loss
     (and gradient) = ours * B_nonempty / B, and ours with normalizer=B equals Liger's."""
     case = fused_case(15, empty_row=True)
     nonempty = int(case["mask"].any(-1).sum())
@@ -302,7 +302,7 @@ def test_dapo_num_items_in_batch_is_our_normalizer(level):
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_pin_no_log_ratio_clamp_in_liger(level):
-    """PINNED: SPEC §3.2 clamps every token's log-ratio to [-20, 20]; Liger does not. A sequence whose
+    """PINNED: docs/api.md §3.2 clamps every token's log-ratio to [-20, 20]; Liger does not. A sequence whose
     log-ratios are all 25 with A = -1 (the unclipped branch, l = rho): Liger's loss is e^25, ours e^20,
     and our gradient is 0 (the clamp) where Liger's is e^25 / n."""
     old = torch.full((1, 2), -1.0, dtype=torch.float64)
@@ -322,7 +322,7 @@ def test_pin_no_log_ratio_clamp_in_liger(level):
 
 
 def test_pin_k3_is_unclamped_in_liger():
-    """PINNED: SPEC §3.4 (and verl's low_var_kl) clamp k3 at 10; Liger's k3 is unclamped. With
+    """PINNED: docs/api.md §3.4 (and verl's low_var_kl) clamp k3 at 10; Liger's k3 is unclamped. With
     d = ref - logp = 3, Liger's k3 = e^3 - 4 = 16.09 and its gradient e^3 - 1 flows; ours is 10, flat."""
     logp = torch.tensor([[-2.0, -1.0]], dtype=torch.float64)
     ref = logp + torch.tensor([[3.0, 0.5]], dtype=torch.float64)
@@ -359,7 +359,7 @@ def test_delta_equals_dual_clip_when_above_the_clip_band():
 
 
 def test_pin_delta_below_the_clip_band_also_caps_positive_advantages():
-    """PINNED: Liger's delta applies to every token; our dual_clip only to A < 0 (SPEC §3.4, dual-clip
+    """PINNED: Liger's delta applies to every token; our dual_clip only to A < 0 (docs/api.md §3.4, dual-clip
     PPO). With delta = dual_clip = 1.1 < 1 + clip_high and rho = 1.5, A = 1: Liger's loss is -1.1, ours
     -1.2 (the PPO clip)."""
     old = torch.full((1, 1), -1.0, dtype=torch.float64)

@@ -1,11 +1,11 @@
 """Agreement with verl's `verl.trainer.ppo.core_algos` (issue 2, item 5): the clipped policy loss with
 its dual clip, GSPO, the `agg_loss` modes, the KL estimators, and the GRPO / RLOO / GAE advantages.
 
-Where verl's semantics differ from SPEC.md the test pins the difference as an exact relation; each one
-is listed, with the reason we follow the SPEC, in docs/peer-differences.md.
+Where verl's semantics differ from docs/api.md the test pins the difference as an exact relation; each one
+is listed, with the reason we follow docs/api.md, in docs/peer-differences.md.
 
 Inputs are drawn in float32 and compared in float64: the loss stage keeps `old_logp`, `advantages` and the
-aggregation weights in float32 (SPEC §3: fp32 accumulation), so fp32-exact inputs make the remaining
+aggregation weights in float32 (docs/api.md §3: fp32 accumulation), so fp32-exact inputs make the remaining
 difference the rounding of the weights (~1e-7 relative)."""
 
 import math
@@ -136,7 +136,7 @@ def test_vanilla_without_dual_clip_equals_presets(preset, clip_high):
 
 def test_pin_verl_vanilla_always_dual_clips():
     """PINNED: verl's vanilla loss applies the dual clip (clip_ratio_c = 3.0 by default) to every
-    algorithm; our grpo/dapo presets have none (SPEC §4). On exactly the tokens with A < 0 and a loss
+    algorithm; our grpo/dapo presets have none (docs/api.md §4). On exactly the tokens with A < 0 and a loss
     above -3 A, verl's per-token loss is -3 A where ours is the clipped-PPO value; `dual_clip=3.0` on our
     side restores agreement."""
     logp, old, adv, mask = loss_inputs(4, empty_row=False)
@@ -158,7 +158,7 @@ def test_pin_verl_vanilla_always_dual_clips():
 def test_extreme_log_ratios_clamp_alike_but_ppo_kl_metric_differs():
     """Both clamp the log-ratio to [-20, 20] before exp, so the losses agree at |log-ratio| = 30.
     PINNED: verl's ppo_kl metric averages the clamped log-ratio; our approx_kl averages the raw
-    old_logp - logp (SPEC §3.6)."""
+    old_logp - logp (docs/api.md §3.6)."""
     logp, old, adv, mask = loss_inputs(5, empty_row=False)
     logp[0, 0], logp[0, 1] = old[0, 0] + 30.0, old[0, 1] - 25.0
     adv[0, 0] = -1.0
@@ -230,7 +230,7 @@ def test_gspo_equals_ours_for_sequence_advantages(mode, clips):
 
 def test_pin_gspo_gradient_with_token_advantages():
     """PINNED: with advantages that vary inside a sequence, verl's stop-gradient form gives token t the
-    gradient w_b * dl_t/drho * rho_b (its own advantage only); ours (SPEC §3.2: gradients flow through
+    gradient w_b * dl_t/drho * rho_b (its own advantage only); ours (docs/api.md §3.2: gradients flow through
     the mean into every logp) gives every token of the sequence the mean of those: ours_t =
     mean over the sequence's tokens of verl's. Values, and the sum of each sequence's gradient, agree."""
     logp, old, adv, mask = gspo_inputs(8)
@@ -255,7 +255,7 @@ def test_pin_gspo_gradient_with_token_advantages():
 def test_pin_gspo_log_ratio_clamps():
     """PINNED: verl clamps the sequence log-ratio at max 10 (its gradient is then 0) and does not clamp
     the per-token log-ratios; ours clamps each token's log-ratio to [-20, 20] before the mean and does
-    not clamp the mean (SPEC §3.2)."""
+    not clamp the mean (docs/api.md §3.2)."""
     B, T = 2, 2
     old = torch.full((B, T), -1.0, dtype=torch.float64)
     logp = old + torch.tensor([[12.0, 12.0], [30.0, -20.0]], dtype=torch.float64)
@@ -332,7 +332,7 @@ def test_agg_loss_token_sum_norm_matches_without_empty_sequences():
 
 def test_pin_token_sum_norm_counts_empty_sequences():
     """PINNED: for seq-mean-token-sum-norm (Dr. GRPO) verl divides by the number of sequences that have a
-    token; SPEC §3.5 divides by B, all sequences (a constant, as Dr. GRPO wants; Liger's dr_grpo does the
+    token; docs/api.md §3.5 divides by B, all sequences (a constant, as Dr. GRPO wants; Liger's dr_grpo does the
     same). verl's loss = ours * B / B_nonempty."""
     logp, adv, mask = aggregation_case(12)
     B, nonempty = mask.shape[0], int(mask.any(-1).sum())
@@ -363,7 +363,7 @@ def test_agg_loss_data_parallel_arguments_map_to_normalizer(mode):
 
 @pytest.mark.parametrize("mode", AGG_MODES)
 def test_pin_no_valid_token_verl_nan_ours_zero(mode):
-    """PINNED: with no valid token verl's agg_loss is 0/0 = NaN; SPEC §3.5 gives loss 0, zero gradient."""
+    """PINNED: with no valid token verl's agg_loss is 0/0 = NaN; docs/api.md §3.5 gives loss 0, zero gradient."""
     logp, adv, mask = aggregation_case(14)
     mask = torch.zeros_like(mask)
     assert torch.isnan(verl_aggregate(adv, mask, mode))
@@ -374,7 +374,7 @@ def test_pin_no_valid_token_verl_nan_ours_zero(mode):
 
 
 def test_pin_token_sum_mode_is_token_mean_times_count():
-    """PINNED: verl has a 'token-sum' mode; SPEC §3.5 does not (ValueError). It equals our token-mean times
+    """PINNED: verl has a 'token-sum' mode; docs/api.md §3.5 does not (ValueError). It equals our token-mean times
     the valid-token count, or token-mean with normalizer=1."""
     logp, adv, mask = aggregation_case(15)
     with pytest.raises(ValueError, match="aggregation"):
@@ -417,7 +417,7 @@ def test_kl_penalty_in_the_loss_matches_verl_actor(ours_name, verl_name):
 
 
 def test_pin_k1_k2_clamp_the_log_ratio():
-    """PINNED: our k1/k2 use d = clamp(ref - logp, -20, 20) (SPEC §3.4); verl's k1/k2 do not clamp."""
+    """PINNED: our k1/k2 use d = clamp(ref - logp, -20, 20) (docs/api.md §3.4); verl's k1/k2 do not clamp."""
     logp = torch.tensor([[-1.0, -2.0]], dtype=torch.float64)
     ref = logp + torch.tensor([[25.0, 1.0]], dtype=torch.float64)
     mask = torch.ones_like(logp, dtype=torch.bool)
@@ -495,7 +495,7 @@ def test_rloo_advantage_matches(group_size):
 
 def test_pin_group_of_one():
     """PINNED: a group of one sample. verl falls back to mean 0, std 1 (GRPO: A = R / (1 + eps)) and to
-    A = R (RLOO); SPEC §3.7 raises a ValueError that points to SPPO, whose critic is the baseline a
+    A = R (RLOO); docs/api.md §3.7 raises a ValueError that points to SPPO, whose critic is the baseline a
     single sample needs."""
     scores = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
     rewards, mask, index = scores.unsqueeze(1), torch.ones(3, 1), np.arange(3)
@@ -539,7 +539,7 @@ def test_pin_gae_verl_whitens(gamma, lam):
     )
     ours_adv, ours_ret = sppo_fast.gae(rewards, values, mask, gamma=gamma, lam=lam)
     ours_adv, ours_ret = ours_adv.double(), ours_ret.double()
-    tol = dict(rtol=1e-5, atol=1e-5)  # our gae accumulates in fp32 (SPEC §3)
+    tol = dict(rtol=1e-5, atol=1e-5)  # our gae accumulates in fp32 (docs/api.md §3)
     torch.testing.assert_close(ours_ret[mask], theirs_ret[mask], **tol)
     torch.testing.assert_close(ours_adv[mask], (theirs_ret - values)[mask], **tol)
     torch.testing.assert_close(masked_whiten(ours_adv, mask)[mask], theirs_adv[mask], **tol)

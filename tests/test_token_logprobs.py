@@ -1,4 +1,4 @@
-"""token_logprobs and linear_logprobs on every backend: values and gradients against fp64 (SPEC §5)."""
+"""token_logprobs and linear_logprobs on every backend: values and gradients against fp64 (docs/api.md §5)."""
 
 import hypothesis.strategies as st
 import pytest

@@ -158,7 +158,7 @@ def test_prompt_critic_learns_success_probability(tokenizer):
 
 
 def test_sppo_advantage_uses_values_before_the_critic_update(tmp_path, monkeypatch):
-    """SPEC 3.7: A = R - sigmoid(z) with z read before the critic's update in the same step."""
+    """docs/api.md §3.7: A = R - sigmoid(z) with z read before the critic's update in the same step."""
     seen = {}
     real = algos.compute_advantages
 

@@ -1,4 +1,4 @@
-"""Kernel backends: each serves the two vocabulary-sized kernels of SPEC §9, nothing else.
+"""Kernel backends: each serves the two vocabulary-sized kernels of docs/api.md §9, nothing else.
 
 A backend is a module with exactly these two functions. The dispatch layer (`sppo_fast.dispatch`)
 has already validated every argument, so a backend never checks input again:

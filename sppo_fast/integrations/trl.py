@@ -370,7 +370,7 @@ def sppo_config(**grpo_config_kwargs):
 
 
 class SPPOTrainer(SppoFastGRPOTrainer):
-    """SPPO inside TRL: one completion per prompt, advantages `R - sigmoid(critic(prompt))` (SPEC §3.7)
+    """SPPO inside TRL: one completion per prompt, advantages `R - sigmoid(critic(prompt))` (docs/api.md §3.7)
     with the critic's values taken before its update, the critic trained by `value_bce_loss` once per
     generation batch; the policy loss is TRL's (its `loss_type`, e.g. "bnpo" or "dapo") through sppo-fast.
 

@@ -74,7 +74,7 @@ def register(*, fused_linear=False):
 
 def compute_sppo_advantage(token_level_rewards, response_mask, config=None, index=None, reward_baselines=None,
                            critic_logits=None, **kwargs):
-    """SPPO: `A = R - sigmoid(z)` on every response token (SPEC §3.7). `R` = token_level_rewards summed
+    """SPPO: `A = R - sigmoid(z)` on every response token (docs/api.md §3.7). `R` = token_level_rewards summed
     over the response (outcome reward, in {0, 1}); `z` the critic logit per sequence, given as
     `critic_logits` or, through verl's compute_advantage, as `reward_baselines` (bs,). Returns
     (advantages, returns), both (bs, response_length) and 0 off the mask; `returns` is R, the critic's
@@ -150,7 +150,7 @@ def aggregation(loss_agg_mode, response_mask, global_batch_info):
         return loss_agg_mode, per_rank(seqs, "global_batch_size"), None
     if loss_agg_mode == "seq-mean-token-sum-norm":
         normalizer = per_rank(seqs, "global_batch_size")
-        if normalizer is None:  # verl counts the sequences that have a token; SPEC §3.5 counts all B
+        if normalizer is None:  # verl counts the sequences that have a token; docs/api.md §3.5 counts all B
             nonempty = int(response_mask.bool().any(-1).sum())
             normalizer = float(nonempty) if nonempty else None
         return loss_agg_mode, normalizer, scale
@@ -180,7 +180,7 @@ def _run(preset, old_log_prob, log_prob, advantages, response_mask, loss_agg_mod
 
 def sppo_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
                      rollout_is_weights=None):
-    """SPPO's token-level clipped loss with the dual clip (SPEC §4 preset `sppo`) in verl's signature:
+    """SPPO's token-level clipped loss with the dual clip (docs/api.md §4 preset `sppo`) in verl's signature:
     verl's vanilla loss computed by our loss stage (the same number; SPPO's difference is its advantage)."""
     return _run("sppo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
                 rollout_is_weights)
@@ -188,7 +188,7 @@ def sppo_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg
 
 def sspo_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="seq-mean-token-mean",
                      config=None, rollout_is_weights=None, *, segment_ids=None, entropy=None, entropy_clip=None):
-    """SSPO (SPEC §4 preset `sspo`): one ratio per newline-separated segment, entropy-adaptive clip bounds
+    """SSPO (docs/api.md §4 preset `sspo`): one ratio per newline-separated segment, entropy-adaptive clip bounds
     (`entropy_clip`, default EntropyAdaptiveClip()), no dual clip (verl's clip_ratio_c is not used).
     `segment_ids` and `entropy` (bs, response_length) come as keywords or from `loss_inputs(...)`."""
     extra = _LOSS_INPUTS.get() or {}

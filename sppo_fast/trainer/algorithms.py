@@ -1,4 +1,4 @@
-"""Algorithms: the loss preset of each `--algo` (SPEC section 4) and a registry from the preset's advantage
+"""Algorithms: the loss preset of each `--algo` (docs/api.md §4) and a registry from the preset's advantage
 estimator name to the function that computes it. A new estimator is one decorated function here."""
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ DEFAULT_PROMPTS_PER_STEP = 32
 #   prompts per step, drove held-out accuracy from 70% to 50% on three seeds (docs/compare/).
 # Group algorithms: 8 samples per prompt; the group's own mean (GRPO, DAPO: and std) is the baseline.
 #   Their steps cost 8x the rollouts of SPPO's and their gradients are less noisy, which is their side of
-#   the trade; they keep the preset's clipping and aggregation (SPEC section 4).
+#   the trade; they keep the preset's clipping and aggregation (docs/api.md §4).
 # PPO: one sample per prompt and a token critic.
 ALGO_SETTINGS: dict[str, dict] = {
     "sppo": {"samples_per_prompt": 1, "eval_every": 20, "lr": 1e-4},

@@ -25,7 +25,7 @@ def _f(default, help_text, **kw):
 @dataclass
 class TrainConfig:
     # --- what to train ---
-    algo: str = _f("sppo", "RL algorithm: " + ", ".join(ALGOS) + ". Its loss preset follows SPEC section 4.",
+    algo: str = _f("sppo", "RL algorithm: " + ", ".join(ALGOS) + ". Its loss preset follows docs/api.md §4.",
                    choices=ALGOS)
     task: str = _f("arithmetic", "task: arithmetic, countdown, long_arithmetic (worked solutions of hundreds "
                                  "to thousands of tokens), or jsonl (with --task_path)")

@@ -225,7 +225,7 @@ class Trainer:
     @torch.no_grad()
     def critic_values(self, rollout):
         """SPPO: the prompt critic's logits; PPO: token values over the response. Taken before the
-        critic's update (SPEC 3.7)."""
+        critic's update (docs/api.md §3.7)."""
         if self.cfg.algo == "sppo":
             return self.critic(rollout.prompt_ids, rollout.prompt_mask), None
         if self.cfg.algo == "ppo":
