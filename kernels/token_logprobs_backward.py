@@ -23,8 +23,9 @@ import triton.language as tl
 # stream (no reductions), so a fixed shape is close to the bandwidth limit: 4096-element tiles with
 # 8 warps give each thread 16 elements, i.e. two 16-byte bf16 loads and stores in flight per tile,
 # plenty with one program per row and thousands of rows across an H100's 132 SMs; narrow vocabularies
-# use a tile of their own (next power of two) width and fewer warps. Compiled for sm_90a without a GPU
-# (ptxas -v), 4096 x 8 warps takes 64 registers and spills nothing (4096 x 4 warps would take ~125).
+# use a tile of their own (next power of two) width and fewer warps. Compiled without a GPU (ptxas -v),
+# 4096 x 8 warps takes 32-80 registers on sm_90a, by dtype and alignment, and spills nothing
+# (bench/results/triton-compile.md, checked by tests/test_triton_compile.py).
 GPU_MAX_BLOCK_V = 4096
 GPU_MIN_BLOCK_V = 512
 INTERPRETER_BLOCK_V = 128  # TRITON_INTERPRET=1: small tiles also exercise the multi-tile path
