@@ -90,10 +90,16 @@ def test_eager_loss_is_the_idiomatic_one():
     torch.testing.assert_close(out.loss, ref.loss)
 
 
-def test_compile_without_a_compiler_fails_before_training(tmp_path, monkeypatch):
+def test_compile_without_a_compiler_fails_before_training(tmp_path):
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
+    # config.patch restores the option; monkeypatch.setattr's undo would delete it (later compiles fail)
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",)}):
+        _check_compile_refused(tmp_path)
+    assert inductor_config.cpp.cxx != ("/nonexistent/c++",)
+
+
+def _check_compile_refused(tmp_path):
     with pytest.raises(ValueError, match="loss_impl: compile cannot run on cpu"):
         check_loss_impl("compile", torch.device("cpu"))
     with pytest.raises(ValueError, match="loss_impl: compile cannot run"):
