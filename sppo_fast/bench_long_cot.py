@@ -73,6 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--from-log", default=None, metavar="LOG",
                    help="write the report from the lines a run printed (its stdout), e.g. of a run stopped "
                         "before the end; the settings are this command's")
+    p.add_argument("--note", default="", help="a line for the report (e.g. how its rows were collected)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -418,6 +419,8 @@ def markdown(report):
             losses.setdefault(r["length"], []).append(r["loss"])
     spread = max((max(v) - min(v) for v in losses.values() if len(v) > 1), default=0.0)
     lines.append(f"- Same loss from every implementation at each length (largest spread {spread:.2e}).")
+    if report.get("note"):
+        lines.append(f"\nNote: {report['note']}")
     return "\n".join(lines) + "\n"
 
 
@@ -468,7 +471,7 @@ def report_from_log(args):
     rows = [r for r in lines[1:] if "impl" in r]
     return {"environment": lines[0], "settings": settings, "results": rows,
             "method": __doc__.split("How it measures.")[1].strip(),
-            "note": f"rebuilt from the printed rows of the run ({len(rows)} cases)"}
+            "note": args.note or f"rebuilt from the printed rows of a run ({len(rows)} cases)"}
 
 
 def main(argv=None):
