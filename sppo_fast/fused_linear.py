@@ -25,10 +25,12 @@ class SequenceChunkedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, old_logp, advantages, valid, segment_ids, ref_logp,
-                config, temperature, normalizer, seqs_per_chunk, compute_grad, is_weights, packed=None):
+                config, temperature, normalizer, seqs_per_chunk, compute_grad, is_weights, packed=None,
+                weights=None):
         backend = dispatch.backend_for(hidden.device)
         B, T = valid.shape  # hidden is (B, T, H), or (N, H) rows when packed
-        weights = token_weights(valid, config, normalizer)
+        if weights is None:  # the aggregation weights, from the whole mask
+            weights = token_weights(valid, config, normalizer)
         logp = hidden.new_zeros((B, T), dtype=torch.float32)
         entropy = torch.zeros_like(logp)
         loss = logp.new_zeros(())
@@ -66,11 +68,11 @@ class SequenceChunkedLinearLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         if torch.equal(grad_loss, torch.ones_like(grad_loss)):  # the usual case: no copy of the weight's size
-            return grad_hidden, grad_weight, grad_bias, *([None] * 13)
+            return grad_hidden, grad_weight, grad_bias, *([None] * 14)
         scale = grad_loss.to(grad_hidden.dtype)
         grads = [grad_hidden * scale, grad_weight * scale.to(grad_weight.dtype),
                  None if grad_bias is None else grad_bias * scale.to(grad_bias.dtype)]
-        return (*grads, *([None] * 13))
+        return (*grads, *([None] * 14))
 
 
 def _chunk_hidden(hidden, grads, a, b, rows, packed):
@@ -119,4 +121,30 @@ def sequence_chunked_policy_loss(hidden, weight, bias, targets, old_logp, advant
         config, temperature, normalizer, seqs_per_chunk, compute_grad, rollout_is_weights, packed)
     terms = per_token_loss(logp, old_logp, advantages, valid, config, segment_ids, entropy, ref_logp,
                            rollout_is_weights)
+    return PolicyLossOutput(loss, logp, entropy, loss_metrics(terms, logp, old_logp, entropy, valid))
+
+
+def token_chunked_policy_loss(hidden, weight, bias, targets, old_logp, advantages, valid, config, *, ref_logp,
+                              temperature, normalizer, tokens_per_chunk, compute_grad, rollout_is_weights=None):
+    """The one pass for sequences longer than a chunk, when each token's loss depends on that token alone
+    (config.token_local: token ratios, no entropy-adaptive clip). Every token becomes a row of its own, so
+    chunks cut through sequences; the aggregation weights still come from the (B, T) mask. Without this,
+    long responses take the two-pass path (four matmuls and a weight-gradient update per small chunk)."""
+    B, T, H = hidden.shape
+    weights = token_weights(valid, config, normalizer)
+
+    def rows(x):  # (B,), (B, 1) or (B, T) -> (B * T, 1)
+        if x is None:
+            return None
+        x = x.unsqueeze(1) if x.dim() == 1 else x
+        return x.expand(B, T).reshape(B * T, 1)
+
+    old_logp = old_logp.to(torch.float32)
+    ref_logp = None if ref_logp is None else ref_logp.to(torch.float32)
+    loss, logp, entropy = SequenceChunkedLinearLoss.apply(
+        hidden.reshape(B * T, 1, H), weight, bias, targets.to(torch.long).reshape(B * T, 1), rows(old_logp),
+        rows(advantages), rows(valid), None, rows(ref_logp), config, temperature, normalizer, tokens_per_chunk,
+        compute_grad, rows(rollout_is_weights), None, rows(weights))
+    logp, entropy = logp.view(B, T), entropy.view(B, T)
+    terms = per_token_loss(logp, old_logp, advantages, valid, config, None, entropy, ref_logp, rollout_is_weights)
     return PolicyLossOutput(loss, logp, entropy, loss_metrics(terms, logp, old_logp, entropy, valid))
