@@ -29,6 +29,9 @@ import sys
 import tempfile
 import time
 
+from sppo_fast.bench_cli import _faithful_rss as faithful_rss
+from sppo_fast.bench_cli import _status_kib
+
 HIDDEN, VOCAB, LAYERS, PROMPT = 512, 151936, 2, 64
 IMPLS = ("trl", "sppo_fast", "liger")
 
@@ -102,23 +105,6 @@ def make_inputs(tokens):
             "num_items_in_batch": mask.sum()}
 
 
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
-
-
-def faithful_rss():
-    """glibc serves every allocation of 64 KiB or more with its own mmap and returns freed memory at
-    once, so the resident set follows the live tensors (as in sppo_fast/bench_cli.py)."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
-    libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD
-    libc.malloc_trim(0)
-
-
 def peak_above_start_mib(fn):
     """Resident memory at fn's peak above the resident set just before it, in MiB."""
     gc.collect()
@@ -153,7 +139,7 @@ def child(impl, tokens, warmup, reps):
     first = time.perf_counter() - t0
     for _ in range(warmup):
         step()
-    faithful_rss()
+    faithful_rss()  # the resident set follows the live tensors (sppo_fast/bench_cli.py)
     times, peaks = [], []
     for _ in range(reps):  # each timed step is also measured for memory (the measurement costs ~nothing)
         t0 = time.perf_counter()
