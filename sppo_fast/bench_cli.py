@@ -483,14 +483,20 @@ def run_case(case, args):
     skip = too_big(case, args)
     if skip:
         return dict(row, status=skip)
-    payload = json.dumps(dict(case, reps=args.reps, warmup=args.warmup))
-    row["load_before"] = round(os.getloadavg()[0], 2)  # other work on the machine skews timings
-    code = "import sys; from sppo_fast.bench_cli import child_main; sys.exit(child_main(sys.argv[1]))"
+    return run_in_child("sppo_fast.bench_cli", dict(case, reps=args.reps, warmup=args.warmup), row, args.timeout)
+
+
+def run_in_child(module, payload, row, timeout):
+    """`module.child_main(json payload)` in a fresh process (its own peak memory, nothing cached from the
+    cases before), which prints its result as a line `RESULT {json}`: the row with that result, or with
+    a status saying why there is none. The load average on either side says how busy the machine was."""
+    row = dict(row, load_before=round(os.getloadavg()[0], 2))  # other work on the machine skews timings
+    code = f"import sys; from {module} import child_main; sys.exit(child_main(sys.argv[1]))"
     try:
-        proc = subprocess.run([sys.executable, "-c", code, payload], capture_output=True, text=True,
-                              timeout=args.timeout)
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(payload)], capture_output=True, text=True,
+                              timeout=timeout)
     except subprocess.TimeoutExpired:
-        return dict(row, status=f"timeout after {args.timeout:g} s")
+        return dict(row, status=f"timeout after {timeout:g} s")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]

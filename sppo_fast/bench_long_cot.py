@@ -36,7 +36,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 import time
 
@@ -268,19 +267,9 @@ def skip_reason(case, measured, step_times, args):
 
 
 def run_case(case, args):
-    payload = json.dumps(case)
-    row = dict(case, load_before=round(os.getloadavg()[0], 2))
-    code = "import sys; from sppo_fast.bench_long_cot import child_main; sys.exit(child_main(sys.argv[1]))"
-    try:
-        proc = subprocess.run([sys.executable, "-c", code, payload], capture_output=True, text=True,
-                              timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return dict(row, status=f"timeout after {args.timeout:g} s")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return dict(row, status=f"child failed (exit {proc.returncode}): {' | '.join(tail)[:300]}")
-    return dict(row, **json.loads(lines[-1][len("RESULT "):]), load_after=round(os.getloadavg()[0], 2))
+    from sppo_fast.bench_cli import run_in_child
+
+    return run_in_child("sppo_fast.bench_long_cot", case, case, args.timeout)
 
 
 def cpu_slug():
