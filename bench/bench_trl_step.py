@@ -19,8 +19,6 @@ own chunked lm_head), which is what a TRL 1.16 user would have to write: it keep
 metrics or extras, so it is a memory and time reference only."""
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import statistics
@@ -30,7 +28,7 @@ import tempfile
 import time
 
 from sppo_fast.bench_cli import _faithful_rss as faithful_rss
-from sppo_fast.bench_cli import _status_kib
+from sppo_fast.bench_cli import peak_extra_mib
 
 HIDDEN, VOCAB, LAYERS, PROMPT = 512, 151936, 2, 64
 IMPLS = ("trl", "sppo_fast", "liger")
@@ -105,19 +103,6 @@ def make_inputs(tokens):
             "num_items_in_batch": mask.sum()}
 
 
-def peak_above_start_mib(fn):
-    """Resident memory at fn's peak above the resident set just before it, in MiB."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident set
-    base = _status_kib("VmRSS")
-    out = fn()
-    peak = _status_kib("VmHWM")
-    del out
-    return (peak - base) / 1024
-
-
 def child(impl, tokens, warmup, reps):
     import torch
 
@@ -143,7 +128,7 @@ def child(impl, tokens, warmup, reps):
     times, peaks = [], []
     for _ in range(reps):  # each timed step is also measured for memory (the measurement costs ~nothing)
         t0 = time.perf_counter()
-        peaks.append(peak_above_start_mib(step))
+        peaks.append(peak_extra_mib(step)[0])  # RSS peak above the start, the gradient pool emptied first
         times.append(time.perf_counter() - t0)
     return {"impl": impl, "tokens": tokens, "loss": loss, "first_step_s": round(first, 2),
             "step_s": round(statistics.median(times), 2), "step_times_s": [round(t, 2) for t in times],
