@@ -124,27 +124,47 @@ def sequence_chunked_policy_loss(hidden, weight, bias, targets, old_logp, advant
     return PolicyLossOutput(loss, logp, entropy, loss_metrics(terms, logp, old_logp, entropy, valid))
 
 
+def one_pass_layout(dtype, n_rows, longest, tokens_per_chunk, token_local):
+    """How the one pass chunks a batch: "sequences" (whole sequences per chunk), "tokens" (sequences
+    longer than a chunk, when each token's loss depends on that token alone: token ratios, no
+    entropy-adaptive clip) or None, the two-pass fallback (fp64, traced calls, empty batches, and
+    sequence or segment statistics over sequences longer than a chunk). Padded and packed batches
+    both decide here."""
+    if dtype == torch.float64 or torch.compiler.is_compiling() or n_rows == 0:
+        return None
+    if longest <= tokens_per_chunk:
+        return "sequences"
+    return "tokens" if token_local else None
+
+
 def token_chunked_policy_loss(hidden, weight, bias, targets, old_logp, advantages, valid, config, *, ref_logp,
-                              temperature, normalizer, tokens_per_chunk, compute_grad, rollout_is_weights=None):
-    """The one pass for sequences longer than a chunk, when each token's loss depends on that token alone
-    (config.token_local: token ratios, no entropy-adaptive clip). Every token becomes a row of its own, so
-    chunks cut through sequences; the aggregation weights still come from the (B, T) mask. Without this,
-    long responses take the two-pass path (four matmuls and a weight-gradient update per small chunk)."""
-    B, T, H = hidden.shape
+                              temperature, normalizer, tokens_per_chunk, compute_grad, rollout_is_weights=None,
+                              packing=None):
+    """The one pass for sequences longer than a chunk (see one_pass_layout). Every token becomes a row
+    of its own, so chunks cut through sequences; the aggregation weights still come from the (B, T)
+    mask. Without this, long responses take the two-pass path (four matmuls and a weight-gradient
+    update per small chunk). `packing` (sppo_fast.packing.Packing): hidden (N, H) and targets (N,) are
+    the packed rows, the rest padded (S, T); the returned logp and entropy are padded (S, T)."""
+    B, T = valid.shape
+    H = hidden.shape[-1]
     weights = token_weights(valid, config, normalizer)
 
-    def rows(x):  # (B,), (B, 1) or (B, T) -> (B * T, 1)
+    def rows(x):  # (B,), (B, 1) or (B, T) -> one row per token, (B * T, 1) or (N, 1)
         if x is None:
             return None
-        x = x.unsqueeze(1) if x.dim() == 1 else x
-        return x.expand(B, T).reshape(B * T, 1)
+        x = (x.unsqueeze(1) if x.dim() == 1 else x).expand(B, T)
+        return x.reshape(B * T, 1) if packing is None else packing.unpad(x.unsqueeze(-1))
 
+    def padded(y):
+        return y.view(B, T) if packing is None else packing.pad(y.view(-1))
+
+    n = hidden.numel() // H
     old_logp = old_logp.to(torch.float32)
     ref_logp = None if ref_logp is None else ref_logp.to(torch.float32)
     loss, logp, entropy = SequenceChunkedLinearLoss.apply(
-        hidden.reshape(B * T, 1, H), weight, bias, targets.to(torch.long).reshape(B * T, 1), rows(old_logp),
+        hidden.reshape(n, 1, H), weight, bias, targets.to(torch.long).reshape(n, 1), rows(old_logp),
         rows(advantages), rows(valid), None, rows(ref_logp), config, temperature, normalizer, tokens_per_chunk,
         compute_grad, rows(rollout_is_weights), None, rows(weights))
-    logp, entropy = logp.view(B, T), entropy.view(B, T)
+    logp, entropy = padded(logp), padded(entropy)
     terms = per_token_loss(logp, old_logp, advantages, valid, config, None, entropy, ref_logp, rollout_is_weights)
     return PolicyLossOutput(loss, logp, entropy, loss_metrics(terms, logp, old_logp, entropy, valid))

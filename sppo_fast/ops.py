@@ -23,7 +23,7 @@ from ._checks import (
 )
 from .backends import LSE_DTYPE
 from .buffers import LinearGrads, logits_buffer, logits_into
-from .fused_linear import sequence_chunked_policy_loss, token_chunked_policy_loss
+from .fused_linear import one_pass_layout, sequence_chunked_policy_loss, token_chunked_policy_loss
 from .losses import aggregate, check_loss_inputs, expand_rollout_is_weights
 from .packing import packed_fused_linear_policy_loss, packed_fused_policy_loss
 
@@ -327,14 +327,14 @@ def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask
     B, T, _ = hidden.shape
     tokens_per_chunk = chunk_size or default_chunk_size(B * T, weight.shape[0])
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    one_pass = hidden.dtype != torch.float64 and not torch.compiler.is_compiling() and B * T > 0
-    if one_pass and T > tokens_per_chunk and config.token_local:  # long sequences, chunks of tokens
+    layout = one_pass_layout(hidden.dtype, B * T, T, tokens_per_chunk, config.token_local)
+    if layout == "tokens":  # long sequences, chunks of tokens
         return token_chunked_policy_loss(
             hidden, weight, bias, targets, old_logp, advantages, valid, config, ref_logp=ref_logp,
             temperature=float(temperature), normalizer=normalizer, tokens_per_chunk=tokens_per_chunk,
             compute_grad=needs_grad,
             rollout_is_weights=expand_rollout_is_weights(rollout_is_weights, (B, T), torch.float32))
-    if one_pass and T <= tokens_per_chunk:  # chunks of whole sequences: three matmuls, not four (fused_linear.py)
+    if layout == "sequences":  # chunks of whole sequences: three matmuls, not four (fused_linear.py)
         return sequence_chunked_policy_loss(
             hidden, weight, bias, targets, old_logp, advantages, valid, config, segment_ids=segment_ids,
             ref_logp=ref_logp, temperature=float(temperature), normalizer=normalizer,

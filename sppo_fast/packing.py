@@ -256,8 +256,9 @@ def packed_fused_linear_policy_loss(hidden, weight, targets, old_logp, advantage
                                     rollout_is_weights):
     """fused_linear_policy_loss on (N, H) / (1, N, H) packed hidden states, never padding them: the
     one-pass chunking takes whole packed sequences (each a contiguous slice of the rows)."""
-    from .fused_linear import sequence_chunked_policy_loss
-    from .ops import _check_linear, default_chunk_size, linear_logprobs
+    from .fused_linear import one_pass_layout, sequence_chunked_policy_loss, token_chunked_policy_loss
+    from .losses import expand_rollout_is_weights
+    from .ops import _check_linear, _linear_logprobs_of_valid_rows, default_chunk_size
 
     check_float("hidden", hidden)
     packing = packing_from_cu_seqlens(cu_seqlens, packed_length("hidden", hidden, 1), hidden.device)
@@ -268,20 +269,24 @@ def packed_fused_linear_policy_loss(hidden, weight, targets, old_logp, advantage
     padded, valid, adv = _checked_padded_inputs(packing, hidden, old_logp, advantages, mask, config, segment_ids,
                                                 ref_logp, normalizer, rollout_is_weights)
     tokens_per_chunk = chunk_size or default_chunk_size(packing.n_seqs * T, weight.shape[0])
-    one_pass = rows.dtype != torch.float64 and not torch.compiler.is_compiling() and T <= tokens_per_chunk and N > 0
-    if not one_pass:
-        logp, entropy = linear_logprobs(rows, weight, flat_targets, bias=bias, temperature=temperature,
-                                        return_entropy=True, chunk_size=chunk_size)
-        return _aggregate_padded(packing, logp, entropy, padded, valid, adv, config, normalizer, targets)
-    from .losses import expand_rollout_is_weights
-
+    layout = one_pass_layout(rows.dtype, N, T, tokens_per_chunk, config.token_local)
+    if layout is None:
+        logp, entropy = _linear_logprobs_of_valid_rows(rows.unsqueeze(0), weight, bias, flat_targets.unsqueeze(0),
+                                                       packing.unpad(valid).unsqueeze(0), temperature, chunk_size)
+        return _aggregate_padded(packing, logp.view(N), entropy.view(N), padded, valid, adv, config, normalizer,
+                                 targets)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    out = sequence_chunked_policy_loss(
-        rows, weight, bias, packing.pad(flat_targets.to(torch.long)), padded.old_logp, adv, valid, config,
-        segment_ids=padded.segment_ids, ref_logp=padded.ref_logp, temperature=temperature, normalizer=normalizer,
-        seqs_per_chunk=max(1, tokens_per_chunk // T), compute_grad=needs_grad,
-        rollout_is_weights=expand_rollout_is_weights(padded.rollout_is_weights, valid.shape, torch.float32),
-        packed=ChunkedPacking(packing.cu, T, packing.source_rows()))
+    is_weights = expand_rollout_is_weights(padded.rollout_is_weights, valid.shape, torch.float32)
+    common = dict(ref_logp=padded.ref_logp, temperature=temperature, normalizer=normalizer, compute_grad=needs_grad,
+                  rollout_is_weights=is_weights)
+    if layout == "tokens":  # sequences longer than a chunk, token-local loss: chunks of packed rows
+        out = token_chunked_policy_loss(rows, weight, bias, flat_targets, padded.old_logp, adv, valid, config,
+                                        tokens_per_chunk=tokens_per_chunk, packing=packing, **common)
+    else:
+        out = sequence_chunked_policy_loss(
+            rows, weight, bias, packing.pad(flat_targets.to(torch.long)), padded.old_logp, adv, valid, config,
+            segment_ids=padded.segment_ids, seqs_per_chunk=max(1, tokens_per_chunk // T),
+            packed=ChunkedPacking(packing.cu, T, packing.source_rows()), **common)
     return to_packed_layout(out, packing, targets)
 
 

@@ -231,6 +231,50 @@ def test_fused_linear_policy_loss_packed_equals_padded(lengths, preset, aggregat
         torch.testing.assert_close(mine, other, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("preset, layout", [("grpo", "tokens"), ("dapo", "tokens"), ("gspo", None),
+                                            ("sspo", None)])
+def test_packed_long_sequences_take_the_shared_layout(monkeypatch, preset, layout):
+    """Sequences longer than a chunk: token-local losses keep the one pass on packed rows (chunks cut
+    through sequences), as padded batches do; sequence and segment statistics fall back to two passes
+    over the valid rows. Values and gradients equal the padded batch's and an fp64 policy_loss's."""
+    import sppo_fast.fused_linear as fl
+    import sppo_fast.ops as ops
+
+    taken = []
+    for name in ("token_chunked_policy_loss", "sequence_chunked_policy_loss", "_linear_logprobs_of_valid_rows"):
+        module = ops if name.startswith("_") else fl
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: taken.append(_name) or _real(*a, **k))
+    lengths = [7, 0, 5, 1, 6]
+    padded, packed, cu, present = make_case(lengths, seed=3)
+    config = sf.PolicyLossConfig.preset(preset, kl_coef=0.05)
+    weight = (0.5 * torch.randn(V, H, generator=torch.Generator().manual_seed(1))).requires_grad_(True)
+
+    def run(d, **extra):
+        hidden = d["hidden"].clone().requires_grad_(True)
+        out = sf.fused_linear_policy_loss(hidden, weight, d["targets"], d["old_logp"], d["advantages"], d["mask"],
+                                          config, chunk_size=3, **loss_kwargs(d, config, True, True), **extra)
+        return out, torch.autograd.grad(out.loss, [hidden, weight])
+
+    ours, (grad_hidden, grad_weight) = run(packed, cu_seqlens=cu)
+    expected = {"tokens": "token_chunked_policy_loss", None: "_linear_logprobs_of_valid_rows"}[layout]
+    assert taken == [expected]
+    theirs, (grad_hidden_pad, grad_weight_pad) = run(padded)
+    assert_outputs_match(ours, theirs, present, atol=1e-5, valid=packed["mask"].bool())
+    torch.testing.assert_close(grad_hidden, grad_hidden_pad[present], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_weight, grad_weight_pad, rtol=1e-5, atol=1e-6)
+
+    w64 = weight.detach().double().requires_grad_(True)
+    logprobs64 = torch.log_softmax(packed["hidden"].double() @ w64.T, -1)
+    logp64 = logprobs64.gather(-1, packed["targets"].unsqueeze(-1)).squeeze(-1)
+    entropy64 = -(logprobs64.exp() * logprobs64).sum(-1)
+    ref = sf.policy_loss(logp64, packed["old_logp"].double(), packed["advantages"], packed["mask"], config,
+                         cu_seqlens=cu, entropy=entropy64, **loss_kwargs({k: v.double() if v.is_floating_point() else v
+                                                       for k, v in packed.items()}, config, True, True))
+    torch.testing.assert_close(ours.loss.double(), ref.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_weight.double(), torch.autograd.grad(ref.loss, w64)[0], rtol=1e-4, atol=1e-5)
+
+
 def test_fused_linear_packed_row_layout_and_no_grad():
     """(1, N, H) hidden and (1, N) tensors; under no_grad the one pass skips the gradient work."""
     lengths = [4, 1, 0, 3]

@@ -17,6 +17,7 @@ import os
 import random
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -297,7 +298,11 @@ class Trainer:
                         mb, rows(old_logp), rows(advantages), rows(ref_logp), rows(segments)))
                 if self.critic is not None:
                     critic_losses.append(self.critic_update(mb, rows(rewards), rows(returns)))
-        self.sched.step()
+        with warnings.catch_warnings():
+            # The schedule counts RL steps, critic-only ones included; torch warns when the first of
+            # them steps it before any policy update, which is intended here.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.sched.step()
         step_time = time.time() - t0
         m = self.step_metrics(step, rollout, rewards, counts, critic_logits, values, returns,
                               policy_metrics, critic_losses, step_time, t_rollout)

@@ -11,8 +11,10 @@ Difficulty levels:
 
 1. two operands ``a op b``, 0..20, ``+ - *``: one step (the held-out split are unseen facts);
 2. three operands 1..9 with precedence (``3+5*2``): two steps, every fact also occurs in training,
-   the held-out split are unseen compositions; the recommended default;
-3. four operands 1..9, any bracketing (``(3+5)*2-4``): three steps.
+   the held-out split are unseen compositions;
+3. four operands 1..9, any bracketing (``(3+5)*2-4``): three steps; the trainer's default, because a
+   small model cannot do three operations in one go (a bare answer is rarely right) but can do each
+   step, so working it out is what RL has to discover.
 
 Every step stays "easy": no negative values, no value above 200, factors at most 12. Splits are
 decided by a stable hash of the prompt, so train and test never share a prompt.
