@@ -439,3 +439,21 @@ def test_kl_penalty_to_the_warm_start(tmp_path, alternating_rewards):
     train(cfg)
     step = [json.loads(x) for x in open(os.path.join(cfg.out, "metrics.jsonl"))][-1]
     assert "kl" in step and math.isfinite(step["kl"])
+
+
+def test_default_task_level_per_task_and_its_solutions_fit_the_response_budget():
+    """task_difficulty=0 means the task's own default (arithmetic 3, long_arithmetic 2, none for the
+    others), and the default max_new_tokens holds the longest worked solution of the default task with
+    its EOS, so the warm start's format is never cut off."""
+    from sppo_fast.trainer.loop import make_task
+
+    assert TrainConfig().task_difficulty == 3
+    assert TrainConfig(task="long_arithmetic").task_difficulty == 2
+    assert TrainConfig(task="countdown").task_difficulty == 0
+    assert TrainConfig(task_difficulty=1).task_difficulty == 1
+    cfg = TrainConfig()
+    assert TrainConfig(**cfg.to_dict()) == cfg
+    task, tok = make_task(cfg), load_tokenizer(cfg)
+    examples = task.examples("train", 4000, seed=0) + task.examples("test", 1000, seed=0)
+    longest = max(len(tok(ex.solution, add_special_tokens=False)["input_ids"]) + 1 for ex in examples)
+    assert longest <= cfg.max_new_tokens
