@@ -9,7 +9,8 @@ padded (S, Tmax) layout by one index (S x Tmax scalars: more than N when lengths
 Every sequence is its own row of the padded layout, so sequence- and segment-level ratios and every
 aggregation stay inside one packed sequence. The vocabulary-sized work runs on the packed rows
 themselves: (N, V) logits or (N, H) hidden states are never padded (the fused linear loss chunks
-whole packed sequences, see fused_linear.py).
+whole packed sequences, or packed token rows when a sequence is longer than a chunk; the choice is
+fused_linear.one_pass_layout's, the same as for padded batches).
 
 Reading `cu_seqlens` and the longest sequence needs their values on the host: one device sync per
 call, so the packed path is not traced by torch.compile."""
@@ -255,7 +256,8 @@ def packed_fused_linear_policy_loss(hidden, weight, targets, old_logp, advantage
                                     bias, segment_ids, ref_logp, temperature, normalizer, chunk_size,
                                     rollout_is_weights):
     """fused_linear_policy_loss on (N, H) / (1, N, H) packed hidden states, never padding them: the
-    one-pass chunking takes whole packed sequences (each a contiguous slice of the rows)."""
+    one-pass chunking takes whole packed sequences (each a contiguous slice of the rows) or, for long
+    sequences and a token-local loss, chunks of packed token rows."""
     from .fused_linear import one_pass_layout, sequence_chunked_policy_loss, token_chunked_policy_loss
     from .losses import expand_rollout_is_weights
     from .ops import _check_linear, _linear_logprobs_of_valid_rows, default_chunk_size
