@@ -34,7 +34,8 @@ def test_bad_algorithms_or_seeds_are_refused_before_anything_runs(tmp_path, algo
 
 @pytest.mark.parametrize("override, message", [
     ("lr", "key=value"), ("nope.lr=1", "unknown algorithm 'nope'"), ("seed=3", "not a settable field"),
-    ("grpo.learning_rate=1", "not a settable field"), ("lr=fast", "could not convert"),
+    ("grpo.learning_rate=1", "not a settable field"), ("lr=fast", "lr: expected a number >= 0, got 'fast'"),
+    ("warm_start=maybe", "warm_start: expected true or false"), ("steps=0", "steps: expected an integer >= 1"),
 ])
 def test_bad_overrides_are_refused(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
@@ -49,16 +50,26 @@ def test_an_unknown_time_axis_is_refused(tmp_path):
 
 
 def test_an_invalid_run_config_names_the_run(tmp_path):
-    with pytest.raises(ValueError, match="grpo seed 0: .*temperature"):
+    with pytest.raises(ValueError, match="grpo seed 0: hidden_size .* multiple of num_heads"):
+        cmp.compare(["sppo", "grpo"], [0], str(tmp_path / "cmp"), overrides=["grpo.hidden_size=30"],
+                    log=lambda m: None)
+    with pytest.raises(ValueError, match="--set grpo.temperature=0: temperature: expected a number > 0"):
         cmp.compare(["sppo", "grpo"], [0], str(tmp_path / "cmp"), overrides=["grpo.temperature=0"],
                     log=lambda m: None)
+    assert not (tmp_path / "cmp").exists()
 
 
-def test_cli_exits_with_a_message_on_bad_input(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="unknown 'ppo2'"):
-        cmp.main(["--algos", "sppo,ppo2", "--out", str(tmp_path / "x")])
-    with pytest.raises(SystemExit, match="at least one seed"):
-        cmp.main(["--seeds", "", "--out", str(tmp_path / "x")])
+@pytest.mark.parametrize("argv, message", [
+    (["--algos", "sppo,ppo2"], "unknown 'ppo2'"), (["--seeds", ""], "at least one seed"),
+    (["--seeds", "1,x"], "comma-separated integers"), (["--set", "lr=abc"], "--set lr=abc: lr: expected a number"),
+    (["--jobs", "two"], "--jobs"), (["--reuse", "--overwrite"], "give one of them"),
+])
+def test_cli_exits_with_one_line_on_bad_input(tmp_path, capsys, argv, message):
+    assert cmp.main([*argv, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sppo-fast compare: error: ") and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
 
 
 def test_same_prompts_per_step_and_each_algorithm_its_settings(tmp_path):

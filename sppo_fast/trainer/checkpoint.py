@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sppo_fast.trainer.config import UserError
+
 CHECKPOINT_DIR = "checkpoint"
 
 
@@ -130,16 +132,57 @@ def find_checkpoint(run_dir: str) -> str | None:
     return None
 
 
-def _load_weights(module, path, device):
+def _damaged(path: str, error: BaseException) -> UserError:
+    reason = " ".join(str(error).split())[:200] or type(error).__name__
+    return UserError(f"resume: {path} cannot be read ({type(error).__name__}: {reason}): the checkpoint is damaged "
+                     f"(start again with --overwrite, or restore the file)")
+
+
+def _read_weights(path: str) -> dict:
     from safetensors.torch import load_file
 
-    weights = load_file(path)
-    if _is_sharded(module):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    if not os.path.exists(path):
+        raise UserError(f"resume: {path} is missing: the checkpoint is damaged (start again with --overwrite)")
+    try:
+        return load_file(path)
+    except Exception as error:  # noqa: BLE001 - whatever safetensors says, the file is not a checkpoint
+        raise _damaged(path, error) from None
 
-        set_model_state_dict(module, weights, options=StateDictOptions(full_state_dict=True))
-    else:
-        module.load_state_dict({k: v.to(device) for k, v in weights.items()})
+
+def _read_state(path: str) -> dict:
+    if not os.path.exists(path):
+        raise UserError(f"resume: {path} is missing: the checkpoint is damaged (start again with --overwrite)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - a truncated or foreign file: unpickling errors of every kind
+        raise _damaged(path, error) from None
+    if not isinstance(state, dict) or not {"step", "optimizers", "rng"} <= set(state):
+        raise UserError(f"resume: {path} is not a training state (no step, optimizers, rng): the checkpoint is "
+                        "damaged")
+    return state
+
+
+def verify_checkpoint(path: str, names: list[str]):
+    """Read every file of the checkpoint in `path` (UserError naming a missing or damaged one), before a
+    resumed run does anything."""
+    for name in names:
+        _read_weights(os.path.join(path, f"{name}.safetensors"))
+    _read_state(os.path.join(path, "state.pt"))
+
+
+def _load_weights(module, path, device):
+    weights = _read_weights(path)
+    try:
+        if _is_sharded(module):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(module, weights, options=StateDictOptions(full_state_dict=True))
+        else:
+            module.load_state_dict({k: v.to(device) for k, v in weights.items()})
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()
+        raise UserError(f"resume: {path} does not fit the model of this configuration (were model fields "
+                        f"changed?): {' '.join(first[:3])[:300]}") from None
 
 
 def _load_optimizer(module, opt, state):
@@ -157,7 +200,7 @@ def load_checkpoint(path: str, *, policy, critic, optimizers: dict, schedulers: 
     for name, module in modules.items():
         if module is not None:
             _load_weights(module, os.path.join(path, f"{name}.safetensors"), device)
-    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+    state = _read_state(os.path.join(path, "state.pt"))
     for name, opt in optimizers.items():
         if opt is not None:
             _load_optimizer(modules[name], opt, state["optimizers"][name])
@@ -166,7 +209,7 @@ def load_checkpoint(path: str, *, policy, critic, optimizers: dict, schedulers: 
             sched.load_state_dict(state["schedulers"][name])
     rngs = state["rng"]
     if len(rngs) <= rank:
-        raise ValueError(f"resume: the checkpoint holds {len(rngs)} rank(s) of generator state; this is rank "
+        raise UserError(f"resume: the checkpoint holds {len(rngs)} rank(s) of generator state; this is rank "
                          f"{rank} (resume with the same number of processes)")
     set_rng_state(rngs[rank], device)
     return state

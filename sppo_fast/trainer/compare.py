@@ -26,7 +26,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from sppo_fast.trainer.config import ALGOS, GROUP_ALGOS, TrainConfig, field_types, parse_bool
+from sppo_fast.trainer.config import ALGOS, GROUP_ALGOS, TrainConfig, UserError, coerce_field, field_types
 
 DEFAULT_ALGOS = ("sppo", "grpo")
 DEFAULT_SEEDS = (0, 1, 2)
@@ -72,8 +72,10 @@ def parse_overrides(items: list[str]) -> tuple[dict, dict[str, dict]]:
             raise ValueError(f"--set {item}: unknown algorithm {algo!r}; choose one of {', '.join(ALGOS)}")
         if name not in types or name in ("algo", "seed", "out"):
             raise ValueError(f"--set {item}: {name!r} is not a settable field of `sppo-fast train`")
-        tp = types[name]
-        value = None if text.lower() == "none" else (parse_bool(text) if tp is bool else tp(text))
+        try:
+            value = coerce_field(name, text)  # the table of `sppo-fast train`: same types, ranges, messages
+        except ValueError as error:
+            raise UserError(f"--set {item}: {error}") from None
         (per_algo.setdefault(algo, {}) if algo else common)[name] = value
     return common, per_algo
 
@@ -157,7 +159,9 @@ def run_one(cfg: TrainConfig) -> dict:
     with open(config_path, "w") as f:
         json.dump(cfg.to_dict(), f, indent=2)
     start = time.time()
-    rc, tail = _launch(["-m", "sppo_fast.trainer.cli", "--config", config_path],
+    # --overwrite: `compare` itself refuses an --out that holds a comparison unless --reuse or --overwrite
+    # said which of its runs may be replaced (those it trains again).
+    rc, tail = _launch(["-m", "sppo_fast.trainer.cli", "--config", config_path, "--overwrite"],
                        os.path.join(cfg.out, "train.log"))
     record = {"algo": cfg.algo, "seed": cfg.seed, "run_dir": cfg.out, "returncode": rc,
               "process_seconds": time.time() - start}
@@ -242,16 +246,23 @@ def warm_start_only(config_path: str) -> int:
     import torch
 
     from sppo_fast.trainer.distributed import init_distributed
-    from sppo_fast.trainer.loop import Trainer
-    from sppo_fast.trainer.warmstart import warm_start
+    from sppo_fast.trainer.loop import Trainer, check_device
+    from sppo_fast.trainer.signals import StopRequest
+    from sppo_fast.trainer.warmstart import WarmStartInterrupted, warm_start
 
     with open(config_path) as f:
         cfg = TrainConfig.from_dict(json.load(f))
+    check_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     d, device = init_distributed(cfg.device)
     tr = Trainer(cfg, d, device, print)
-    warm_start(cfg, tr.lm, tr.tokenizer, tr.task, device, progress=False)
+    with StopRequest(print) as stop:  # SIGTERM from an interrupted comparison: keep the progress
+        try:
+            warm_start(cfg, tr.lm, tr.tokenizer, tr.task, device, progress=False, stop=stop)
+        except WarmStartInterrupted as halt:
+            print(f"sppo-fast compare: {halt}", file=sys.stderr)
+            return 128 + int(halt.signum)
     return 0
 
 
@@ -481,8 +492,10 @@ def _run_all(configs, jobs, out_dir, log, reuse=False) -> list[dict]:
 
 def compare(algos=DEFAULT_ALGOS, seeds=DEFAULT_SEEDS, out_dir="compare", *, steps=None,
             prompts_per_step=DEFAULT_PROMPTS_PER_STEP, jobs=None, overrides=(), reference="grpo",
-            time_axis="wall", reuse=False, log=print) -> dict:
-    """Run every (algorithm, seed), write compare.{md,json} and accuracy_vs_time.png; returns the result."""
+            time_axis="wall", reuse=False, overwrite=False, log=print) -> dict:
+    """Run every (algorithm, seed), write compare.{md,json} and accuracy_vs_time.png; returns the result.
+    An `out_dir` that holds a comparison is refused unless `reuse` (keep its finished runs, train the others
+    again) or `overwrite` (train every run again)."""
     if time_axis not in TIME_KEYS:
         raise ValueError(f"time_axis must be one of {', '.join(TIME_KEYS)}, got {time_axis!r}")
     common, per_algo = parse_overrides(list(overrides))
@@ -491,7 +504,11 @@ def compare(algos=DEFAULT_ALGOS, seeds=DEFAULT_SEEDS, out_dir="compare", *, step
     jobs = jobs or default_jobs()
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
-    os.makedirs(out_dir, exist_ok=True)
+    check_out_dir(out_dir, reuse=reuse, overwrite=overwrite)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"out: cannot create {out_dir}: {error.strerror or error}") from None
     start = time.time()
     try:
         records = _run_all(configs, jobs, out_dir, log, reuse=reuse)
@@ -528,6 +545,21 @@ def compare(algos=DEFAULT_ALGOS, seeds=DEFAULT_SEEDS, out_dir="compare", *, step
     return result
 
 
+def check_out_dir(out_dir: str, *, reuse: bool, overwrite: bool):
+    """Refuse an --out that already holds a comparison (its table or any run) unless --reuse or --overwrite."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"out: {out_dir} exists and is not a directory")
+    if reuse or overwrite or not os.path.isdir(out_dir):
+        return
+    held = [name for name in ("compare.json", "compare.md") if os.path.exists(os.path.join(out_dir, name))]
+    runs = os.path.join(out_dir, "runs")
+    if os.path.isdir(runs) and os.listdir(runs):
+        held.append("runs/")
+    if held:
+        raise UserError(f"out: {out_dir} already holds a comparison ({', '.join(held)}); pass --reuse to keep its "
+                        "finished runs, --overwrite to train every run again, or another --out")
+
+
 def _json_safe(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
@@ -545,13 +577,20 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+PROG = "sppo-fast compare"
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="sppo-fast compare",
+    from sppo_fast.trainer.cli import OneLineParser
+
+    p = OneLineParser(
+        prog=PROG,
         description="Train every algorithm of --algos with every seed of --seeds (one process per run, --jobs "
                     "at a time), at the same number of prompts per step, and write compare.md, compare.json "
                     "and accuracy_vs_time.png into --out. A run that fails is reported with its error; the "
-                    "others are kept.")
+                    "others are kept. An --out that holds a comparison is refused unless --reuse or --overwrite "
+                    "is given. Bad input exits 2 with one line naming what is wrong (--debug: with a "
+                    "traceback).")
     p.add_argument("--algos", default=",".join(DEFAULT_ALGOS),
                    help=f"comma-separated algorithms from {', '.join(ALGOS)} (default: %(default)s)")
     p.add_argument("--seeds", type=_int_list, default=list(DEFAULT_SEEDS),
@@ -570,24 +609,37 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default: compare-<timestamp>)")
     p.add_argument("--reuse", action="store_true",
                    help="keep the runs in --out that finished with exactly the same configuration (an interrupted "
-                        "comparison, or one whose other algorithms changed) instead of training them again")
+                        "comparison, or one whose other algorithms changed) instead of training them again; the "
+                        "other runs in --out are replaced")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train every run again when --out already holds a comparison (without it, or --reuse, "
+                        "such an --out is refused)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error about bad input")
     p.add_argument("--warm-start-only", dest="warm_start_only", default=None, help=argparse.SUPPRESS)
     return p
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if args.warm_start_only:
-        return warm_start_only(args.warm_start_only)
-    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
-    out = args.out or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    from sppo_fast.trainer.cli import report_error
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
     try:
+        args = parser().parse_args(argv)
+        if args.warm_start_only:
+            return warm_start_only(args.warm_start_only)
+        if args.reuse and args.overwrite:
+            raise UserError("--reuse keeps the finished runs and --overwrite trains them again: give one of them")
+        algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+        out = args.out or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
         result = compare(algos, args.seeds, out, steps=args.steps, prompts_per_step=args.prompts_per_step,
                          jobs=args.jobs, overrides=args.overrides, reference=args.reference,
-                         time_axis=args.time_axis, reuse=args.reuse,
+                         time_axis=args.time_axis, reuse=args.reuse, overwrite=args.overwrite,
                          log=lambda m: print(m, file=sys.stderr, flush=True))
-    except ValueError as error:
-        raise SystemExit(f"sppo-fast compare: {error}") from None
+    except ValueError as error:  # compare() raises ValueError (UserError among them) for bad input only
+        if debug:
+            raise
+        return report_error(PROG, error)
     print(open(os.path.join(out, "compare.md")).read())
     return 0 if all(r["status"] == "ok" for r in result["runs"]) else 1
 

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -24,8 +25,14 @@ import torch
 
 import sppo_fast
 from sppo_fast.trainer import algorithms as algos
-from sppo_fast.trainer.checkpoint import find_checkpoint, gather_training_state, load_checkpoint, save_checkpoint
-from sppo_fast.trainer.config import TrainConfig
+from sppo_fast.trainer.checkpoint import (
+    find_checkpoint,
+    gather_training_state,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from sppo_fast.trainer.config import TrainConfig, UserError
 from sppo_fast.trainer.distributed import (
     Dist,
     average_replicated_grads,
@@ -39,6 +46,7 @@ from sppo_fast.trainer.models import (
     PolicyHidden,
     build_critic,
     build_policy,
+    check_model_dir,
     describe_model,
     enable_checkpointing,
     lm_head_of,
@@ -46,6 +54,7 @@ from sppo_fast.trainer.models import (
 )
 from sppo_fast.trainer.loss_impls import check_loss_impl, policy_loss_from_hidden
 from sppo_fast.trainer.rollout import Rollout, check_positions, encode_prompts, generate
+from sppo_fast.trainer.signals import RunInterrupted, StopRequest
 
 EVAL_BATCH = 256
 
@@ -56,7 +65,27 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def user_errors(prefix: str = ""):
+    """Turn the ValueError / OSError of reading the user's input (a task file, a model directory, a length
+    that does not fit) into a UserError: one line, exit 2, no traceback."""
+    try:
+        yield
+    except UserError:
+        raise
+    except OSError as error:
+        what = f"{error.filename}: " if getattr(error, "filename", None) else ""
+        raise UserError(f"{prefix}{what}{error.strerror or error}") from error
+    except ValueError as error:
+        raise UserError(f"{prefix}{error}") from error
+
+
 def make_task(cfg):
+    with user_errors("task_path: " if cfg.task == "jsonl" else f"task {cfg.task}: "):
+        return _make_task(cfg)
+
+
+def _make_task(cfg):
     from sppo_fast.trainer.tasks import get_task
 
     if cfg.task == "arithmetic":
@@ -166,13 +195,19 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, d: Dist, device, log):
         self.cfg, self.d, self.device, self.log = cfg, d, device, log
-        self.tokenizer = load_tokenizer(cfg)
+        if cfg.model:
+            check_model_dir(cfg.model)
+        with user_errors(f"model: cannot load {cfg.model}: " if cfg.model else ""):
+            self.tokenizer = load_tokenizer(cfg)
         self.task = make_task(cfg)
         seed_everything(cfg.seed)  # identical initial weights on every rank
-        check_loss_impl(cfg.loss_impl, device)
-        self.lm = build_policy(cfg, self.tokenizer, device)
-        self.critic = build_critic(cfg, self.tokenizer, device)
-        self.check_lengths()
+        with user_errors():
+            check_loss_impl(cfg.loss_impl, device)
+        with user_errors(f"model: cannot load {cfg.model}: " if cfg.model else ""):
+            self.lm = build_policy(cfg, self.tokenizer, device)
+            self.critic = build_critic(cfg, self.tokenizer, device)
+        with user_errors():
+            self.check_lengths()
         self.loss_cfg = algos.loss_config(cfg)
         self.estimator = algos.estimator_name(cfg, self.loss_cfg)
         self.ref = None
@@ -456,20 +491,86 @@ def truncate_metrics(path, last_step):
     """On resume, drop rows written after the checkpoint (a crash between checkpoint and exit)."""
     if not os.path.exists(path):
         return
+    rows = []
     with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line cut short by a kill mid-write
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= last_step:
+                rows.append(json.dumps(row) + "\n")
     with open(path, "w") as f:
         f.writelines(rows)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
-    """Run (or resume) a training run; returns the summary (also written to RUN_DIR/summary.json)."""
+# What a run directory holds; `--overwrite` deletes these (and only these) before the new run writes its own.
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint", "checkpoint.old")
+RUN_OUTPUTS = RUN_FILES + ("checkpoint.tmp", "accuracy.png", "reward.png")
+
+
+def check_device(request: str):
+    """A GPU that was asked for must exist (torch would fail deep inside with an AttributeError)."""
+    if request == "cuda" and not torch.cuda.is_available():
+        why = ("this torch build has no CUDA support" if torch.version.cuda is None
+               else "torch sees no CUDA GPU")
+        raise UserError(f"device: cuda was requested, but {why} (torch {torch.__version__}); use --device cpu "
+                        "or auto")
+
+
+def check_run_dir(out: str, *, resume: bool, overwrite: bool) -> list[str]:
+    """Refuse to write over a run unless told to (`overwrite`) or continuing it (`resume`); a resumed
+    directory must exist. Returns the run files found. Writes nothing."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"out: {out} exists and is not a directory")
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+    if resume:
+        if not os.path.isdir(out):
+            raise UserError(f"resume: {out} does not exist (nothing to resume)")
+        if "config.json" not in found:
+            raise UserError(f"resume: {out} holds no run (no config.json)")
+    elif found and not overwrite:
+        kind = "a finished run" if "summary.json" in found else "a started run"
+        raise UserError(f"out: {out} already holds {kind} ({', '.join(found)}); pass --resume {out} to continue "
+                        "it, --overwrite to replace it, or another --out")
+    return found
+
+
+def _make_run_dir(out: str):
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise UserError(f"out: cannot write the run directory {out}: {error.strerror or error}") from None
+
+
+def _remove_run_outputs(out: str):
+    for name in RUN_OUTPUTS:
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run (or resume) a training run; returns the summary (also written to RUN_DIR/summary.json).
+
+    An `out` that holds a run is refused (UserError) unless `resume` (continue it) or `overwrite` (replace
+    it). SIGINT/SIGTERM stop the run after the current step: it is checkpointed (or the warm start's
+    progress kept), then RunInterrupted says how to resume."""
     start_wall = time.time()
+    check_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     d, device = init_distributed(cfg.device)
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if d.is_main else (lambda msg: None)
     try:
-        summary = _train(cfg, d, device, resume, start_wall)
+        with StopRequest(log) as stop:
+            summary = _train(cfg, d, device, resume, overwrite, start_wall, stop, log)
     except BaseException:
         shutdown(d, failed=True)
         raise
@@ -477,30 +578,48 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     return summary
 
 
-def _train(cfg, d, device, resume, start_wall):
+def _resume_hint(out: str) -> str:
+    return f"resume with: sppo-fast train --resume {out}"
+
+
+def _train(cfg, d, device, resume, overwrite, start_wall, stop, log):
     from tqdm import tqdm
 
     out = _broadcast_out(cfg, d)
-    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if d.is_main else (lambda msg: None)
+    # Everything that can be checked is checked before anything is written or trained.
+    found = check_run_dir(out, resume=resume, overwrite=overwrite)
+    ckpt = find_checkpoint(out) if resume else None
+    if resume and ckpt is None and os.path.isdir(os.path.join(out, "checkpoint")):
+        raise UserError(f"resume: {os.path.join(out, 'checkpoint', 'state.pt')} is missing: the checkpoint is "
+                        "damaged (start again with --overwrite)")
+    if ckpt is not None:
+        verify_checkpoint(ckpt, ["policy"] + (["critic"] if cfg.algo in ("sppo", "ppo") else []))
+    tr = Trainer(cfg, d, device, log)
     if d.is_main:
-        os.makedirs(out, exist_ok=True)
+        _make_run_dir(out)
+        if overwrite and found:
+            log(f"--overwrite: replacing the run in {out} ({', '.join(found)})")
+            _remove_run_outputs(out)
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
     d.barrier()
-    tr = Trainer(cfg, d, device, log)
     metrics_path = os.path.join(out, "metrics.jsonl")
-    ckpt = find_checkpoint(out) if resume else None
     if resume and ckpt is None:
-        raise ValueError(f"resume: no checkpoint in {out}")
+        log(f"resume: {out} has no checkpoint yet (stopped before its first one): starting it from step 0")
 
     warm_seconds = 0.0
     # A resumed run takes its weights from the checkpoint; it needs the warm start only as the KL reference.
     if cfg.warm_start and (ckpt is None or cfg.kl_coef > 0):
-        from sppo_fast.trainer.warmstart import warm_start
+        from sppo_fast.trainer.warmstart import WarmStartInterrupted, warm_start
 
         t = time.time()
-        warm_start(cfg, tr.lm, tr.tokenizer, tr.task, device, is_main=d.is_main, barrier=d.barrier, log=log,
-                   progress=cfg.progress and d.is_main)
+        try:
+            warm_start(cfg, tr.lm, tr.tokenizer, tr.task, device, is_main=d.is_main, barrier=d.barrier, log=log,
+                       progress=cfg.progress and d.is_main, stop=stop)
+        except WarmStartInterrupted as halt:
+            raise RunInterrupted(f"interrupted by {stop.name} during the warm start (SFT step {halt.step} of "
+                                 f"{halt.total}); its progress is kept in {halt.partial}; {_resume_hint(out)}",
+                                 halt.signum) from None
         warm_seconds = time.time() - t
     tr.setup_training()
     test_examples = tr.task.examples("test", cfg.eval_examples, seed=cfg.seed + 1)
@@ -510,8 +629,9 @@ def _train(cfg, d, device, resume, start_wall):
 
     step0, extra = 0, {}
     if ckpt is not None:
-        state = load_checkpoint(ckpt, policy=tr.lm, critic=tr.critic, device=device, rank=d.rank,
-                                **tr.state_objects())
+        with user_errors():
+            state = load_checkpoint(ckpt, policy=tr.lm, critic=tr.critic, device=device, rank=d.rank,
+                                    **tr.state_objects())
         step0, extra = int(state["step"]), dict(state["extra"])
         if d.is_main:
             truncate_metrics(metrics_path, step0)
@@ -550,7 +670,10 @@ def _train(cfg, d, device, resume, start_wall):
         if d.is_main:
             append_jsonl(metrics_path, m)
         bar.set_postfix(reward=f"{m['reward']:.2f}", eval=f"{acc:.2f}", ent=f"{m.get('entropy', 0):.2f}")
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+        stopping = bool(stop) and step < cfg.steps
+        if d.enabled:  # every rank stops at the same step (a signal may reach only some of them)
+            stopping = bool(d.all_sum(float(stopping)) > 0)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stopping:
             extra = {"eval_accuracy_before": acc_before, "eval_accuracy_greedy_before": greedy_before,
                      "eval_accuracy_last": acc, "wall_seconds": wall()}
             gathered = gather_training_state(step=step, policy=tr.lm, critic=tr.critic, device=device,
@@ -558,6 +681,11 @@ def _train(cfg, d, device, resume, start_wall):
             if d.is_main:
                 save_checkpoint(out, gathered)
             d.barrier()
+        if stopping:
+            bar.close()
+            raise RunInterrupted(f"interrupted by {stop.name or 'a signal'} at step {step} of {cfg.steps}; "
+                                 f"checkpoint saved in {os.path.join(out, 'checkpoint')}; {_resume_hint(out)}",
+                                 stop.signum or 15)
     bar.close()
     if step0 >= cfg.steps:  # resumed a finished run: nothing ran, measure again
         greedy_after = greedy_accuracy(tr, test_examples, cfg, device, d, acc)

@@ -74,6 +74,37 @@ def enable_checkpointing(lm):
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+MODEL_DIR_NEEDS = ("config.json, the weights (model.safetensors or pytorch_model.bin, or a sharded index) and a "
+                   "tokenizer (tokenizer_config.json with tokenizer.json or its vocabulary files), as "
+                   "save_pretrained writes them for a model and its tokenizer")
+
+
+def check_model_dir(path: str):
+    """`--model` names a local directory (the trainer never downloads from a hub) holding a model and its
+    tokenizer; UserError saying what is missing otherwise."""
+    from sppo_fast.trainer.config import UserError
+
+    if not os.path.exists(path):
+        raise UserError(f"model: directory {path} does not exist (--model takes a local Hugging Face model "
+                        "directory; the trainer never downloads from a hub)")
+    if not os.path.isdir(path):
+        raise UserError(f"model: {path} is not a directory; a model directory holds {MODEL_DIR_NEEDS}")
+    names = set(os.listdir(path))
+    missing = []
+    if "config.json" not in names:
+        missing.append("config.json")
+    if not names & set(WEIGHT_FILES) and not any(n.endswith(".safetensors") for n in names):
+        missing.append("weights")
+    if not names & set(TOKENIZER_FILES):
+        missing.append("a tokenizer")
+    if missing:
+        raise UserError(f"model: {path} is not a model directory: no {', no '.join(missing)}; it needs "
+                        f"{MODEL_DIR_NEEDS}")
+
+
 def load_tokenizer(cfg):
     """The `--model` directory's tokenizer, or the local char-level one; left padding for generation."""
     if cfg.model:

@@ -1,6 +1,10 @@
 """Warm start: supervised fine-tuning on the task's worked solutions, so that RL starts from a policy
 that is sometimes right. The result is cached on disk (safetensors, written atomically) under a key
-made of everything that determines it."""
+made of everything that determines it.
+
+A warm start stopped by SIGINT/SIGTERM (`stop`) keeps its progress next to the cache file
+(`<key>.partial/`: weights, optimizer, schedule, data order and generator); the next warm start with the
+same key continues from there and ends with the same weights as an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 
 import torch
@@ -108,8 +113,51 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def supervised_fine_tune(cfg, lm, tokenizer, task, device, *, log=print, progress=True):
-    """Train `lm` in place on the task's worked solutions."""
+class WarmStartInterrupted(Exception):
+    """The fine-tuning stopped by a signal after `step` of `total` steps, its progress saved."""
+
+    def __init__(self, step: int, total: int, signum: int, partial: str):
+        super().__init__(f"warm start interrupted at SFT step {step} of {total}; its progress is kept in {partial}")
+        self.step, self.total, self.signum, self.partial = step, total, signum, partial
+
+
+def partial_path(path: str) -> str:
+    """Where an interrupted warm start for the cache file `path` keeps its progress."""
+    return path[: -len(".safetensors")] + ".partial" if path.endswith(".safetensors") else path + ".partial"
+
+
+def save_partial(directory: str, lm, state: dict):
+    """Write the progress atomically: a fresh directory renamed over the old one."""
+    from safetensors.torch import save_model
+
+    tmp = f"{directory}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_model(lm, os.path.join(tmp, "model.safetensors"))
+    torch.save(state, os.path.join(tmp, "state.pt"))
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+
+
+def load_partial(directory: str, lm, device) -> dict | None:
+    """The saved progress (weights loaded into `lm`), or None when there is none or it cannot be read."""
+    if not os.path.exists(os.path.join(directory, "state.pt")):
+        return None
+    from safetensors.torch import load_model
+
+    try:
+        state = torch.load(os.path.join(directory, "state.pt"), map_location="cpu", weights_only=True)
+        load_model(lm, os.path.join(directory, "model.safetensors"), device=str(device))
+    except Exception:  # noqa: BLE001 - unreadable progress: the warm start starts over (same result)
+        return None
+    return state
+
+
+def supervised_fine_tune(cfg, lm, tokenizer, task, device, *, log=print, progress=True, stop=None,
+                         partial=None):
+    """Train `lm` in place on the task's worked solutions. With `partial` (a directory), continue from the
+    progress saved there, and when `stop` becomes true (a signal) save the progress there and raise
+    WarmStartInterrupted."""
     from tqdm import tqdm
 
     examples = task.examples("train", cfg.sft_examples, seed=cfg.seed + 7919)
@@ -120,10 +168,20 @@ def supervised_fine_tune(cfg, lm, tokenizer, task, device, *, log=print, progres
     opt = torch.optim.AdamW(lm.parameters(), lr=cfg.sft_lr, weight_decay=0.0, betas=(0.9, 0.98))
     warmup = max(1, int(SFT_WARMUP_FRACTION * cfg.sft_steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.sft_steps, warmup))
+    cursor, first, last_loss = 0, 0, float("nan")
+    saved = load_partial(partial, lm, device) if partial else None
+    if saved is not None:
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        gen.set_state(saved["generator"])
+        order, cursor, first = saved["order"].tolist(), int(saved["cursor"]), int(saved["step"])
+        last_loss = float(saved["loss"])
+        log(f"warm start: continuing the interrupted fine-tuning at step {first} of {cfg.sft_steps}")
     lm.train()
-    cursor, start = 0, time.time()
-    bar = tqdm(range(cfg.sft_steps), desc="warm start (SFT)", disable=not progress, dynamic_ncols=True)
-    for _ in bar:
+    start = time.time()
+    bar = tqdm(range(first, cfg.sft_steps), desc="warm start (SFT)", disable=not progress, dynamic_ncols=True,
+               initial=first, total=cfg.sft_steps)
+    for step in bar:
         if cursor + cfg.sft_batch_size > len(order):
             order = torch.randperm(len(examples), generator=gen).tolist()
             cursor = 0
@@ -135,18 +193,32 @@ def supervised_fine_tune(cfg, lm, tokenizer, task, device, *, log=print, progres
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    log(f"warm start: {cfg.sft_steps} SFT steps in {time.time() - start:.1f}s, last loss {loss.item():.3f}")
-    return loss.item()
+        last_loss = loss.item()
+        bar.set_postfix(loss=f"{last_loss:.3f}")
+        if stop and step + 1 < cfg.sft_steps and partial:
+            bar.close()
+            save_partial(partial, lm, {
+                "step": step + 1, "cursor": cursor, "order": torch.tensor(order, dtype=torch.int64),
+                "generator": gen.get_state(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "loss": last_loss})
+            raise WarmStartInterrupted(step + 1, cfg.sft_steps, stop.signum, partial)
+    log(f"warm start: {cfg.sft_steps - first} SFT steps in {time.time() - start:.1f}s, last loss {last_loss:.3f}")
+    return last_loss
 
 
-def warm_start(cfg, lm, tokenizer, task, device, *, is_main=True, barrier=None, log=print, progress=True):
-    """Load the cached warm start, or make it (on the main rank) and cache it. Returns where it lives."""
+def warm_start(cfg, lm, tokenizer, task, device, *, is_main=True, barrier=None, log=print, progress=True,
+               stop=None):
+    """Load the cached warm start, or make it (on the main rank) and cache it. Returns where it lives.
+    `stop` (a signals.StopRequest): see `supervised_fine_tune`."""
     path = cache_path(cfg, lm, tokenizer)
     if is_main and not os.path.exists(path):
         log(f"warm start: not cached, fine-tuning ({cfg.sft_steps} steps) -> {path}")
-        loss = supervised_fine_tune(cfg, lm, tokenizer, task, device, log=log, progress=progress)
+        partial = partial_path(path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        loss = supervised_fine_tune(cfg, lm, tokenizer, task, device, log=log, progress=progress, stop=stop,
+                                    partial=partial)
         save_atomic(lm, path, {"final_loss": loss, "key": warm_start_key(cfg, lm, tokenizer)})
+        shutil.rmtree(partial, ignore_errors=True)
     if barrier is not None:
         barrier()
     if not load_cached(lm, path):
