@@ -2,10 +2,10 @@
 verifiable rewards (SPPO, GRPO, DAPO, Dr. GRPO, RLOO, GSPO, SSPO, PPO). The API reference is docs/api.md."""
 
 from .advantages import gae, group_advantage, rloo_advantage, sequence_advantage, value_bce_loss
+from .api import fused_linear_policy_loss, fused_policy_loss, linear_logprobs, policy_loss, token_logprobs
 from .dispatch import backend_info
-from .losses import EntropyAdaptiveClip, PolicyLossConfig, PolicyLossOutput, policy_loss
-from .ops import fused_linear_policy_loss, fused_policy_loss, linear_logprobs, token_logprobs
-from .packing import cu_seqlens_from_position_ids
+from .layout import cu_seqlens_from_position_ids
+from .losses import EntropyAdaptiveClip, PolicyLossConfig, PolicyLossOutput
 from .segments import newline_token_ids, segment_ids
 
 __version__ = "0.1.0"

@@ -1,9 +1,12 @@
-"""Argument checks shared by the public functions: each error names the argument and says what was
-expected, and every check runs before any kernel does (docs/api.md §6)."""
+"""Argument checks of the public functions: each error names the argument and says what was expected,
+and every check runs before any kernel does (docs/api.md §6). Checks that read tensor values are
+collected in a `ValueChecks` and run together: one device sync per call, however many there are."""
+
+import numbers
 
 import torch
 
-_FLOAT_LOGITS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _compiling() -> bool:
@@ -18,8 +21,9 @@ def check_tensor(name, x):
 
 def check_float(name, x):
     check_tensor(name, x)
-    if x.dtype not in _FLOAT_LOGITS:
-        raise TypeError(f"{name} must be a floating-point tensor (float32, bfloat16 or float16), got {x.dtype}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a floating-point tensor (float32, bfloat16, float16 or float64), "
+                        f"got {x.dtype}")
     return x
 
 
@@ -45,35 +49,104 @@ def check_same_device(**tensors):
         raise ValueError(f"all tensors must be on one device, got {where}; move them with .to(device)")
 
 
+def check_number(name, value, *, integer=False):
+    """A real Python number (or numpy scalar), not a bool, a string or a tensor; returned as float/int."""
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        what = "an int" if integer else "a real number"
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+    return int(value) if integer else float(value)
+
+
+def check_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return value
+
+
 def check_temperature(temperature):
-    if isinstance(temperature, torch.Tensor) or not isinstance(temperature, (int, float)):
+    if isinstance(temperature, (bool, torch.Tensor)) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a Python float, got {type(temperature).__name__}")
     if not temperature > 0 or temperature == float("inf"):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     return float(temperature)
 
 
-def check_targets_range(targets, vocab_size, ignore_index, name="targets"):
-    """A target outside [0, V) that is not ignore_index would read out of bounds in a kernel. The
-    check reads the tensor (a device sync), so it is skipped while torch.compile traces."""
-    if _compiling() or targets.numel() == 0:
+def check_chunk_size(chunk_size):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return chunk_size
+
+
+class ValueChecks:
+    """Checks that read tensor values, run together by `run()`: one device sync for all of them. Each is
+    a 0-dim bool tensor that is True when the input is bad and a function that builds the error (it may
+    read the tensor again: only on the error path). Skipped while torch.compile traces."""
+
+    def __init__(self):
+        self._checks = []
+
+    def add(self, bad, error):
+        if not _compiling():
+            self._checks.append((bad, error))
+
+    def run(self):
+        if not self._checks:
+            return
+        flags = torch.stack([bad for bad, _ in self._checks]).tolist()
+        for flag, (_, error) in zip(flags, self._checks):
+            if flag:
+                raise error()
+
+
+def check_targets_range(checks, targets, vocab_size, ignore_index, name="targets"):
+    """A target outside [0, V) that is not ignore_index would read out of bounds in a kernel."""
+    if targets.numel() == 0:
         return
     bad = ((targets < 0) | (targets >= vocab_size)) & (targets != ignore_index)
-    if bool(bad.any()):
-        value = int(targets[bad][0])
-        raise ValueError(f"{name} must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}, "
-                         f"found {value}")
+
+    def error():
+        return ValueError(f"{name} must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}, "
+                          f"found {int(targets[bad][0])}")
+
+    checks.add(bad.any(), error)
 
 
-def check_logits_and_targets(logits, targets, temperature, ignore_index, *, logits_name="logits"):
+def check_logits_and_targets(checks, logits, targets, temperature, ignore_index, *, logits_name="logits"):
+    """logits (..., V) and targets (...); returns the temperature as a float."""
     check_float(logits_name, logits)
     check_integer("targets", targets)
-    if not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_int("ignore_index", ignore_index)
     if logits.dim() < 1:
         raise ValueError(f"{logits_name} must have at least one dimension (..., V), got a scalar")
+    if logits.shape[-1] == 0 and logits.shape[:-1].numel() > 0:
+        raise ValueError(f"{logits_name} has an empty vocabulary dimension: shape {tuple(logits.shape)}")
     check_shape("targets", targets, logits.shape[:-1], f"the leading shape of {logits_name} (..., V)")
     check_same_device(**{logits_name: logits, "targets": targets})
-    temperature = check_temperature(temperature)
-    check_targets_range(targets, logits.shape[-1], ignore_index)
-    return temperature
+    check_targets_range(checks, targets, logits.shape[-1], ignore_index)
+    return check_temperature(temperature)
+
+
+def check_linear(checks, hidden, weight, bias, targets, temperature, ignore_index, chunk_size):
+    """hidden (..., H), weight (V, H), bias (V,) or None, targets (...); returns the temperature."""
+    check_float("hidden", hidden)
+    check_float("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (V, H), got {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden must have shape (..., H) with H = weight.shape[1] = {weight.shape[1]}, "
+                         f"got {tuple(hidden.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    if bias is not None:
+        check_shape("bias", check_float("bias", bias), weight.shape[:1], "one entry per row of weight (V,)")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias ({bias.dtype}) and weight ({weight.dtype}) must share a dtype")
+    check_chunk_size(chunk_size)
+    check_integer("targets", targets)
+    check_shape("targets", targets, hidden.shape[:-1], "the leading shape of hidden (..., H)")
+    check_int("ignore_index", ignore_index)
+    check_same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
+    check_targets_range(checks, targets, weight.shape[0], ignore_index)
+    return check_temperature(temperature)

@@ -1,5 +1,5 @@
-"""The loss family of docs/api.md §3.2-§3.6, written once in PyTorch on (B, T) tensors and shared by every
-backend. Autograd through this stage yields the per-token coefficients (d loss / d logp and
+"""The loss stage: the loss family of docs/api.md §3.2-§3.6, written once in PyTorch on the (S, T) grid and
+shared by every backend and batch layout (packed batches reach it already on the grid, sppo_fast.layout). Autograd through this stage yields the per-token coefficients (d loss / d logp and
 d loss / d entropy) that the backward kernel turns into the logits' gradient (docs/api.md §9).
 
 A loss is `sum_t w_t * l_t`: a per-token loss `l_t` (ratios, clipping, KL, entropy bonus) and
@@ -10,7 +10,15 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import check_float, check_integer, check_same_device, check_shape, check_tensor
+from ._checks import (
+    ValueChecks,
+    check_float,
+    check_integer,
+    check_number,
+    check_same_device,
+    check_shape,
+    check_tensor,
+)
 
 RATIO_LEVELS = ("token", "sequence", "segment")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -29,6 +37,8 @@ class EntropyAdaptiveClip:
     low_entropy_lower: float = 0.8
 
     def __post_init__(self):
+        for f in fields(self):
+            check_number(f"EntropyAdaptiveClip.{f.name}", getattr(self, f.name))
         if not self.low_threshold <= self.high_threshold:
             raise ValueError(f"EntropyAdaptiveClip: low_threshold ({self.low_threshold}) must not exceed "
                              f"high_threshold ({self.high_threshold})")
@@ -59,6 +69,12 @@ class PolicyLossConfig:
         _check_choice("aggregation", self.aggregation, AGGREGATIONS)
         _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         _check_choice("advantage", self.advantage, ADVANTAGES)
+        for name in ("clip_low", "clip_high", "kl_coef", "entropy_coef", "log_ratio_clamp"):
+            check_number(f"PolicyLossConfig.{name}", getattr(self, name))
+        if self.dual_clip is not None:
+            check_number("PolicyLossConfig.dual_clip", self.dual_clip)
+        if self.max_length_norm is not None:
+            check_number("PolicyLossConfig.max_length_norm", self.max_length_norm, integer=True)
         for name in ("clip_low", "clip_high", "kl_coef", "entropy_coef"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"PolicyLossConfig.{name} must be >= 0, got {getattr(self, name)}")
@@ -97,7 +113,7 @@ class PolicyLossConfig:
 
 
 def _check_choice(name, value, choices):
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"unknown {name} {value!r}; choose one of {list(choices)}")
 
 
@@ -159,21 +175,21 @@ def masked_sequence_mean(values, valid):
 # The per-token loss and the aggregation weights
 
 
-def log_ratio(logp, old_logp, valid, config, segment_ids=None):
+def log_ratio(logp, inputs, config):
     """docs/api.md §3.2: the clamped log-ratio at token, sequence or segment level (0 off the mask)."""
-    c = config.log_ratio_clamp
-    r = torch.where(valid, (logp - old_logp).clamp(-c, c), torch.zeros_like(logp))
+    c, valid = config.log_ratio_clamp, inputs.valid
+    r = torch.where(valid, (logp - inputs.old_logp).clamp(-c, c), torch.zeros_like(logp))
     if config.ratio_level == "sequence":
         return masked_sequence_mean(r, valid)
     if config.ratio_level == "segment":
-        return group_mean(r, valid, segment_ids)
+        return group_mean(r, valid, inputs.segment_ids)
     return r
 
 
-def clip_bounds(config, valid, segment_ids=None, entropy=None):
+def clip_bounds(config, inputs, entropy=None):
     """docs/api.md §3.4: (lo, hi) as numbers, or per-token tensors when entropy-adaptive."""
     lo, hi = 1.0 - config.clip_low, 1.0 + config.clip_high
-    ea = config.entropy_adaptive
+    ea, valid, segment_ids = config.entropy_adaptive, inputs.valid, inputs.segment_ids
     if ea is None:
         return lo, hi
     groups = segment_ids if segment_ids is not None else sequence_groups(valid)
@@ -194,21 +210,42 @@ def kl_penalty(logp, ref_logp, estimator):
     return (torch.exp(d) - d - 1.0).clamp(max=10.0)
 
 
+class LossInputs(NamedTuple):
+    """The constants of the loss stage on the (S, T) grid, checked, detached and in the compute dtype
+    (fp32, or fp64 for the oracle): nothing of them carries gradient (docs/api.md §2)."""
+
+    valid: torch.Tensor  # bool (S, T): the positions that carry loss
+    old_logp: torch.Tensor
+    advantages: torch.Tensor  # (S, T), a per-sequence advantage broadcast over its tokens
+    segment_ids: torch.Tensor | None  # int64 (S, T), -1 off the mask
+    ref_logp: torch.Tensor | None
+    is_weights: torch.Tensor | None  # rollout IS weights, (S, T)
+
+    def sequences(self, a, b):
+        """The inputs of sequences a..b-1 (a chunk of whole sequences)."""
+        return LossInputs(*(None if x is None else x[a:b] for x in self))
+
+    def cells(self, index):
+        """The inputs at flat grid positions `index` (n,), as an (n, 1) grid: each token its own row, which
+        is exact for token-local losses (every input is per token)."""
+        return LossInputs(*(None if x is None else x.reshape(-1).index_select(0, index).unsqueeze(1) for x in self))
+
+
 class TokenLoss(NamedTuple):
-    loss: torch.Tensor  # l_t, (B, T)
+    loss: torch.Tensor  # l_t, (S, T)
     ratio: torch.Tensor  # rho_t, detached
     clipped: torch.Tensor  # bool: the clipped branch strictly larger
     dual_clipped: torch.Tensor  # bool: the dual clip applied
     kl: torch.Tensor | None  # detached, when ref_logp is given
 
 
-def per_token_loss(logp, old_logp, advantages, valid, config, segment_ids=None, entropy=None, ref_logp=None,
-                   rollout_is_weights=None):
+def per_token_loss(logp, inputs, config, entropy=None):
     """docs/api.md §3.4 per token: l_t = max(-A rho, -A clip(rho, lo, hi)), the dual clip, KL and entropy.
-    `rollout_is_weights` ((B, T), constant) multiplies the clipped policy-gradient term only, as TRL
-    1.16 multiplies by its `importance_sampling_ratio`: the KL and entropy terms are not weighted."""
-    rho = torch.exp(log_ratio(logp, old_logp, valid, config, segment_ids))
-    lo, hi = clip_bounds(config, valid, segment_ids, entropy)
+    The rollout IS weights multiply the clipped policy-gradient term only, as TRL 1.16 multiplies by its
+    `importance_sampling_ratio`: the KL and entropy terms are not weighted."""
+    advantages, valid = inputs.advantages, inputs.valid
+    rho = torch.exp(log_ratio(logp, inputs, config))
+    lo, hi = clip_bounds(config, inputs, entropy)
     unclipped = -advantages * rho
     clipped = -advantages * torch.clamp(rho, lo, hi)
     loss = torch.maximum(unclipped, clipped)
@@ -217,11 +254,11 @@ def per_token_loss(logp, old_logp, advantages, valid, config, segment_ids=None, 
         floor = -config.dual_clip * advantages
         dual_clipped = (advantages < 0) & (floor < loss)
         loss = torch.where(dual_clipped, floor, loss)
-    if rollout_is_weights is not None:
-        loss = loss * rollout_is_weights
+    if inputs.is_weights is not None:
+        loss = loss * inputs.is_weights
     kl = None
-    if ref_logp is not None:
-        kl = kl_penalty(logp, ref_logp, config.kl_estimator)
+    if inputs.ref_logp is not None:
+        kl = kl_penalty(logp, inputs.ref_logp, config.kl_estimator)
         if config.kl_coef:
             loss = loss + config.kl_coef * kl
         kl = kl.detach()
@@ -255,52 +292,40 @@ def _positive(denom):
     return torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
+def weighted_sum(weights, terms, valid):
+    """sum_t w_t l_t over the valid positions (a masked position's l_t may be anything, even NaN)."""
+    return torch.where(valid, weights * terms.loss, torch.zeros_like(terms.loss)).sum()
+
+
 # ----------------------------------------------------------------------------------------------------
-# The public loss
+# The loss on the grid
 
 
-def policy_loss(logp, old_logp, advantages, mask, config, *, segment_ids=None, entropy=None, ref_logp=None,
-                normalizer=None, rollout_is_weights=None, cu_seqlens=None):
-    """The clipped policy loss of docs/api.md §3 on per-token log-probs. Returns PolicyLossOutput.
-
-    `cu_seqlens` ((S + 1,) int32/int64 offsets) takes a packed batch: every per-token tensor is
-    (N,) or (1, N), advantages and rollout_is_weights may also be (S,); see sppo_fast.packing.
-
-    `rollout_is_weights`, optional, `(B, T)`, `(B, 1)` or `(B,)`, finite and >= 0, no gradient: the
-    rollout engine's importance-sampling correction (TRL's `importance_sampling_ratio`, Liger's
-    `vllm_is_ratio`, verl's `rollout_is_weights`). It multiplies each token's clipped policy-gradient
-    term (after the dual clip), not the KL or entropy terms, exactly where TRL 1.16 applies it; the
-    aggregation weights and the metrics are unchanged."""
-    if cu_seqlens is not None:
-        from .packing import packed_policy_loss  # packing builds on this module
-
-        return packed_policy_loss(logp, old_logp, advantages, mask, config, cu_seqlens=cu_seqlens,
-                                  segment_ids=segment_ids, entropy=entropy, ref_logp=ref_logp,
-                                  normalizer=normalizer, rollout_is_weights=rollout_is_weights)
-    valid, advantages = check_loss_inputs(logp, old_logp, advantages, mask, config, segment_ids=segment_ids,
-                                          entropy=entropy, ref_logp=ref_logp, normalizer=normalizer,
-                                          rollout_is_weights=rollout_is_weights)
-    return aggregate(logp, old_logp, advantages, valid, config, segment_ids=segment_ids, entropy=entropy,
-                     ref_logp=ref_logp, normalizer=normalizer, rollout_is_weights=rollout_is_weights)
-
-
-def aggregate(logp, old_logp, advantages, valid, config, *, segment_ids=None, entropy=None, ref_logp=None,
-              normalizer=None, rollout_is_weights=None):
-    """policy_loss after its checks: `valid` is the boolean mask, `advantages` already (B, T) fp32."""
-    dtype = torch.promote_types(logp.dtype, torch.float32)  # fp64 in, fp64 throughout: the oracle
-    old_logp, advantages = old_logp.to(dtype), advantages.to(dtype)
-    ref_logp = None if ref_logp is None else ref_logp.to(dtype)
-    is_weights = expand_rollout_is_weights(rollout_is_weights, logp.shape, dtype)
-    terms = per_token_loss(logp, old_logp, advantages, valid, config, segment_ids, entropy, ref_logp, is_weights)
-    weights = token_weights(valid, config, normalizer, dtype=terms.loss.dtype)
-    loss = torch.where(valid, weights * terms.loss, torch.zeros_like(terms.loss)).sum()
-    metrics = loss_metrics(terms, logp, old_logp, entropy, valid)
+def aggregate(logp, inputs, config, *, entropy=None, normalizer=None):
+    """The policy loss of per-token (S, T) log-probs after the checks. Returns PolicyLossOutput."""
+    terms = per_token_loss(logp, inputs, config, entropy)
+    weights = token_weights(inputs.valid, config, normalizer, dtype=terms.loss.dtype)
+    loss = weighted_sum(weights, terms, inputs.valid)
+    metrics = loss_metrics(terms, logp, inputs, entropy)
     entropy = torch.zeros_like(logp) if entropy is None else entropy
+    dtype = inputs.old_logp.dtype
     return PolicyLossOutput(loss, logp.detach().to(dtype), entropy.detach().to(dtype), metrics)
 
 
-def loss_metrics(terms, logp, old_logp, entropy, valid):
+def policy_loss_on_grid(logp, old_logp, advantages, mask, config, *, segment_ids=None, entropy=None, ref_logp=None,
+                        normalizer=None, rollout_is_weights=None):
+    """sppo_fast.policy_loss for a padded (B, T) batch: the checks, then `aggregate`."""
+    checks = ValueChecks()
+    inputs = check_loss_inputs(checks, logp, old_logp, advantages, mask, config, segment_ids=segment_ids,
+                               entropy=entropy, ref_logp=ref_logp, normalizer=normalizer,
+                               rollout_is_weights=rollout_is_weights)
+    checks.run()
+    return aggregate(logp, inputs, config, entropy=entropy, normalizer=normalizer)
+
+
+def loss_metrics(terms, logp, inputs, entropy):
     """docs/api.md §3.6: masked token means over the local batch, detached."""
+    valid = inputs.valid
     with torch.no_grad():
         n = valid.sum().clamp(min=1).to(torch.float32)
         zero = torch.zeros_like(terms.ratio)
@@ -313,7 +338,7 @@ def loss_metrics(terms, logp, old_logp, entropy, valid):
             "dual_clipfrac": mean(terms.dual_clipped),
             "ratio_mean": mean(terms.ratio),
             "ratio_max": torch.where(valid, terms.ratio, zero).amax() if valid.numel() else zero.sum(),
-            "approx_kl": mean(old_logp - logp.detach()),
+            "approx_kl": mean(inputs.old_logp - logp.detach()),
         }
         if entropy is not None:
             metrics["entropy"] = mean(entropy.detach())
@@ -322,21 +347,13 @@ def loss_metrics(terms, logp, old_logp, entropy, valid):
     return metrics
 
 
-def expand_rollout_is_weights(weights, shape, dtype):
-    """(B,), (B, 1) or (B, T) rollout IS weights as a detached (B, T) tensor of `dtype` (None stays None)."""
-    if weights is None:
-        return None
-    weights = weights.detach().to(dtype)
-    if weights.dim() == 1:
-        weights = weights.unsqueeze(1)
-    return weights.expand(shape)
+# ----------------------------------------------------------------------------------------------------
+# Checks (docs/api.md §6)
 
 
-def check_rollout_is_weights(weights, shape, device, logp_name="logp"):
-    """rollout_is_weights: a float tensor of shape (B,), (B, 1) or (B, T) on the loss's device, finite
-    and >= 0 (a negative or NaN weight would flip or poison the gradient without any error)."""
-    if weights is None:
-        return
+def _check_rollout_is_weights(checks, weights, shape, device, logp_name):
+    """(B,), (B, 1) or (B, T), finite and >= 0 (a negative or NaN weight would flip or poison the
+    gradient without any error)."""
     check_float("rollout_is_weights", weights)
     B = shape[0]
     if tuple(weights.shape) not in ((B,), (B, 1), tuple(shape)):
@@ -345,16 +362,44 @@ def check_rollout_is_weights(weights, shape, device, logp_name="logp"):
     if weights.device != device:
         raise ValueError(f"rollout_is_weights is on {weights.device} but {logp_name} is on {device}; "
                          "move it with .to(device)")
-    if torch.compiler.is_compiling() or weights.numel() == 0:
-        return  # the value check reads the tensor (a device sync)
-    bad = ~torch.isfinite(weights) | (weights < 0)
-    if bool(bad.any()):
-        raise ValueError(f"rollout_is_weights must be finite and >= 0, found {float(weights[bad][0])}")
+    if weights.numel():
+        bad = ~torch.isfinite(weights) | (weights < 0)
+        checks.add(bad.any(), lambda: ValueError(
+            f"rollout_is_weights must be finite and >= 0, found {float(weights[bad][0])}"))
 
 
-def check_loss_inputs(logp, old_logp, advantages, mask, config, *, segment_ids=None, entropy=None,
-                      ref_logp=None, normalizer=None, logp_name="logp", rollout_is_weights=None):
-    """Checks of docs/api.md §6 for the (B, T) stage. Returns (valid: bool (B, T), advantages: fp32 (B, T))."""
+def _check_segment_ids(checks, segment_ids, valid, shape, logp_name):
+    """Integers in [0, T) on the mask: segment t of a sequence is group t of its row."""
+    check_shape("segment_ids", check_integer("segment_ids", segment_ids), shape, f"the shape of {logp_name}")
+    T = shape[1]
+    bad = valid & ((segment_ids < 0) | (segment_ids >= T))
+    if bad.numel():
+        checks.add(bad.any(), lambda: ValueError(
+            f"segment_ids must lie in [0, {T}) where mask is 1 (a sequence of T = {T} positions has at most T "
+            f"segments; build them with sppo_fast.segment_ids), found {int(segment_ids[bad][0])}"))
+
+
+def _check_normalizer(checks, normalizer):
+    if normalizer is None:
+        return
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.dim() != 0 or normalizer.dtype.is_complex or normalizer.dtype == torch.bool:
+            raise ValueError(f"normalizer must be a positive number or a 0-dim tensor, got a tensor of shape "
+                             f"{tuple(normalizer.shape)}")
+        checks.add(~(normalizer > 0), lambda: ValueError(
+            f"normalizer must be > 0 (a global token or sequence count), got {float(normalizer)}"))
+        return
+    value = check_number("normalizer", normalizer)
+    if not value > 0:
+        raise ValueError(f"normalizer must be > 0 (a global token or sequence count), got {value}")
+
+
+def check_loss_inputs(checks, logp, old_logp, advantages, mask, config, *, segment_ids=None, entropy=None,
+                      ref_logp=None, normalizer=None, rollout_is_weights=None, logp_name="logp",
+                      computes_entropy=False):
+    """The checks of docs/api.md §6 for the loss stage on a (B, T) grid; value checks go into `checks`.
+    `logp` may be an empty stand-in of the right shape (the fused ops, which compute logp and, with
+    `computes_entropy`, the entropy). Returns the LossInputs."""
     if not isinstance(config, PolicyLossConfig):
         raise TypeError(f"config must be a PolicyLossConfig (e.g. PolicyLossConfig.preset('sppo')), "
                         f"got {type(config).__name__}")
@@ -375,24 +420,30 @@ def check_loss_inputs(logp, old_logp, advantages, mask, config, *, segment_ids=N
     for name, x in (("entropy", entropy), ("ref_logp", ref_logp)):
         if x is not None:
             check_shape(name, check_float(name, x), shape, f"the shape of {logp_name}")
-    if segment_ids is not None:
-        check_shape("segment_ids", check_integer("segment_ids", segment_ids), shape, f"the shape of {logp_name}")
     check_same_device(**{logp_name: logp}, old_logp=old_logp, mask=mask, advantages=advantages,
                       entropy=entropy, ref_logp=ref_logp, segment_ids=segment_ids)
-    check_rollout_is_weights(rollout_is_weights, shape, logp.device, logp_name)
     if config.needs_segments and segment_ids is None:
         raise ValueError("segment_ids is required for ratio_level='segment' (SSPO); build it with "
                          "sppo_fast.segment_ids(tokens, sppo_fast.newline_token_ids(tokenizer), mask=mask)")
-    if (config.entropy_adaptive is not None or config.entropy_coef) and entropy is None:
+    if (config.entropy_adaptive is not None or config.entropy_coef) and entropy is None and not computes_entropy:
         raise ValueError("entropy is required when entropy_adaptive or entropy_coef is set; pass "
                          "entropy= (token_logprobs(..., return_entropy=True)) or use the fused loss")
     if config.kl_coef and ref_logp is None:
         raise ValueError(f"ref_logp is required when kl_coef={config.kl_coef} is non-zero")
-    if normalizer is not None and not torch.compiler.is_compiling():
-        value = float(normalizer)
-        if not value > 0:
-            raise ValueError(f"normalizer must be > 0 (a global token or sequence count), got {value}")
-    valid = mask.bool() if mask.dtype != torch.bool else mask
-    if advantages.dim() == 1:
-        advantages = advantages.unsqueeze(1).expand(shape)
-    return valid, advantages.detach().to(torch.promote_types(logp.dtype, torch.float32))
+    valid = (mask.bool() if mask.dtype != torch.bool else mask).detach()
+    if segment_ids is not None:
+        _check_segment_ids(checks, segment_ids, valid, shape, logp_name)
+    if rollout_is_weights is not None:
+        _check_rollout_is_weights(checks, rollout_is_weights, shape, logp.device, logp_name)
+    _check_normalizer(checks, normalizer)
+    dtype = torch.promote_types(logp.dtype, torch.float32)  # fp64 in, fp64 throughout: the oracle
+
+    def constant(x):
+        if x is None:
+            return None
+        x = x.detach().to(dtype)
+        return x.unsqueeze(1).expand(shape) if x.dim() == 1 else x.expand(shape)
+
+    return LossInputs(valid, constant(old_logp), constant(advantages),
+                      None if segment_ids is None else segment_ids.detach().to(torch.long), constant(ref_logp),
+                      constant(rollout_is_weights))

@@ -5,7 +5,7 @@ PyTorch on (B, T) tensors and shared by every backend, so the references here co
 
 import torch
 
-from .losses import policy_loss
+from .losses import policy_loss_on_grid
 
 
 def _compute_dtype(dtype):
@@ -72,8 +72,8 @@ def fused_policy_loss(logits, targets, old_logp, advantages, mask, config, *, se
                       ref_logp=None, temperature=1.0, normalizer=None, rollout_is_weights=None):
     """Eager `sppo_fast.fused_policy_loss`: token_logprobs, then the shared loss stage."""
     logp, entropy = token_logprobs(logits, targets, temperature=temperature, return_entropy=True)
-    return policy_loss(logp, old_logp, advantages, mask, config, segment_ids=segment_ids,
-                       entropy=entropy, ref_logp=ref_logp, normalizer=normalizer,
+    return policy_loss_on_grid(logp, old_logp, advantages, mask, config, segment_ids=segment_ids,
+                               entropy=entropy, ref_logp=ref_logp, normalizer=normalizer,
                        rollout_is_weights=rollout_is_weights)
 
 

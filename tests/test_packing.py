@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 
 import sppo_fast as sf
+from sppo_fast.layout import cu_seqlens_from_position_ids
 from sppo_fast.losses import AGGREGATIONS, PRESETS
-from sppo_fast.packing import cu_seqlens_from_position_ids
 
 V, H, BOUNDARY = 11, 8, 0  # token 0 closes an SSPO segment
 
@@ -231,20 +231,18 @@ def test_fused_linear_policy_loss_packed_equals_padded(lengths, preset, aggregat
         torch.testing.assert_close(mine, other, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("preset, layout", [("grpo", "tokens"), ("dapo", "tokens"), ("gspo", None),
-                                            ("sspo", None)])
-def test_packed_long_sequences_take_the_shared_layout(monkeypatch, preset, layout):
-    """Sequences longer than a chunk: token-local losses keep the one pass on packed rows (chunks cut
-    through sequences), as padded batches do; sequence and segment statistics fall back to two passes
-    over the valid rows. Values and gradients equal the padded batch's and an fp64 policy_loss's."""
-    import sppo_fast.fused_linear as fl
-    import sppo_fast.ops as ops
+@pytest.mark.parametrize("preset, mode", [("grpo", "tokens"), ("dapo", "tokens"), ("gspo", "two_pass"),
+                                          ("sspo", "two_pass")])
+def test_packed_long_sequences_take_the_shared_plan(monkeypatch, preset, mode):
+    """Sequences with more valid tokens than a chunk: token-local losses keep the one pass on packed rows
+    (chunks of valid tokens cut through sequences), as padded batches do; sequence and segment statistics
+    take two passes over the valid rows. The plan holds the valid rows only, and values and gradients
+    equal the padded batch's and an fp64 policy_loss's."""
+    import sppo_fast.api as api
 
-    taken = []
-    for name in ("token_chunked_policy_loss", "sequence_chunked_policy_loss", "_linear_logprobs_of_valid_rows"):
-        module = ops if name.startswith("_") else fl
-        real = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: taken.append(_name) or _real(*a, **k))
+    plans = []
+    real = api.plan_linear_loss
+    monkeypatch.setattr(api, "plan_linear_loss", lambda *a, **k: plans.append(real(*a, **k)) or plans[-1])
     lengths = [7, 0, 5, 1, 6]
     padded, packed, cu, present = make_case(lengths, seed=3)
     config = sf.PolicyLossConfig.preset(preset, kl_coef=0.05)
@@ -257,8 +255,10 @@ def test_packed_long_sequences_take_the_shared_layout(monkeypatch, preset, layou
         return out, torch.autograd.grad(out.loss, [hidden, weight])
 
     ours, (grad_hidden, grad_weight) = run(packed, cu_seqlens=cu)
-    expected = {"tokens": "token_chunked_policy_loss", None: "_linear_logprobs_of_valid_rows"}[layout]
-    assert taken == [expected]
+    assert [p.mode for p in plans] == [mode]
+    valid_rows = packed["mask"].reshape(-1).bool().nonzero().squeeze(1)
+    assert torch.equal(plans[0].rows, valid_rows)
+    assert all(len(c.rows) <= 3 for c in plans[0].chunks)
     theirs, (grad_hidden_pad, grad_weight_pad) = run(padded)
     assert_outputs_match(ours, theirs, present, atol=1e-5, valid=packed["mask"].bool())
     torch.testing.assert_close(grad_hidden, grad_hidden_pad[present], rtol=1e-5, atol=1e-6)

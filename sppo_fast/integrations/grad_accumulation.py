@@ -15,10 +15,11 @@ callers with DDP or DeepSpeed must not ask for it (their reducers hook the accum
 import torch
 import torch.nn.functional as F
 
-from .. import dispatch
-from .._checks import check_targets_range
-from ..buffers import logits_buffer, logits_into
-from ..ops import default_chunk_size, linear_logprobs, linear_logprobs_forward
+from .._checks import ValueChecks, check_linear
+from ..api import linear_logprobs
+from ..chunks import LinearGrads
+from ..ops import coefficients, linear_backward_into, linear_logprobs_forward
+from ..plan import default_chunk_size
 
 
 def accumulation_is_safe(weight):
@@ -45,15 +46,15 @@ def head_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, chunk_
     if not accumulation_is_safe(weight):
         raise ValueError("accumulate_into_grad=True needs the weight to be a plain fp32 nn.Parameter that "
                          "requires grad and has no gradient hooks (check with accumulation_is_safe)")
-    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+    checks = ValueChecks()
+    temperature = check_linear(checks, hidden, weight, bias, targets, temperature, -100, chunk_size)
+    if hidden.dim() != 2:
         raise ValueError(f"hidden must be (N, H) and targets (N,), got {tuple(hidden.shape)} and "
                          f"{tuple(targets.shape)}")
-    # linear_logprobs checks dtypes, shapes, devices and the target range; run it on no rows first
-    linear_logprobs(hidden[:0], weight, targets[:0], bias=bias, temperature=temperature)
-    check_targets_range(targets, weight.shape[0], -100)
-    chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0])
+    checks.run()
+    chunk = chunk_size or default_chunk_size(weight.shape[0])
     return _HeadLogprobsIntoGrad.apply(hidden.contiguous(), weight, bias, targets.to(torch.long).contiguous(),
-                                       float(temperature), int(chunk))
+                                       temperature, int(chunk))
 
 
 def _grad_buffer(param):
@@ -80,26 +81,11 @@ class _HeadLogprobsIntoGrad(torch.autograd.Function):
         hidden, targets, lse, entropy = ctx.saved_tensors
         weight, bias = ctx.head
         temperature, chunk = ctx.options
-        n = hidden.shape[0]
-        grad_logp = (torch.zeros(n, dtype=torch.float32, device=hidden.device) if grad_logp is None
-                     else grad_logp.to(torch.float32).contiguous())
-        grad_entropy = None if grad_entropy is None else grad_entropy.to(torch.float32).contiguous()
-        backend = dispatch.backend_for(hidden.device)
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight, grad_bias = _grad_buffer(weight), _grad_buffer(bias)
-        buffer = logits_buffer(hidden, weight, min(chunk, n)) if n else None
-        for a in range(0, n, chunk):
-            b = min(a + chunk, n)
-            logits = logits_into(buffer, hidden[a:b], weight, bias)
-            g_ent = None if grad_entropy is None else grad_entropy[a:b]
-            grad = backend.token_logprobs_backward(logits, targets[a:b], lse[a:b], entropy[a:b], grad_logp[a:b],
-                                                   g_ent, temperature, -100, True)  # in place, in the buffer
-            torch.mm(grad, weight, out=grad_hidden[a:b])
-            if grad_weight is not None:
-                grad_weight.addmm_(grad.T, hidden[a:b])
-            if grad_bias is not None:
-                grad_bias += grad.sum(0)
-        return grad_hidden, None, None, None, None, None
+        grad_logp, grad_entropy = coefficients(grad_logp, grad_entropy, lse)
+        grads = LinearGrads(hidden, weight, bias, into=(_grad_buffer(weight), _grad_buffer(bias)))
+        linear_backward_into(grads, hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy,
+                             temperature, -100, chunk)
+        return grads.hidden, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from .._checks import check_integer, check_temperature, check_tensor
+from ..api import fused_linear_policy_loss, linear_logprobs
+from ..layout import check_cu_seqlens, cu_seqlens_from_position_ids
 from ..losses import PolicyLossConfig
-from ..ops import fused_linear_policy_loss, linear_logprobs
-from ..packing import check_cu_seqlens, cu_seqlens_from_position_ids
 
 PROBE_TOKENS = 16
 _VERIFIED = weakref.WeakKeyDictionary()  # causal LM -> the logit scale its probe confirmed

@@ -29,8 +29,8 @@ import contextvars
 import torch
 
 from ..advantages import sequence_advantage
-from ..losses import EntropyAdaptiveClip, PolicyLossConfig, policy_loss
-from ..ops import linear_logprobs
+from ..api import linear_logprobs, policy_loss
+from ..losses import EntropyAdaptiveClip, PolicyLossConfig
 
 SPPO_ADVANTAGE = "sppo_fast_sppo"
 SPPO_LOSS = "sppo_fast_sppo"

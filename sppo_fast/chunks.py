@@ -1,0 +1,81 @@
+"""The one chunk loop of the linear path: hidden rows x lm_head a chunk at a time, every chunk's logits
+in one shared buffer, and the gradients of hidden, weight and bias accumulated chunk by chunk. Every
+linear caller (linear_logprobs' forward and backward, the one-pass loss, the gradient accumulation
+into `.grad` of the integrations) runs its chunks through `chunk_logits`.
+
+One buffer serves every chunk because on a CPU a fresh tensor of tens of MiB comes from mmap and pays a
+page fault per 4 KiB at its first write (about 12 ms per 57 MiB on the 2-core AMD EPYC VM, as much as
+the softmax kernels spend on it); reusing one pays that once. (Backing it with huge pages through
+madvise was tried: no faster in the median, much slower when the kernel had to compact memory.) On GPU
+the caching allocator reuses memory anyway."""
+
+import torch
+
+
+def row_slices(n_rows, chunk_size):
+    """Chunks of `chunk_size` consecutive rows covering 0..n_rows-1."""
+    return [slice(a, min(a + chunk_size, n_rows)) for a in range(0, n_rows, chunk_size)]
+
+
+def _length(rows):
+    return rows.stop - rows.start if isinstance(rows, slice) else rows.shape[0]
+
+
+def logits_into(buffer, h, weight, bias):
+    """h @ weight.T (+ bias) written into the first len(h) rows of `buffer`, which it returns."""
+    out = buffer[:h.shape[0]]
+    if bias is None:
+        return torch.mm(h, weight.T, out=out)
+    return torch.addmm(bias, h, weight.T, out=out)
+
+
+def chunk_logits(hidden, weight, bias, chunks):
+    """For each chunk of rows (a slice or an index tensor into hidden's rows), yields (rows, h, logits):
+    the chunk's hidden rows (n, H) and their logits (n, V), which the next chunk overwrites."""
+    if not chunks:
+        return
+    buffer = torch.empty((max(_length(r) for r in chunks), weight.shape[0]), dtype=hidden.dtype,
+                         device=hidden.device)
+    for rows in chunks:
+        h = hidden[rows] if isinstance(rows, slice) else hidden.index_select(0, rows)
+        yield rows, h, logits_into(buffer, h, weight, bias)
+
+
+class LinearGrads:
+    """The gradients of hidden, weight and bias of `logits = hidden @ weight.T + bias`, accumulated chunk
+    by chunk. By default weight and bias accumulate in fp32 buffers of their own; the weight's is never
+    zeroed, the first chunk's matmul writes it (beta=0), which saves a pass over V x H. With `into`
+    ((weight_grad, bias_grad), either None to skip it) they are added into those tensors instead (the
+    parameters' `.grad`, see integrations.grad_accumulation). Rows no chunk visits get a zero gradient."""
+
+    def __init__(self, hidden, weight, bias, into=None):
+        self.lm_head = weight
+        self.hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        self.into = into is not None
+        if self.into:
+            self.weight, self.bias = into
+        else:
+            self.weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+            self.bias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        self.chunks = 0
+
+    def add_chunk(self, grad_logits, h, rows):
+        """grad_logits (n, V) of the chunk whose hidden rows are `rows` (a slice or index tensor), h (n, H)."""
+        if isinstance(rows, slice):
+            torch.mm(grad_logits, self.lm_head, out=self.hidden[rows])
+        else:
+            self.hidden.index_copy_(0, rows, grad_logits @ self.lm_head)
+        if self.weight is not None:
+            beta = 1 if self.chunks or self.into else 0
+            self.weight.addmm_(grad_logits.T.to(self.weight.dtype), h.to(self.weight.dtype), beta=beta)
+        if self.bias is not None:
+            self.bias += grad_logits.sum(0, dtype=torch.float32).to(self.bias.dtype)
+        self.chunks += 1
+
+    def result(self):
+        """(grad_hidden, grad_weight, grad_bias or None), weight and bias in the weight's dtype."""
+        if not self.chunks and not self.into:
+            self.weight.zero_()
+        dtype = self.lm_head.dtype
+        return (self.hidden, None if self.weight is None else self.weight.to(dtype),
+                None if self.bias is None else self.bias.to(dtype))

@@ -1,0 +1,88 @@
+"""The chunk plan of the linear path, made once per call: which rows carry loss (valid rows only), how
+they group into chunks, and whether the loss and every gradient are computed in the pass that makes
+each chunk's logits (one pass: three matmuls) or after a first pass over all chunks (two passes: four).
+
+- "sequences": chunks of whole sequences, so sequence and segment statistics never leave a chunk;
+  sequences are grouped greedily by their valid tokens, up to `chunk_size` rows per chunk.
+- "tokens": a sequence has more valid tokens than a chunk holds, but each token's loss depends on that
+  token alone (token ratios, no entropy-adaptive clip): chunks of valid tokens cut through sequences,
+  and the loss stage sees each token as a sequence of one, with weights from the whole mask.
+- "two_pass": sequence or segment statistics over sequences longer than a chunk, fp64 (the eager oracle)
+  and traced calls (a data-dependent row count would break the graph: every row, masked ones zeroed).
+Padded and packed batches plan alike: the plan sees rows and grid cells only (sppo_fast.layout)."""
+
+from typing import NamedTuple
+
+import torch
+
+SEQUENCES, TOKENS, TWO_PASS = "sequences", "tokens", "two_pass"
+
+
+def default_chunk_size(vocab):
+    """Rows per chunk: about 2**24 logits (64 MiB in fp32), at least 256 rows. Each chunk also reads and
+    writes the whole (V, H) weight gradient; at V = 151936, H = 512 that update dominated 128-row chunks
+    (one step of 1024 tokens: 7.3 s of CPU at 128 rows, 6.4 s at 256, 2-core AMD EPYC)."""
+    return max(256, (1 << 24) // max(vocab, 1))
+
+
+class Chunk(NamedTuple):
+    rows: torch.Tensor  # (n,) the hidden rows of the chunk
+    seqs: tuple  # (a, b): the rows a..b-1 of the loss grid that the chunk's loss stage sees
+    cells: torch.Tensor | None  # (n,) where each row lands in that (b - a, T) sub-grid; None: in order
+
+
+class ChunkPlan(NamedTuple):
+    mode: str
+    chunk_size: int
+    rows: torch.Tensor | None  # (n,) the valid rows, increasing; None: every row (traced calls)
+    cells: torch.Tensor | None  # (n,) their cells of the (S, T) grid
+    chunks: list  # [Chunk]; one-pass modes only
+
+    def loss_grid(self, inputs, weights):
+        """The grid the chunks' loss stage runs on: the batch's own (S, T), or one row per valid token."""
+        if self.mode == TOKENS:
+            return inputs.cells(self.cells), weights.reshape(-1).index_select(0, self.cells).unsqueeze(1)
+        return inputs, weights
+
+    def output_grid(self, x, shape):
+        """A loss-grid tensor back on the (S, T) grid (0 where no valid token is)."""
+        if self.mode != TOKENS:
+            return x
+        return x.new_zeros(shape[0] * shape[1]).index_copy(0, self.cells, x.reshape(-1)).view(shape)
+
+
+def plan_linear_loss(layout, valid, *, token_local, dtype, vocab, chunk_size=None):
+    """The plan for a loss over `valid` ((S, T) bool) positions of a batch laid out as `layout`."""
+    size = chunk_size or default_chunk_size(vocab)
+    if torch.compiler.is_compiling():
+        return ChunkPlan(TWO_PASS, size, None, None, [])
+    rows = layout.to_rows(valid).reshape(-1).nonzero().squeeze(1)
+    cells = rows if not layout.packed else layout.cell_of_row.index_select(0, rows)
+    counts = valid.sum(1).tolist()
+    if dtype == torch.float64:
+        return ChunkPlan(TWO_PASS, size, rows, cells, [])
+    if max(counts, default=0) <= size:
+        return ChunkPlan(SEQUENCES, size, rows, cells, _sequence_chunks(rows, cells, counts, size, valid.shape[1]))
+    if token_local:
+        chunks = [Chunk(rows[a:a + size], (a, min(a + size, len(rows))), None) for a in range(0, len(rows), size)]
+        return ChunkPlan(TOKENS, size, rows, cells, chunks)
+    return ChunkPlan(TWO_PASS, size, rows, cells, [])
+
+
+def _sequence_chunks(rows, cells, counts, size, width):
+    """Whole sequences, greedily grouped while their valid tokens fit in `size` rows."""
+    chunks, first_seq, first_row, filled = [], 0, 0, 0
+
+    def close(end_seq):
+        end_row = first_row + filled
+        local = cells[first_row:end_row] - first_seq * width
+        chunks.append(Chunk(rows[first_row:end_row], (first_seq, end_seq), local))
+
+    for s, count in enumerate(counts):
+        if filled + count > size:
+            close(s)
+            first_seq, first_row, filled = s, first_row + filled, 0
+        filled += count
+    if filled:
+        close(len(counts))
+    return chunks
