@@ -162,11 +162,24 @@ def _read_state(path: str) -> dict:
     return state
 
 
-def verify_checkpoint(path: str, names: list[str]):
-    """Read every file of the checkpoint in `path` (UserError naming a missing or damaged one), before a
-    resumed run does anything."""
-    for name in names:
-        _read_weights(os.path.join(path, f"{name}.safetensors"))
+def verify_checkpoint(path: str, modules: dict):
+    """Read every file of the checkpoint in `path` and check that its weights fit `modules` (name -> module
+    or None), before a resumed run writes or trains anything: UserError naming the missing, damaged or
+    mismatching file."""
+    for name, module in modules.items():
+        if module is None:
+            continue
+        file = os.path.join(path, f"{name}.safetensors")
+        saved = _read_weights(file)
+        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in saved.items()}
+        if expected != got:
+            diff = sorted(set(expected) ^ set(got))
+            detail = (f"tensors {', '.join(diff[:3])} are not in both" if diff else
+                      "; ".join(f"{k}: {got[k]} saved, {expected[k]} now" for k in expected if expected[k] != got[k]
+                                )[:300])
+            raise UserError(f"resume: {file} does not fit the model of this configuration (were model fields "
+                            f"changed?): {detail}")
     _read_state(os.path.join(path, "state.pt"))
 
 

@@ -42,6 +42,7 @@ from sppo_fast.trainer.distributed import (
     use_fsdp2,
     wrap_for_training,
 )
+from sppo_fast.trainer.loss_impls import check_loss_impl, policy_loss_from_hidden
 from sppo_fast.trainer.models import (
     PolicyHidden,
     build_critic,
@@ -52,7 +53,6 @@ from sppo_fast.trainer.models import (
     lm_head_of,
     load_tokenizer,
 )
-from sppo_fast.trainer.loss_impls import check_loss_impl, policy_loss_from_hidden
 from sppo_fast.trainer.rollout import Rollout, check_positions, encode_prompts, generate
 from sppo_fast.trainer.signals import RunInterrupted, StopRequest
 
@@ -592,9 +592,9 @@ def _train(cfg, d, device, resume, overwrite, start_wall, stop, log):
     if resume and ckpt is None and os.path.isdir(os.path.join(out, "checkpoint")):
         raise UserError(f"resume: {os.path.join(out, 'checkpoint', 'state.pt')} is missing: the checkpoint is "
                         "damaged (start again with --overwrite)")
-    if ckpt is not None:
-        verify_checkpoint(ckpt, ["policy"] + (["critic"] if cfg.algo in ("sppo", "ppo") else []))
     tr = Trainer(cfg, d, device, log)
+    if ckpt is not None:
+        verify_checkpoint(ckpt, {"policy": tr.lm, "critic": tr.critic})
     if d.is_main:
         _make_run_dir(out)
         if overwrite and found:

@@ -99,9 +99,9 @@ def check_model_dir(path: str):
     if not names & set(WEIGHT_FILES) and not any(n.endswith(".safetensors") for n in names):
         missing.append("weights")
     if not names & set(TOKENIZER_FILES):
-        missing.append("a tokenizer")
+        missing.append("tokenizer files")
     if missing:
-        raise UserError(f"model: {path} is not a model directory: no {', no '.join(missing)}; it needs "
+        raise UserError(f"model: {path} is not a model directory: it lacks {', '.join(missing)}; it needs "
                         f"{MODEL_DIR_NEEDS}")
 
 
