@@ -1,5 +1,6 @@
 """One real TRL 1.16 GRPO training step at vocabulary 151936: TRL's default loss path against sppo-fast's
-(`sppo_fast.integrations.trl.SppoFastGRPOTrainer`) and, by hand, Liger-Kernel's LigerFusedLinearGRPOLoss.
+(`sppo_fast.integrations.trl.SppoFastGRPOTrainer`) and, by hand, Liger-Kernel's LigerFusedLinearGRPOLoss
+and PyTorch 2.13's chunked F.linear_cross_entropy.
 
     python bench/bench_trl_step.py                 # 2048 and 4096 completion tokens, every path
     python bench/bench_trl_step.py --tokens 2048 --impls trl sppo_fast
@@ -12,11 +13,15 @@ step of a run), runs one untimed step (plus `warmup`), then measures `reps` more
 `_prepare_inputs` from its buffer, `compute_loss`, `accelerator.backward`: forward and backward
 through the model and the loss). Reported: the median step time, and the largest peak resident memory
 of a step above the resident set at its start (glibc told to return freed memory at once, the kernel's
-high-water mark reset before the step: sppo_fast/bench_cli.py explains the method).
+high-water mark reset before the step: sppo_fast/bench/harness.py explains the method).
 
 The liger path replaces `_compute_loss` by about twenty lines around LigerFusedLinearGRPOLoss (its
 own chunked lm_head), which is what a TRL 1.16 user would have to write: it keeps none of TRL's
-metrics or extras, so it is a memory and time reference only."""
+metrics or extras, so it is a memory and time reference only. The torch_lce path is the same by hand
+around PyTorch 2.13's `F.linear_cross_entropy(reduction="none")` with its default
+`LinearCrossEntropyOptions()` (per-token log-probs: sppo_fast.trainer.loss_impls.torch_lce_logprobs),
+then the DAPO loss stage of `sppo_fast.policy_loss` with TRL's clip bounds: no entropy, no metrics,
+a memory and time reference only as well."""
 
 import argparse
 import json
@@ -27,11 +32,11 @@ import sys
 import tempfile
 import time
 
-from sppo_fast.bench_cli import _faithful_rss as faithful_rss
-from sppo_fast.bench_cli import peak_extra_mib
+from sppo_fast.bench.harness import _faithful_rss as faithful_rss
+from sppo_fast.bench.harness import peak_extra_mib
 
 HIDDEN, VOCAB, LAYERS, PROMPT = 512, 151936, 2, 64
-IMPLS = ("trl", "sppo_fast", "liger")
+IMPLS = ("trl", "sppo_fast", "liger", "torch_lce")
 
 
 def build_trainer(impl, tokens):
@@ -58,6 +63,8 @@ def build_trainer(impl, tokens):
                   train_dataset=Dataset.from_dict({"prompt": ["1+1="] * 4}), processing_class=tokenizer)
     if impl == "liger":
         trainer._compute_loss = liger_compute_loss(trainer)
+    if impl == "torch_lce":
+        trainer._compute_loss = torch_lce_compute_loss(trainer)
     if args.gradient_checkpointing:  # Trainer.train() would turn it on
         trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
     return trainer
@@ -84,6 +91,33 @@ def liger_compute_loss(trainer):
         loss, _ = loss_fn(hidden, head.weight, inputs["completion_ids"], inputs["completion_mask"],
                           inputs["advantages"], bias=head.bias, old_per_token_logps=inputs["old_per_token_logps"])
         return loss
+
+    return compute_loss
+
+
+def torch_lce_compute_loss(trainer):
+    """GRPOTrainer._compute_loss by hand around PyTorch 2.13's chunked F.linear_cross_entropy (per-token
+    log-probs, default options), then the DAPO loss (token-mean, TRL's clip bounds, no KL, no entropy)."""
+    import sppo_fast
+    from sppo_fast.integrations.trl import add_hidden_state_forward
+    from sppo_fast.trainer.loss_impls import torch_lce_logprobs
+
+    add_hidden_state_forward(trainer.model)
+    config = sppo_fast.PolicyLossConfig(clip_low=trainer.epsilon_low, clip_high=trainer.epsilon_high,
+                                        aggregation="token-mean")
+
+    def compute_loss(model, inputs):
+        import torch
+
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+        mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+        k = inputs["completion_ids"].shape[1]
+        hidden = model(input_ids=ids, attention_mask=mask, sppo_fast_hidden=True)[:, -k - 1:-1]
+        head = trainer.model.lm_head
+        logp = torch_lce_logprobs(hidden, head.weight, inputs["completion_ids"], head.bias,
+                                  temperature=trainer.temperature)
+        return sppo_fast.policy_loss(logp, inputs["old_per_token_logps"], inputs["advantages"],
+                                     inputs["completion_mask"].float(), config).loss
 
     return compute_loss
 
@@ -124,7 +158,7 @@ def child(impl, tokens, warmup, reps):
     first = time.perf_counter() - t0
     for _ in range(warmup):
         step()
-    faithful_rss()  # the resident set follows the live tensors (sppo_fast/bench_cli.py)
+    faithful_rss()  # the resident set follows the live tensors (sppo_fast/bench/harness.py)
     times, peaks = [], []
     for _ in range(reps):  # each timed step is also measured for memory (the measurement costs ~nothing)
         t0 = time.perf_counter()
@@ -168,7 +202,7 @@ def _run_child(impl, tokens, warmup, reps, timeout):
 def environment():
     from importlib.metadata import version
 
-    from sppo_fast.bench_cli import environment as base
+    from sppo_fast.bench.harness import environment as base
 
     env = base()
     for pkg in ("trl", "transformers", "accelerate"):

@@ -10,7 +10,7 @@ SUBCOMMANDS = {
     "plot": ("sppo_fast.trainer.cli:plot_main", "plot accuracy and reward of one or more run directories"),
     "compare": ("sppo_fast.trainer.compare:main", "train algorithms x seeds side by side; table and plot"),
     "demo": ("sppo_fast.demo:main", "run the fused policy loss on random data and compare with eager"),
-    "bench": ("sppo_fast.bench_cli:main", "benchmark the fused ops against eager PyTorch and torch.compile"),
+    "bench": ("sppo_fast.bench.cli:main", "benchmark the fused ops against eager PyTorch, torch.compile and the floor"),
     "info": ("sppo_fast.cli:info_main", "print which kernel backend serves each device, and why"),
 }
 

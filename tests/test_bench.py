@@ -1,18 +1,26 @@
-"""The benchmark's baselines (sppo_fast/bench_cli.py) compute what sppo_fast computes: the same loss
+"""The benchmark's baselines (sppo_fast/bench/ops.py) compute what sppo_fast computes: the same loss
 and the same gradient on a small case, so that no speed-up in bench/results comes from a baseline doing
 different work. The compiled variants are torch.compile of these same functions (not compiled here:
-seconds each)."""
+seconds each). Also: PyTorch 2.13's chunked F.linear_cross_entropy gives our log-probs, the floors'
+arithmetic, the load flag, and the benchmarks' place in the import graph (nothing in the core imports
+them; they import only downward)."""
+
+import ast
+from pathlib import Path
 
 import pytest
 import torch
 
-from sppo_fast import bench_cli
+import sppo_fast
+from sppo_fast.bench import floors, harness, ops
+from sppo_fast.trainer.loss_impls import torch_lce_logprobs
 
 TOKENS, VOCAB, HIDDEN = 64, 1000, 32
+PACKAGE = Path(sppo_fast.__file__).resolve().parent
 
 
-def grad_of(op, impl, preset, inp, wrt):
-    fn = bench_cli.build_fn(op, impl, preset)
+def grad_of(op, impl, preset, inp, wrt, lce_options=None):
+    fn = ops.build_fn(op, impl, preset, lce_options)
     x = tuple(t.detach().clone().requires_grad_(True) for t in wrt)
     loss = fn(x if op == "fused_linear" else x[0], inp)
     return loss.detach().double(), [g.double() for g in torch.autograd.grad(loss, x)]
@@ -32,43 +40,84 @@ def test_from_logits_baselines_compute_the_dapo_loss_and_gradient(impl):
         pytest.importorskip("verl.trainer.ppo.core_algos")
     if impl.startswith("trl"):
         pytest.importorskip("trl")
-    inp = bench_cli.make_inputs(TOKENS, VOCAB, torch.float32, seed=3)
+    inp = ops.make_inputs(TOKENS, VOCAB, torch.float32, seed=3)
     want = grad_of("fused_policy_loss", "sppo_fast", "dapo", inp, [inp["logits"]])
     assert_same(grad_of("fused_policy_loss", impl, "dapo", inp, [inp["logits"]]), want, impl)
 
 
 @pytest.mark.parametrize("preset", ["gspo", "sspo"])
 def test_the_idiomatic_baseline_follows_the_preset(preset):
-    inp = bench_cli.make_inputs(TOKENS, VOCAB, torch.float32, seed=4)
+    inp = ops.make_inputs(TOKENS, VOCAB, torch.float32, seed=4)
     want = grad_of("fused_policy_loss", "sppo_fast", preset, inp, [inp["logits"]])
     assert_same(grad_of("fused_policy_loss", "torch_eager", preset, inp, [inp["logits"]]), want, preset)
 
 
 def test_token_logprobs_baseline():
-    inp = bench_cli.make_inputs(TOKENS, VOCAB, torch.float32, seed=5)
+    inp = ops.make_inputs(TOKENS, VOCAB, torch.float32, seed=5)
     want = grad_of("token_logprobs", "sppo_fast", None, inp, [inp["logits"]])
     assert_same(grad_of("token_logprobs", "torch_eager", None, inp, [inp["logits"]]), want, "torch_eager")
 
 
-@pytest.mark.parametrize("impl", ["torch_eager", "trl_chunked"])
+@pytest.mark.parametrize("impl", ["torch_eager", "trl_chunked", "torch_lce"])
 def test_linear_baselines_compute_the_dapo_loss_and_gradients(impl):
+    """The DAPO loss uses no entropy, so torch_lce (which gives none) computes the same loss."""
     if impl.startswith("trl"):
         pytest.importorskip("trl")
-    inp = bench_cli.make_inputs(TOKENS, VOCAB, torch.float32, hidden=HIDDEN, seed=6)
+    inp = ops.make_inputs(TOKENS, VOCAB, torch.float32, hidden=HIDDEN, seed=6)
     wrt = [inp["hidden"], inp["weight"]]
     want = grad_of("fused_linear", "sppo_fast", "dapo", inp, wrt)
     assert_same(grad_of("fused_linear", impl, "dapo", inp, wrt), want, impl)
 
 
+def test_torch_lce_tuned_sweeps_and_keeps_the_fastest_options():
+    inp = ops.make_inputs(TOKENS, VOCAB, torch.float32, hidden=HIDDEN, seed=7)
+    x = (inp["hidden"].requires_grad_(True), inp["weight"].requires_grad_(True))
+    best, sweep = ops.lce_sweep(x, list(x), inp, "fp32")
+    assert [s["batch_chunk_size"] for s in sweep] == [TOKENS]  # every candidate above 64 rows is all of them
+    assert best == {"batch_chunk_size": TOKENS, "acc_policy": "compact"}
+    want = grad_of("fused_linear", "sppo_fast", "dapo", inp, list(x))
+    assert_same(grad_of("fused_linear", "torch_lce", "dapo", inp, list(x), ops.lce_options_of(best)), want, "tuned")
+    assert ops.lce_resolved(ops.lce_options_of(best), x)["batch_chunk_size"] == TOKENS
+    assert [c["batch_chunk_size"] for c in ops.lce_candidates(2048, "bf16")] == [128, 256, 512, 1024, 2048]
+    assert {c["acc_policy"] for c in ops.lce_candidates(2048, "bf16")} == {"accurate"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_torch_lce_gives_our_logprobs(dtype, chunk):
+    """PyTorch 2.13's F.linear_cross_entropy(reduction="none") gives the log-probs of
+    sppo_fast.linear_logprobs: to fp32 rounding in fp32; in bf16 torch rounds its result to bf16 (8 bits:
+    0.03 at a log-prob of -10) and both round the logits' matmul to bf16, so within 1% + 0.1."""
+    gen = torch.Generator().manual_seed(8)
+    hidden = torch.randn(3, 40, HIDDEN, generator=gen).to(dtype)
+    weight = (torch.randn(VOCAB, HIDDEN, generator=gen) * 3 / HIDDEN**0.5).to(dtype)
+    targets = torch.randint(0, VOCAB, (3, 40), generator=gen)
+    targets[0, -5:] = -100  # ignored positions: 0 from both
+    for temperature in (1.0, 0.7):
+        ours = sppo_fast.linear_logprobs(hidden, weight, targets, temperature=temperature)
+        theirs = torch_lce_logprobs(hidden, weight, targets, temperature=temperature, chunk_size=chunk)
+        assert theirs.shape == ours.shape and theirs.dtype == torch.float32
+        if dtype == torch.float32:
+            torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(theirs, ours, rtol=1e-2, atol=0.1)
+        assert (theirs[0, -5:] == 0).all() and (ours[0, -5:] == 0).all()
+
+
 def test_default_cases_leave_the_oracle_out_and_peers_to_dapo():
-    args = bench_cli.parse_args(["--presets", "dapo", "gspo"])
-    cases = list(bench_cli.cases(args))
-    assert cases and not any(c["impl"] == bench_cli.ORACLE for c in cases)
-    assert {c["preset"] for c in cases if c["impl"] in bench_cli.PEER_IMPLS} == {"dapo"}
+    args = ops.parse_args(["--presets", "dapo", "gspo"])
+    cases = list(ops.cases(args))
+    assert cases and not any(c["impl"] == ops.ORACLE for c in cases)
+    assert {c["preset"] for c in cases if c["impl"] in ops.PEER_IMPLS} == {"dapo"}
     assert {(c["dtype"], c["vocab"]) for c in cases if c["op"] != "fused_linear"} == {("fp32", 32000),
                                                                                      ("bf16", 151936)}
-    with_oracle = bench_cli.parse_args(["--impls", "sppo_fast", "oracle", "--ops", "fused_policy_loss"])
-    assert {c["impl"] for c in bench_cli.cases(with_oracle)} == {"sppo_fast", "oracle"}
+    linear = [c for c in cases if c["op"] == "fused_linear"]
+    assert {(c["dtype"], c["vocab"]) for c in linear} == {("fp32", 32000), ("bf16", 151936)}
+    assert {"torch_lce", "torch_lce_tuned"} <= {c["impl"] for c in linear}
+    with_oracle = ops.parse_args(["--impls", "sppo_fast", "oracle", "--ops", "fused_policy_loss"])
+    assert {c["impl"] for c in ops.cases(with_oracle)} == {"sppo_fast", "oracle"}
+    old_flag = ops.parse_args(["--linear-vocab", "4096", "--ops", "fused_linear"])
+    assert {(c["dtype"], c["vocab"]) for c in ops.cases(old_flag)} == {("fp32", 4096)}
 
 
 @pytest.mark.parametrize("cpu, slug", [
@@ -78,4 +127,96 @@ def test_default_cases_leave_the_oracle_out_and_peers_to_dapo():
     ("Intel(R) Xeon(R) CPU @ 2.20GHz", "intel-xeon-2core"),
 ])
 def test_results_are_named_after_the_machine(cpu, slug):
-    assert bench_cli.machine_slug(cpu, 2) == slug
+    assert harness.machine_slug(cpu, 2) == slug
+
+
+# --- floors and load ------------------------------------------------------------------------------
+
+MACHINE = {"status": "ok", "stream_gbps": 10.0, "threads": 2,
+           "exp": {"fp32": {"exp_per_s": 4e9}, "bf16": {"exp_per_s": 2e9}}}
+
+
+def test_logits_floors_count_the_streams_and_the_exps():
+    f = floors.logits_floors(1000, 1000, "fp32", MACHINE)  # 1e6 logits, 4 MB
+    assert f["fwd"] == {"bytes": 4e6, "stream_ms": 0.4, "exp_ms": 0.25, "floor_ms": 0.4}
+    assert f["fwd_bwd"] == {"bytes": 12e6, "stream_ms": 1.2, "exp_ms": 0.5, "floor_ms": 1.2}
+    b = floors.logits_floors(1000, 1000, "bf16", MACHINE)  # half the bytes, half the exp rate
+    assert (b["fwd_bwd"]["stream_ms"], b["fwd_bwd"]["exp_ms"], b["fwd_bwd"]["floor_ms"]) == (0.6, 1.0, 1.0)
+
+
+def test_rows_get_their_percent_of_floor():
+    row = {"status": "ok", "op": "fused_policy_loss", "tokens": 1000, "vocab": 1000, "dtype": "fp32",
+           "fwd_ms": 0.8, "fwd_bwd_ms": 2.4}
+    got = floors.floors_of_row(row, MACHINE, {})
+    assert (got["fwd_pct_of_floor"], got["fwd_bwd_pct_of_floor"], got["fwd_bwd_pct_of_stream_floor"]) == (50, 50, 50)
+    mm = {"status": "ok", "mm_ms": {"logits": 1.0, "grad_hidden": 1.0, "grad_weight": 2.0}, "mm3_ms": 4.0}
+    linear = dict(row, op="fused_linear", hidden=8, fwd_ms=2.0, fwd_bwd_ms=5.0)
+    got = floors.floors_of_row(linear, MACHINE, {(1000, 8, 1000, "fp32"): mm})
+    assert (got["fwd_pct_of_floor"], got["fwd_bwd_pct_of_floor"]) == (50, 80)
+    assert floors.floors_of_row({"status": "skipped"}, MACHINE, {}) == {"status": "skipped"}
+
+
+def test_the_floor_is_the_better_of_the_two_measurements():
+    before = {"machine": dict(MACHINE), "matmul": [{"status": "ok", "tokens": 1, "hidden": 2, "vocab": 3,
+                                                    "dtype": "fp32", "mm3_ms": 5.0}]}
+    after = {"machine": dict(MACHINE, stream_gbps=12.0, exp={"fp32": {"exp_per_s": 3e9}}),
+             "matmul": [dict(before["matmul"][0], mm3_ms=4.0)]}
+    best = ops.best_floors(before, after)
+    assert best["machine"]["stream_gbps"] == 12.0 and best["machine"]["exp"]["fp32"]["exp_per_s"] == 4e9
+    assert best["machine"]["exp"]["bf16"]["exp_per_s"] == 2e9 and best["matmul"][0]["mm3_ms"] == 4.0
+    assert best["runs"] == [before, after]
+
+
+def test_busy_rows_are_flagged_or_refused(monkeypatch):
+    policy = harness.LoadPolicy(limit=1.5)
+    assert harness.default_load_limit(2) == 1.5
+    assert harness.load_flag({"load_before": 1.2, "others_cores": 0.1}, policy) is None
+    assert "load average 2.5 > 1.5" in harness.load_flag({"load_before": 2.5, "others_cores": 0.1}, policy)
+    assert "0.90 cores" in harness.load_flag({"load_before": 1.0, "others_cores": 0.9}, policy)
+    monkeypatch.setattr(harness, "load_average", lambda: 3.0)
+    row = harness.run_in_child("nowhere", {}, {"impl": "x"}, 10, load=harness.LoadPolicy(limit=1.5, refuse=True))
+    assert row["status"].startswith("refused: load average 3 > 1.5")
+
+
+def test_the_floors_child_measures_a_small_matmul():
+    out = floors.matmul_floor(16, 8, 32, "fp32", reps=2)
+    assert set(out["mm_ms"]) == {"logits", "grad_hidden", "grad_weight"} and out["mm3_ms"] > 0
+
+
+# --- the import graph ------------------------------------------------------------------------------
+
+BENCH_LAYERS = ("harness", "floors", "ops_report", "ops", "long_cot", "cli")  # each imports only those before
+
+
+def _imports(path):
+    """The sppo_fast modules a file imports (absolute names; relative imports resolved)."""
+    package = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+            names |= {base} | {f"{base}.{a.name}" for a in node.names}
+    return {n for n in names if n == "sppo_fast" or n.startswith("sppo_fast.")}
+
+
+def test_nothing_in_the_core_imports_the_benchmarks_or_the_trainer():
+    core = [p for p in PACKAGE.rglob("*.py") if not {"bench", "trainer"} & set(p.relative_to(PACKAGE).parts)]
+    assert core
+    for path in core:
+        bad = {n for n in _imports(path) if n.startswith(("sppo_fast.bench", "sppo_fast.trainer"))}
+        assert not bad, f"{path.relative_to(PACKAGE)} imports {sorted(bad)}"
+
+
+def test_the_benchmarks_import_only_downward():
+    assert {p.stem for p in (PACKAGE / "bench").glob("*.py")} == set(BENCH_LAYERS) | {"__init__"}
+    for i, name in enumerate(BENCH_LAYERS):
+        used = {n.split(".")[2] for n in _imports(PACKAGE / "bench" / f"{name}.py")
+                if n.startswith("sppo_fast.bench.") and n.split(".")[2] in BENCH_LAYERS}
+        above = used - set(BENCH_LAYERS[:i])
+        assert not above, f"bench/{name}.py imports {sorted(above)} (above or beside it)"
+    assert not (PACKAGE / "bench_cli.py").exists() and not (PACKAGE / "bench_long_cot.py").exists()

@@ -1,5 +1,6 @@
-"""Issue 10, long chain-of-thought: the four --loss_impl agree, a real vocabulary (--vocab_size) and the
-long_arithmetic task run end to end, and bad input fails before training. Small sizes: seconds."""
+"""Issue 10, long chain-of-thought: the five --loss_impl agree (torch_lce on losses without the entropy), a
+real vocabulary (--vocab_size) and the long_arithmetic task run end to end, and bad input fails before
+training. Small sizes: seconds."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def tokenizer():
     return load_tokenizer(TrainConfig())
 
 
-# --- the four loss implementations ---------------------------------------------------------------
+# --- the five loss implementations ---------------------------------------------------------------
 
 def loss_inputs(dtype=torch.float32, B=3, T=10, H=16, V=300, seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -79,6 +80,31 @@ def test_every_loss_impl_gives_the_same_loss_and_gradients(impl, preset):
     assert ours[0].abs() > 0 and ours[1].abs().max() > 0  # a loss that is not trivially zero
 
 
+@pytest.mark.parametrize("preset", ["sppo", "dapo"])
+def test_torch_lce_gives_the_same_loss_and_gradients(preset):
+    """PyTorch 2.13's chunked F.linear_cross_entropy (issue 18), with torch's default options and with 4 rows
+    per chunk (the trainer's --chunk_size), against fp64 by the same criterion, on losses without the
+    entropy (it gives none)."""
+    config = sppo_fast.PolicyLossConfig.preset(preset)
+    inputs = loss_inputs()
+    oracle = run_impl("eager", tuple(x.double() if x.is_floating_point() else x for x in inputs[:2])
+                      + inputs[2:], config)
+    eager = run_impl("eager", inputs, config)
+    for chunk in (None, 4):
+        ours = run_impl("torch_lce", inputs, config, chunk_size=chunk)
+        for name, got, ref, exact in zip(("loss", "grad hidden", "grad weight"), ours, eager, oracle):
+            assert_spec_close(got, ref, exact, torch.float32, f"torch_lce/{preset}/chunk {chunk} {name}")
+        assert ours[0].abs() > 0 and ours[1].abs().max() > 0
+
+
+def test_torch_lce_refuses_losses_that_need_the_entropy():
+    inputs = loss_inputs()
+    for config in (sppo_fast.PolicyLossConfig.preset("sspo"),
+                   sppo_fast.PolicyLossConfig.preset("sppo", entropy_coef=0.01)):
+        with pytest.raises(ValueError, match="torch_lce.*entropy"):
+            run_impl("torch_lce", inputs, config)
+
+
 def test_eager_loss_is_the_idiomatic_one():
     """eager_policy_loss equals policy_loss on token_logprobs' log-probs and entropy (the fused op's
     definition), so 'same loss' above compares the right thing."""
@@ -105,14 +131,14 @@ def _check_compile_refused(tmp_path):
     with pytest.raises(ValueError, match="loss_impl: compile cannot run"):
         train(tiny(tmp_path, loss_impl="compile", warm_start=True))
     assert not os.path.exists(tmp_path / "cache"), "the warm start ran before the check"
-    for impl in ("fused_linear", "fused", "eager"):  # need no compiler
+    for impl in ("fused_linear", "fused", "eager", "torch_lce"):  # need no compiler
         check_loss_impl(impl, torch.device("cpu"))
 
 
 def test_unknown_loss_impl_is_refused():
     with pytest.raises(ValueError, match="loss_impl"):
         TrainConfig(loss_impl="triton")
-    assert LOSS_IMPLS == ("fused_linear", "fused", "eager", "compile")
+    assert LOSS_IMPLS == ("fused_linear", "fused", "eager", "compile", "torch_lce")
 
 
 # --- vocabulary, positions, decoding --------------------------------------------------------------
@@ -182,6 +208,15 @@ def test_long_arithmetic_solutions_are_long_and_verified(difficulty, tokenizer):
 
 
 # --- end to end -----------------------------------------------------------------------------------
+
+def test_trainer_runs_with_torch_lce(tmp_path):
+    """--loss_impl torch_lce trains (SPPO: no entropy needed) and logs no entropy it did not compute."""
+    summary = train(tiny(tmp_path, loss_impl="torch_lce"))
+    rows = [json.loads(line) for line in open(os.path.join(summary["run_dir"], "metrics.jsonl"))]
+    step = rows[-1]
+    assert step["step"] == 1 and torch.isfinite(torch.tensor([step["loss"], step["grad_norm"]])).all()
+    assert "entropy" not in step
+
 
 def test_trainer_runs_with_a_real_vocabulary_on_the_long_task(tmp_path):
     """vocab 151936 (Qwen's), responses of up to 160 tokens, activation checkpointing, a warm start, the

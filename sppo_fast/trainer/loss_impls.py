@@ -1,10 +1,14 @@
-"""The policy loss of the update step, four ways (`--loss_impl`), all from the decoder's hidden states:
+"""The policy loss of the update step, five ways (`--loss_impl`), all from the decoder's hidden states:
 
   fused_linear  `fused_linear_policy_loss`: hidden x lm_head chunk by chunk, the logits never exist whole
   fused         the logits materialised by one matmul, then `fused_policy_loss` on them
   eager         the idiomatic PyTorch loss: logits, log_softmax + gather in fp32, entropy, then
                 `policy_loss` on the (B, T) results
   compile       `torch.compile` of that eager loss
+  torch_lce     PyTorch 2.13's chunked `F.linear_cross_entropy(..., reduction="none")`: per-token
+                log-probs from the hidden states without the whole logits, then `policy_loss`. It gives
+                no entropy: the entropy metric is missing, and losses that need the entropy (SSPO's
+                entropy-adaptive clip, an entropy bonus) are refused.
 
 Same loss and gradients (tests/test_long_cot.py); they differ in memory and time, which is what
 `bench/bench_long_cot.py` measures.
@@ -43,10 +47,47 @@ def compiled_policy_loss(*args, **kwargs):
     return _compiled(*args, **kwargs)
 
 
+def torch_lce_options(chunk_size=None):
+    """`torch.nn.LinearCrossEntropyOptions`: torch's defaults ("auto": per device and dtype, on CPU fp32
+    "compact" with rows per chunk from "aspect_ratio:2", bf16 "accurate" with "aspect_ratio"), or
+    `chunk_size` rows per chunk with the same automatic precision policy."""
+    return torch.nn.LinearCrossEntropyOptions(batch_chunk_size=chunk_size)
+
+
+def torch_lce_logprobs(hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100, options=None,
+                       chunk_size=None):
+    """Per-token log-probs (..., T) of `targets` from hidden states (..., H) and the output layer (V, H):
+    minus PyTorch 2.13's chunked `F.linear_cross_entropy(reduction="none")`, fp32 at least (torch returns
+    the hidden states' dtype). `options` (a LinearCrossEntropyOptions) default to
+    `torch_lce_options(chunk_size)`. Positions whose target is `ignore_index` get 0."""
+    if options is None:
+        options = torch_lce_options(chunk_size)
+    if temperature != 1.0:  # (h W^T + b) / T = (h / T) W^T + b / T: the logits are never formed
+        hidden = hidden / temperature
+        bias = None if bias is None else bias / temperature
+    shape = targets.shape
+    nll = F.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                 linear_bias=bias, reduction="none", ignore_index=ignore_index, options=options)
+    return -nll.view(shape).to(torch.promote_types(nll.dtype, torch.float32))
+
+
+def torch_lce_policy_loss(hidden, weight, bias, targets, old_logp, advantages, mask, config, segment_ids=None,
+                          ref_logp=None, temperature=1.0, normalizer=None, chunk_size=None, options=None):
+    """`torch_lce_logprobs`, then `policy_loss` on them (no entropy)."""
+    if config.entropy_adaptive is not None or config.entropy_coef:
+        raise ValueError("loss_impl torch_lce: F.linear_cross_entropy gives no entropy, which this loss needs "
+                         "(entropy_adaptive or entropy_coef); use fused_linear")
+    logp = torch_lce_logprobs(hidden, weight, targets, bias, temperature=temperature, options=options,
+                              chunk_size=chunk_size)
+    return sppo_fast.policy_loss(logp, old_logp, advantages, mask, config, segment_ids=segment_ids,
+                                 ref_logp=ref_logp, normalizer=normalizer)
+
+
 def policy_loss_from_hidden(impl, hidden, weight, bias, targets, old_logp, advantages, mask, config, *,
                             segment_ids=None, ref_logp=None, temperature=1.0, normalizer=None,
                             chunk_size=None):
-    """The policy loss of `impl` on hidden states (B, T, H) and the output layer (weight (V, H), bias)."""
+    """The policy loss of `impl` on hidden states (B, T, H) and the output layer (weight (V, H), bias).
+    `chunk_size`: rows per chunk of fused_linear and of torch_lce (None: each one's own choice)."""
     common = dict(segment_ids=segment_ids, ref_logp=ref_logp, temperature=temperature, normalizer=normalizer)
     if impl == "fused_linear":
         return sppo_fast.fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask, config,
@@ -58,6 +99,9 @@ def policy_loss_from_hidden(impl, hidden, weight, bias, targets, old_logp, advan
         return eager_policy_loss(hidden, weight, bias, targets, old_logp, advantages, mask, config, **common)
     if impl == "compile":
         return compiled_policy_loss(hidden, weight, bias, targets, old_logp, advantages, mask, config, **common)
+    if impl == "torch_lce":
+        return torch_lce_policy_loss(hidden, weight, bias, targets, old_logp, advantages, mask, config,
+                                     chunk_size=chunk_size, **common)
     raise ValueError(f"loss_impl: unknown {impl!r}; choose one of {', '.join(LOSS_IMPLS)}")
 
 

@@ -1,6 +1,12 @@
 """`sppo-fast bench --long-cot` (also `python bench/bench_long_cot.py`): one whole RL update step on a long
 response, for each `--loss_impl` of the trainer, on the CPU.
 
+Implementations: the trainer's `--loss_impl` choices (fused_linear, fused, compile, eager, torch_lce:
+PyTorch 2.13's chunked F.linear_cross_entropy with its default options, which gives no entropy), and
+torch_lce_tuned: torch_lce with `--lce-chunk` rows per chunk (the trainer's `--chunk_size`) instead of
+torch's choice (on CPU at fp32 "aspect_ratio:2": about 2 V / H chunks whatever the length, e.g. 2 rows
+each at 1024 tokens and V = 151936, H = 512).
+
 The step is the trainer's: a Llama-style policy (hidden 512, vocab 151936 by default) with activation
 checkpointing on every decoder layer, forward over prompt + response, the SPPO policy loss of the chosen
 implementation (sppo_fast.trainer.loss_impls), backward, gradient clipping and an AdamW step. One
@@ -10,17 +16,18 @@ How it measures. Every (length, implementation) runs in its own child process (f
 compilation caches). The child builds the model and the optimizer with a fixed seed (so every
 implementation computes the same loss: the rows record it), runs two short warm-up steps (64 and 96
 tokens: they allocate the optimizer state, and put compile in its steady state, a graph compiled for
-dynamic lengths, as a trainer sees after its first recompilation), then one measured step in four phases: (1) the decoder forward, (2) the loss stage, run as
-its own autograd segment from the detached hidden states (loss forward + backward to the hidden states
-and lm_head: the gradient is the same as one joint backward), (3) the decoder backward from the
-hidden states' gradient, (4) clipping and the optimizer step. Memory is the resident set, made to
-follow live tensors as in `sppo-fast bench` (glibc maps every allocation of 64 KiB or more on its own
-and returns freed memory at once); before each phase the kernel's high-water mark is reset
-(/proc/self/clear_refs). peak = the largest high-water mark of the four phases minus the resident set
-before the step (the weights, gradients of nothing, the optimizer state): what the step adds.
-loss_stage = phase 2's high-water mark minus the resident set when phase 2 starts: what the loss adds
-on top of the model's own activations. Time is the wall time of the measured step (one step: these are
-long, and the machine is shared; the load average is recorded before and after).
+dynamic lengths, as a trainer sees after its first recompilation), then one measured step in four
+phases: (1) the decoder forward, (2) the loss stage, run as its own autograd segment from the detached
+hidden states (loss forward + backward to the hidden states and lm_head: the gradient is the same as one
+joint backward), (3) the decoder backward from the hidden states' gradient, (4) clipping and the
+optimizer step. Memory is the resident set, made to follow live tensors as in `sppo-fast bench` (glibc
+maps every allocation of 64 KiB or more on its own and returns freed memory at once); before each phase
+the kernel's high-water mark is reset (/proc/self/clear_refs). peak = the largest high-water mark of the
+four phases minus the resident set before the step (the weights, gradients of nothing, the optimizer
+state): what the step adds. loss_stage = phase 2's high-water mark minus the resident set when phase 2
+starts: what the loss adds on top of the model's own activations. Time is the wall time of the measured
+step (one step: these are long). Load: the load average before and after each row and the cores other
+processes used while it ran are recorded, and a busy row is flagged (sppo_fast/bench/harness.py).
 
 Cases are predicted before they run: from the last measured lengths of the same implementation (peak
 scaled as a power of the length fitted to the last two, at least linearly, which over-estimates since
@@ -39,15 +46,21 @@ import re
 import sys
 import time
 
+from sppo_fast.bench import harness
+from sppo_fast.bench.harness import LoadPolicy, default_load_limit
+
 LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
-IMPLS = ("fused_linear", "fused", "compile", "eager")
+IMPLS = ("fused_linear", "fused", "compile", "eager", "torch_lce", "torch_lce_tuned")
+LCE_CHUNK = 512  # torch_lce_tuned's rows per chunk (--lce-chunk)
 PROMPT = 32
 WARMUP_LENGTHS = (64, 96)  # two lengths: compile's second call recompiles for dynamic shapes
 # Bytes per (token x vocab) that the loss stage keeps alive at its peak, fp32 (a static guess used only
 # until the implementation has a measured length): fused = logits + their gradient; compile ~ three
 # logits-sized fp32 tensors; eager ~ seven (logits, scaled logits, log-softmax, probabilities, their
 # product, and the backward's two); fused_linear keeps chunks, not logits.
-LOSS_BYTES_PER_TV = {"fused_linear": 0.0, "fused": 8.0, "compile": 12.0, "eager": 28.0}
+# torch_lce keeps chunks too.
+LOSS_BYTES_PER_TV = {"fused_linear": 0.0, "fused": 8.0, "compile": 12.0, "eager": 28.0, "torch_lce": 0.0,
+                     "torch_lce_tuned": 0.0}
 MEM_MARGIN_GIB = 1.5  # left free for everything else on the machine
 
 
@@ -64,6 +77,13 @@ def parse_args(argv=None):
     p.add_argument("--max-step-s", type=float, default=1500.0,
                    help="skip cases whose step is predicted to take longer (seconds, from the measured ones)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in the child (0: torch's default)")
+    p.add_argument("--lce-chunk", type=int, default=LCE_CHUNK, help="rows per chunk of torch_lce_tuned")
+    p.add_argument("--max-load", type=float, default=default_load_limit(),
+                   help="flag rows that start above this 1-minute load average (default 0.75 per core)")
+    p.add_argument("--settle", type=float, default=60.0,
+                   help="seconds to wait before a row for the load average to fall to --max-load")
+    p.add_argument("--refuse-loaded", action="store_true",
+                   help="do not run (record as refused) a row that would start above --max-load")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per child process")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the script in about a minute")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/long-cot-<cpu>-<N>core.json)")
@@ -78,6 +98,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.lengths, args.vocab, args.hidden, args.layers, args.heads = [128, 256], 4096, 64, 1, 2
+        args.lce_chunk, args.settle = 64, min(args.settle, 5.0)
     return args
 
 
@@ -133,10 +154,14 @@ def update_step(case, lm, policy, opt, inp, phase=None):
         out = policy(inp["ids"], inp["attn"])
         state["hidden"] = out[:, PROMPT - 1: PROMPT - 1 + inp["targets"].shape[1]]
 
+    impl, chunk = case["impl"], None
+    if impl == "torch_lce_tuned":  # the trainer's torch_lce with --chunk_size
+        impl, chunk = "torch_lce", case["lce_chunk"]
+
     def loss_stage():
         h = state["hidden"].detach().requires_grad_(True)
-        out = policy_loss_from_hidden(case["impl"], h, weight, None, inp["targets"], inp["old_logp"],
-                                      inp["advantages"], inp["mask"], config)
+        out = policy_loss_from_hidden(impl, h, weight, None, inp["targets"], inp["old_logp"],
+                                      inp["advantages"], inp["mask"], config, chunk_size=chunk)
         out.loss.backward()
         state["grad_hidden"], state["loss"] = h.grad, float(out.loss.detach())
 
@@ -158,8 +183,6 @@ def run_child(case):
 
     import torch
 
-    from sppo_fast.bench_cli import _faithful_rss, _status_kib
-
     if case.get("threads"):
         torch.set_num_threads(case["threads"])
     lm, policy, opt = build(case)
@@ -168,21 +191,20 @@ def run_child(case):
         update_step(case, lm, policy, opt, batch(case, warm_len))
     result = {"warmup_s": round(time.perf_counter() - t0, 2)}
     inp = batch(case, case["length"])
-    _faithful_rss()
+    harness._faithful_rss()
     gc.collect()
     libc_trim = __import__("ctypes").CDLL("libc.so.6").malloc_trim
     libc_trim(0)
-    base = _status_kib("VmRSS")
+    base = harness._status_kib("VmRSS")
     phases = {}
 
     def phase(name, fn):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # the high-water mark restarts from the current resident set
-        start = _status_kib("VmRSS")
+        harness.reset_peak()  # the high-water mark restarts from the current resident set
+        start = harness._status_kib("VmRSS")
         t = time.perf_counter()
         fn()
         phases[name] = {"s": round(time.perf_counter() - t, 3), "start_mib": round((start - base) / 1024, 1),
-                        "hwm_mib": round((_status_kib("VmHWM") - base) / 1024, 1)}
+                        "hwm_mib": round((harness._status_kib("VmHWM") - base) / 1024, 1)}
 
     t0 = time.perf_counter()
     state = update_step(case, lm, policy, opt, inp, phase)
@@ -267,20 +289,16 @@ def skip_reason(case, measured, step_times, args):
 
 
 def run_case(case, args):
-    from sppo_fast.bench_cli import run_in_child
-
-    return run_in_child("sppo_fast.bench_long_cot", case, case, args.timeout)
+    policy = LoadPolicy(limit=args.max_load, settle_s=args.settle, refuse=args.refuse_loaded)
+    return harness.run_in_child("sppo_fast.bench.long_cot", case, case, args.timeout, load=policy)
 
 
 def cpu_slug():
-    from sppo_fast.bench_cli import _cpu_model
-
-    return re.sub(r"[^a-z0-9]+", "-", _cpu_model().lower()).strip("-") or "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", harness.cpu_model().lower()).strip("-") or "cpu"
 
 
 def default_out():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(root, "bench", "results", f"long-cot-{cpu_slug()}-{os.cpu_count()}core.json")
+    return os.path.join(harness.results_dir(), f"long-cot-{cpu_slug()}-{os.cpu_count()}core.json")
 
 
 def longest_fitting(rows, impl):
@@ -335,8 +353,10 @@ def targets(rows, budget, lengths=LENGTHS, impls=IMPLS):
         if ours and longest.get(other):
             out[f"longer_than_{other}"] = round(ours / longest[other], 2)
     by = {(r["impl"], r["length"]): r for r in rows if r.get("status") == "ok"}
-    out["time_vs_compile"] = {length: round(by[("fused_linear", length)]["step_s"] / by[("compile", length)]["step_s"], 3)
-                              for (impl, length) in by if impl == "compile" and ("fused_linear", length) in by}
+    for other in ("compile", "torch_lce", "torch_lce_tuned"):  # fused_linear's step time / theirs
+        out[f"time_vs_{other}"] = {
+            length: round(by[("fused_linear", length)]["step_s"] / by[(other, length)]["step_s"], 3)
+            for (impl, length) in by if impl == other and ("fused_linear", length) in by}
     out["loss_stage_growth_bytes_per_token"] = growth_per_token(rows, impls)
     return out
 
@@ -363,7 +383,10 @@ def markdown(report):
              "AdamW. Peak = resident memory the step adds above the weights and optimizer state; loss stage = "
              "what the loss adds above the model's live activations (its share of the peak in brackets). "
              "One measured step per cell, on a machine shared with other jobs (load average in the JSON): "
-             "times are noisy. Method: the docstring of `sppo_fast/bench_long_cot.py`.", "",
+             "times are noisy. Method: the docstring of `sppo_fast/bench/long_cot.py`. torch_lce (PyTorch "
+             "2.13's chunked F.linear_cross_entropy, default options) and torch_lce_tuned (the same with "
+             f"{s.get('lce_chunk', LCE_CHUNK)} rows per chunk) compute no entropy. (busy): the row started above "
+             f"a load average of {s.get('max_load', 'the limit')} or others used CPU while it ran.", "",
              "| response tokens | " + " | ".join(s["impls"]) + " |", "|---|" + "---|" * len(s["impls"])]
     by = {(r["impl"], r["length"]): r for r in rows}
     for length in sorted({r["length"] for r in rows} | set(s["lengths"])):
@@ -378,7 +401,7 @@ def markdown(report):
             else:
                 share = r["loss_stage_mib"] / r["peak_mib"] if r["peak_mib"] > 0 else 0
                 cells.append(f"peak {r['peak_mib'] / 1024:.2f} GiB, loss stage {r['loss_stage_mib'] / 1024:.2f} GiB "
-                             f"({share:.0%}); {r['step_s']:.1f} s")
+                             f"({share:.0%}); {r['step_s']:.1f} s" + (" (busy)" if r.get("load_flag") else ""))
         lines.append(f"| {length} | " + " | ".join(cells) + " |")
     lines += ["", f"Longest response measured within the {tg['budget_gib']:g} GiB budget: "
               + ", ".join(f"{k} {v if v else 'none'}" for k, v in tg["longest_fitting"].items()
@@ -393,9 +416,10 @@ def markdown(report):
             lines.append(f"- Estimated from the rows: fused_linear fits {fit['fused_linear'] / fit[other]:g}x "
                          f"longer responses than {other} in {tg['budget_gib']:g} GiB (of the lengths in the grid; "
                          "an estimate wherever a length was not run).")
-    if tg["time_vs_compile"]:
-        lines.append("- fused_linear step time / compile step time, at the lengths both ran: "
-                     + ", ".join(f"{k}: {v}" for k, v in sorted(tg["time_vs_compile"].items())) + ".")
+    for other in ("compile", "torch_lce", "torch_lce_tuned"):
+        if tg.get(f"time_vs_{other}"):
+            lines.append(f"- fused_linear step time / {other} step time, at the lengths both ran: "
+                         + ", ".join(f"{k}: {v}" for k, v in sorted(tg[f"time_vs_{other}"].items())) + ".")
     growth = {k: v for k, v in tg["loss_stage_growth_bytes_per_token"].items() if v}
     if growth:
         lines.append(f"- Growth of the loss stage's memory per added response token (H x 4 = {4 * s['hidden']} "
@@ -477,10 +501,8 @@ def main(argv=None):
         return 0
     import torch
 
-    from sppo_fast.bench_cli import environment
-
     settings = {k: v for k, v in vars(args).items() if k not in ("child", "report_only")}
-    report = {"environment": environment(), "settings": settings, "results": [],
+    report = {"environment": harness.environment(), "settings": settings, "results": [],
               "method": __doc__.split("How it measures.")[1].strip()}
     print(json.dumps(report["environment"]), flush=True)
     measured, step_times, stopped = {}, {}, {}
@@ -488,7 +510,7 @@ def main(argv=None):
         for impl in args.impls:
             case = {"impl": impl, "length": length, "vocab": args.vocab, "hidden": args.hidden,
                     "layers": args.layers, "heads": args.heads,
-                    "threads": args.threads or torch.get_num_threads()}
+                    "threads": args.threads or torch.get_num_threads(), "lce_chunk": args.lce_chunk}
             if impl in stopped:  # memory grows with length: what did not run will not run longer
                 reason = f"skipped: {impl} did not run at {stopped[impl]} tokens"
             else:
@@ -509,7 +531,8 @@ def main(argv=None):
         with open(out) as f:
             previous = json.load(f)
         fresh = {(r["impl"], r["length"]) for r in report["results"]}
-        report["results"] = [r for r in previous["results"] if (r["impl"], r["length"]) not in fresh] + report["results"]
+        kept = [r for r in previous["results"] if (r["impl"], r["length"]) not in fresh]
+        report["results"] = kept + report["results"]
     if args.quick and args.out is None:
         print(markdown(dict(report, targets=targets(report["results"], args.budget_gib))))
         return 0

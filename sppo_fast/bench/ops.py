@@ -1,11 +1,11 @@
 """`sppo-fast bench` (also `python bench/bench_ops.py`): the CPU benchmark of the fused ops against
-what users actually run.
+what users actually run, and against the machine's floors.
 
 Times forward and forward+backward and measures peak memory of
   token_logprobs      log-probs + entropy from (B, T, V) logits, backward of a fixed random mix of both;
   fused_policy_loss   the policy loss straight from logits, presets dapo (default), gspo and sspo;
   fused_linear        the policy loss from hidden states x lm_head (dapo, with entropy), never holding
-                      the logits;
+                      the logits, at fp32 V=32000 and bf16 V=151936 (--linear-shapes);
 for each implementation, side by side in one run:
   sppo_fast           the op on the native CPU backend (csrc/)
   sppo_fast_inplace   the same with inplace_backward=True (the gradient overwrites the logits)
@@ -21,10 +21,18 @@ for each implementation, side by side in one run:
                       cross-entropy, i.e. the log-probs without entropy or policy loss: less work than ours)
   trl_chunked         TRL 1.16's chunked fused LM head (trl/kernels/chunked_logprob.py) with entropy, then
                       the DAPO loss stage (linear only)
+  torch_lce           PyTorch 2.13's chunked F.linear_cross_entropy(reduction="none") with its default
+                      LinearCrossEntropyOptions() (per-token log-probs: sppo_fast.trainer.loss_impls), then
+                      the DAPO loss stage (linear only; it gives no entropy: less work than ours)
+  torch_lce_tuned     the same with the options that suit the shape best: the child first times one
+                      forward+backward of each candidate (rows per chunk from 128 to all of them; the
+                      "compact" policy at fp32, "accurate" at bf16, the only one whose matmuls stay in fp32
+                      on CPU, the others emulating bf16 ~20-50x slower, torch's docstring says), keeps the
+                      fastest and records the sweep (linear only; no entropy)
   oracle              sppo_fast.reference, the fp64-grade oracle of the tests (several passes on purpose):
                       only with --impls oracle, and labelled as such, never a baseline
-Every implementation also returns the mean entropy (the metric a trainer logs), so compile cannot drop
-the entropy as dead code.
+Every implementation but torch_lce and cce also returns the mean entropy (the metric a trainer logs),
+so compile cannot drop the entropy as dead code.
 
 How it measures. Every (case, implementation) runs in its own child process, so that compilation
 caches, allocator state and peak RSS of one cannot leak into another. In the child: inputs are built,
@@ -38,38 +46,45 @@ freed memory at once (mallopt M_MMAP_THRESHOLD / M_TRIM_THRESHOLD), so the resid
 live tensors; then the kernel's high-water mark is reset (/proc/self/clear_refs), one call runs, and
 peak_mib = VmHWM - VmRSS before the call: memory above the inputs, the results of the call included
 (the gradient of fwd_bwd). Cases whose eager run would need more than --max-gib are skipped.
+Floors (sppo_fast/bench/floors.py), measured in the same run, before the cases and again after them
+(the better of the two is the floor): the machine's streaming bandwidth and native exp rate bound the
+logits path, three torch.mm of the op's shapes bound the linear path; every row gets "% of floor".
+Load (sppo_fast/bench/harness.py): before each row the run waits up to --settle seconds for the
+1-minute load average to fall to --max-load (1.5 on 2 cores); a row that starts above it, or during
+which other processes used more than half a core, is flagged in the tables (--refuse-loaded: not run).
 """
 
 import argparse
-import ctypes
-import datetime
-import gc
 import json
 import os
-import platform
-import re
-import statistics
-import subprocess
 import sys
 import time
 
 import torch
+
+from sppo_fast.bench import floors as floors_mod
+from sppo_fast.bench import harness
+from sppo_fast.bench.harness import LoadPolicy, default_load_limit, environment, median_ms, peak_extra_mib
+from sppo_fast.bench.ops_report import ORACLE, key_of, markdown_table, speedups, write_reports
 
 OPS = ("token_logprobs", "fused_policy_loss", "fused_linear")
 PRESETS = ("dapo", "gspo", "sspo")
 IMPLS = {"token_logprobs": ("sppo_fast", "sppo_fast_inplace", "torch_compile", "torch_eager"),
          "fused_policy_loss": ("sppo_fast", "sppo_fast_inplace", "torch_compile", "torch_eager", "verl_compile",
                                "verl_eager", "trl_compile", "trl_eager"),
-         "fused_linear": ("sppo_fast", "torch_compile", "liger", "cce", "trl_chunked")}
+         "fused_linear": ("sppo_fast", "torch_compile", "liger", "cce", "trl_chunked", "torch_lce",
+                          "torch_lce_tuned")}
 PEER_IMPLS = ("verl_compile", "verl_eager", "trl_compile", "trl_eager")  # their loss is the dapo one
-ORACLE = "oracle"  # sppo_fast.reference: only with --impls oracle, never in the default tables
 TOKENS = (2048,)  # the size of the issue's targets
 SHAPES = ("fp32:32000", "bf16:151936")  # the issue's two target shapes: dtype:V
+LINEAR_SHAPES = ("fp32:32000", "bf16:151936")  # the linear path's, issue 18
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SEQ_LEN = 512  # tokens per sequence: B = tokens / SEQ_LEN
 SEGMENT_LEN = 32  # SSPO: tokens per segment of the synthetic segment ids
 HIDDEN = 512  # the linear case's hidden size
 EAGER_LOGITS_COPIES = 5  # an eager fwd+bwd holds about this many logits-sized fp32 tensors
+LCE_CHUNKS = (128, 256, 512, 1024, 2048, 4096)  # torch_lce_tuned's candidate rows per chunk (<= the rows)
+LCE_POLICY = {"fp32": "compact", "bf16": "accurate"}  # torch_lce_tuned's precision policy per dtype
 
 
 def _shape(text):
@@ -89,13 +104,23 @@ def parse_args(argv=None):
     p.add_argument("--shapes", nargs="+", default=[_shape(x) for x in SHAPES], type=_shape,
                    help="dtype:V pairs of the logits, e.g. fp32:32000 bf16:151936")
     p.add_argument("--linear-tokens", nargs="+", type=int, default=[2048])
-    p.add_argument("--linear-vocab", nargs="+", type=int, default=[32000])
+    p.add_argument("--linear-shapes", nargs="+", default=[_shape(x) for x in LINEAR_SHAPES], type=_shape,
+                   help="dtype:V pairs of the linear case's hidden states and lm_head (H = 512)")
+    p.add_argument("--linear-vocab", nargs="+", type=int, default=None,
+                   help="fp32 vocabularies of the linear case (instead of --linear-shapes)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--max-gib", type=float, default=18.0, help="skip cases whose eager run would need more")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per child process")
+    p.add_argument("--max-load", type=float, default=default_load_limit(),
+                   help="flag rows that start above this 1-minute load average (default 0.75 per core)")
+    p.add_argument("--settle", type=float, default=60.0,
+                   help="seconds to wait before a row for the load average to fall to --max-load")
+    p.add_argument("--refuse-loaded", action="store_true",
+                   help="do not run (record as refused) a row that would start above --max-load")
+    p.add_argument("--no-floors", action="store_true", help="do not measure the machine's floors")
     p.add_argument("--quick", action="store_true", help="small sizes: checks the script in about a minute")
-    p.add_argument("--out", default=None, help="JSON path (default bench/results/cpu-<N>core.json)")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/<cpu>-<N>core.json)")
     p.add_argument("--merge", action="store_true",
                    help="keep the rows of an existing --out file that this run does not measure again")
     p.add_argument("--no-plot", action="store_true")
@@ -103,11 +128,13 @@ def parse_args(argv=None):
                    help="rewrite the .md and .png of an existing --out file without measuring")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.linear_vocab:
+        args.linear_shapes = [("fp32", v) for v in args.linear_vocab]
     if args.quick:
-        args.tokens, args.shapes, args.linear_tokens, args.linear_vocab = [256], [("fp32", 4096)], [256], [4096]
-        args.reps, args.warmup = 3, 1
+        args.tokens, args.shapes, args.linear_tokens = [256], [("fp32", 4096)], [256]
+        args.linear_shapes = [("fp32", 4096)]
+        args.reps, args.warmup, args.settle = 3, 1, min(args.settle, 5.0)
     return args
-
 
 # ----------------------------------------------------------------------------------------------------
 # Inputs and the functions under test (run in the child)
@@ -208,12 +235,13 @@ def _masked_mean(x, mask):
 
 def _policy_loss(logp, entropy, inp, config, preset):
     """The (B, T) loss stage every from-logits implementation shares: sppo_fast.policy_loss (plain
-    PyTorch) with the preset; returns (loss, mean entropy), the entropy as the metric a trainer logs."""
+    PyTorch) with the preset; returns (loss, mean entropy), the entropy as the metric a trainer logs
+    (None when `entropy` is)."""
     import sppo_fast as sf
 
     out = sf.policy_loss(logp, inp["old_logp"], inp["advantages"], inp["mask"], _config(preset), entropy=entropy,
                          **_loss_kwargs(inp, preset))
-    return out.loss, out.metrics["entropy"]
+    return out.loss, out.metrics.get("entropy")  # None without an entropy (torch_lce)
 
 
 def _compiled(fn):
@@ -260,11 +288,21 @@ def from_logits_fn(op, impl, preset):
                                                   inp, config, preset)}[impl]
 
 
-def linear_fn(impl):
-    """fn((hidden, weight), inp) -> (loss, logged extra) for the linear case (dapo)."""
+def linear_fn(impl, lce_options=None):
+    """fn((hidden, weight), inp) -> (loss, logged extra) for the linear case (dapo); `lce_options`: the
+    LinearCrossEntropyOptions of torch_lce (default: torch's defaults)."""
     import sppo_fast as sf
 
     config = _config("dapo")
+    if impl in ("torch_lce", "torch_lce_tuned"):
+        from sppo_fast.trainer.loss_impls import torch_lce_logprobs
+
+        options = torch.nn.LinearCrossEntropyOptions() if lce_options is None else lce_options
+
+        def lce(x, inp):
+            logp = torch_lce_logprobs(x[0], x[1], inp["targets"], options=options)
+            return _policy_loss(logp, None, inp, config, "dapo")
+        return lce
     if impl == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
@@ -306,72 +344,64 @@ def trl_chunked_loss(x, inp):
     return _policy_loss(logp.view(B, T), entropy.detach().view(B, T), inp, _config("dapo"), "dapo")
 
 
-def build_fn(op, impl, preset):
+def build_fn(op, impl, preset, lce_options=None):
     """fn(x, inp) -> scalar loss, where x is the logits (or (hidden, weight) for fused_linear); the
     `_compile` suffix is torch.compile of the eager implementation of that name."""
     base, compiled = (impl[:-len("_compile")], True) if impl.endswith("_compile") else (impl.removesuffix("_eager"),
                                                                                            False)
-    fn = linear_fn(base) if op == "fused_linear" else from_logits_fn(op, base, preset)
+    fn = linear_fn(base, lce_options) if op == "fused_linear" else from_logits_fn(op, base, preset)
     if compiled:
         return _compiled(fn)
     return lambda x, inp: fn(x, inp)[0]
 
 
+
+def lce_options_of(spec):
+    """LinearCrossEntropyOptions from a dict of its fields (JSON: acc_dtype by name)."""
+    if spec is None:
+        return None
+    spec = dict(spec)
+    if isinstance(spec.get("acc_dtype"), str):
+        spec["acc_dtype"] = getattr(torch, spec["acc_dtype"].removeprefix("torch."))
+    return torch.nn.LinearCrossEntropyOptions(**spec)
+
+
+def lce_resolved(options, x):
+    """What torch resolves `options` to on these inputs (rows per chunk, policy, accumulation dtype), for
+    the record; None if this torch cannot say."""
+    hidden, weight = x
+    try:
+        got = options._adjust(num_batches=hidden.numel() // hidden.shape[-1], in_features=hidden.shape[-1],
+                              num_classes=weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+    except Exception:  # noqa: BLE001 - a private method of torch: only for the record
+        return None
+    return {"batch_chunk_size": got.batch_chunk_size, "acc_policy": got.acc_policy,
+            "acc_dtype": str(got.acc_dtype).removeprefix("torch."), "chunking_method": got.chunking_method}
+
+
+def lce_candidates(tokens, dtype):
+    """torch_lce_tuned's candidate options on `tokens` rows of dtype (see the module docstring)."""
+    return [{"batch_chunk_size": rows, "acc_policy": LCE_POLICY[dtype]}
+            for rows in sorted({min(c, tokens) for c in LCE_CHUNKS})]
+
+
+def lce_sweep(x, wrt, inp, dtype):
+    """(fastest options, the sweep): one untimed and one timed forward+backward of each candidate."""
+    tokens = x[0].numel() // x[0].shape[-1]
+    sweep = []
+    for spec in lce_candidates(tokens, dtype):
+        fn = build_fn("fused_linear", "torch_lce", "dapo", lce_options_of(spec))
+
+        def call(fn=fn):
+            return torch.autograd.grad(fn(x, inp), wrt)
+        call()
+        t0 = time.perf_counter()
+        call()
+        sweep.append(dict(spec, fwd_bwd_ms=round((time.perf_counter() - t0) * 1e3, 1)))
+    best = min(sweep, key=lambda r: r["fwd_bwd_ms"])
+    return {k: v for k, v in best.items() if k != "fwd_bwd_ms"}, sweep
 # ----------------------------------------------------------------------------------------------------
-# Measurement (in the child)
-
-
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
-
-
-def _faithful_rss():
-    """Make the resident set follow live tensors (see the module docstring)."""
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 64 * 1024)
-    libc.mallopt(m_trim_threshold, 0)
-    libc.malloc_trim(0)
-
-
-def peak_extra_mib(fn):
-    """(peak, held) in MiB: resident memory above what was resident before fn at fn's peak (results of
-    fn included), and what sppo_fast's gradient pool holds once the results are dropped (it keeps the
-    last gradient's block for the next call, as CUDA's caching allocator would; its own exact count,
-    not the resident set, which glibc's heap blurs by a few MiB). The pool is emptied first, so that a
-    block it kept from an earlier call does not hide in the baseline."""
-    from sppo_fast import buffers
-
-    buffers.empty_cache()
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident set
-    base = _status_kib("VmRSS")
-    out = fn()
-    peak = _status_kib("VmHWM")
-    del out
-    gc.collect()
-    return (peak - base) / 1024, buffers.cached_bytes() / 2**20
-
-
-def median_ms(fn, reps, before=None):
-    """(wall, CPU) medians in ms over reps calls. The CPU time of the process (all its threads) is
-    the work done, which other jobs on the machine inflate much less than the wall time."""
-    times, cpu = [], []
-    for _ in range(reps):
-        if before is not None:
-            before()
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-        cpu.append((time.process_time() - c0) * 1e3)
-        del out
-    return statistics.median(times), statistics.median(cpu)
+# Measurement (in the child; the measures are sppo_fast.bench.harness's)
 
 
 def run_child(case):
@@ -380,13 +410,20 @@ def run_child(case):
     dtype = DTYPES[case["dtype"]]
     hidden = HIDDEN if op == "fused_linear" else None
     inp = make_inputs(case["tokens"], case["vocab"], dtype, hidden=hidden)
-    fn = build_fn(op, impl, preset)
+    result = {}
     if op == "fused_linear":
         x = (inp["hidden"].requires_grad_(True), inp["weight"].requires_grad_(True))
         wrt = list(x)
     else:
         x = inp["logits"].requires_grad_(True)
         wrt = [x]
+    options = None
+    if impl == "torch_lce_tuned":  # the options that suit the shape best, timed here
+        spec, result["lce_sweep"] = lce_sweep(x, wrt, inp, case["dtype"])
+        options = lce_options_of(spec)
+    if impl.startswith("torch_lce"):
+        result["lce_options"] = lce_resolved(options or torch.nn.LinearCrossEntropyOptions(), x)
+    fn = build_fn(op, impl, preset, options)
     restore = None
     if impl == "sppo_fast_inplace":  # the backward overwrites the logits: give each call fresh ones
         pristine = x.detach().clone()
@@ -403,7 +440,6 @@ def run_child(case):
         loss = fn(x, inp)
         return torch.autograd.grad(loss, wrt)
 
-    result = {}
     t0 = time.perf_counter()
     forward_backward()
     forward()
@@ -414,7 +450,7 @@ def run_child(case):
         forward_backward()
     result["fwd_ms"], result["fwd_cpu_ms"] = median_ms(forward, case["reps"], restore)
     result["fwd_bwd_ms"], result["fwd_bwd_cpu_ms"] = median_ms(forward_backward, case["reps"], restore)
-    _faithful_rss()
+    harness._faithful_rss()
     if restore:
         restore()
     result["fwd_peak_mib"], _ = peak_extra_mib(forward)
@@ -450,11 +486,11 @@ def cases(args):
 
     for op in args.ops:
         if op == "fused_linear":
-            for tokens in args.linear_tokens:
-                for vocab in args.linear_vocab:
+            for dtype, vocab in args.linear_shapes:
+                for tokens in args.linear_tokens:
                     for impl in impls(op, "dapo"):
                         yield {"op": op, "impl": impl, "preset": "dapo", "tokens": tokens, "vocab": vocab,
-                               "dtype": "fp32", "hidden": HIDDEN}
+                               "dtype": dtype, "hidden": HIDDEN}
             continue
         for dtype, vocab in args.shapes:
             for tokens in args.tokens:
@@ -478,30 +514,69 @@ def too_big(case, args):
     return None
 
 
+def load_policy(args):
+    return LoadPolicy(limit=args.max_load, settle_s=args.settle, refuse=args.refuse_loaded)
+
+
 def run_case(case, args):
     row = dict(case, logits_mib=round(logits_mib(case["tokens"], case["vocab"], case["dtype"]), 1))
     skip = too_big(case, args)
     if skip:
         return dict(row, status=skip)
-    return run_in_child("sppo_fast.bench_cli", dict(case, reps=args.reps, warmup=args.warmup), row, args.timeout)
+    payload = dict(case, reps=args.reps, warmup=args.warmup)
+    return harness.run_in_child("sppo_fast.bench.ops", payload, row, args.timeout, load=load_policy(args))
 
 
-def run_in_child(module, payload, row, timeout):
-    """`module.child_main(json payload)` in a fresh process (its own peak memory, nothing cached from the
-    cases before), which prints its result as a line `RESULT {json}`: the row with that result, or with
-    a status saying why there is none. The load average on either side says how busy the machine was."""
-    row = dict(row, load_before=round(os.getloadavg()[0], 2))  # other work on the machine skews timings
-    code = f"import sys; from {module} import child_main; sys.exit(child_main(sys.argv[1]))"
-    try:
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(payload)], capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return dict(row, status=f"timeout after {timeout:g} s")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return dict(row, status=f"child failed (exit {proc.returncode}): {' | '.join(tail)[:300]}")
-    return dict(row, **json.loads(lines[-1][len("RESULT "):]), load_after=round(os.getloadavg()[0], 2))
+def measure_floors(args, case_list, previous=None):
+    """The machine's floors (sppo_fast/bench/floors.py), each in a child: the stream bandwidth and the exp
+    rate of the logits dtypes, and the three matmuls of each linear shape. With `previous` (the floors
+    measured before the cases), both are kept and the better of the two is the floor."""
+    policy, module = load_policy(args), "sppo_fast.bench.floors"
+    dtypes = sorted({c["dtype"] for c in case_list if c["op"] != "fused_linear"})
+    machine = {"kind": "machine", "dtypes": dtypes}
+    out = {"machine": harness.run_in_child(module, machine, {}, args.timeout, load=policy) if dtypes else {},
+           "matmul": []}
+    for shape in sorted({(c["tokens"], c["hidden"], c["vocab"], c["dtype"]) for c in case_list
+                         if c["op"] == "fused_linear"}):
+        row = dict(zip(("tokens", "hidden", "vocab", "dtype"), shape))
+        payload = dict(row, kind="matmul", reps=args.reps)
+        out["matmul"].append(harness.run_in_child(module, payload, row, args.timeout, load=policy))
+    if previous is None:
+        return out
+    return best_floors(previous, out)
+
+
+def best_floors(before, after):
+    """The lower floor of two measurements (the higher bandwidth and exp rate, the faster matmuls), with
+    both measurements kept under "runs"."""
+    best = {"runs": [before, after], "machine": dict(before.get("machine") or {}), "matmul": []}
+    m_after = after.get("machine") or {}
+    if m_after.get("status") == "ok":
+        m = best["machine"]
+        if m.get("status") != "ok":
+            best["machine"] = dict(m_after)
+        else:
+            m["stream_gbps"] = max(m["stream_gbps"], m_after["stream_gbps"])
+            m["exp"] = {d: max((m["exp"].get(d), m_after["exp"].get(d)), key=lambda e: (e or {}).get("exp_per_s", 0))
+                        for d in set(m["exp"]) | set(m_after["exp"])}
+    shape = lambda r: (r["tokens"], r["hidden"], r["vocab"], r["dtype"])  # noqa: E731
+    later = {shape(r): r for r in after.get("matmul", [])}
+    for r in before.get("matmul", []):
+        r2 = later.get(shape(r), {})
+        ok = [x for x in (r, r2) if x.get("status") == "ok"]
+        best["matmul"].append(min(ok, key=lambda x: x["mm3_ms"]) if ok else r)
+    return best
+
+
+def attach_floors(rows, floors):
+    """Each measured row with its floors and "% of floor" (floors.floors_of_row)."""
+    matmul = {(r["tokens"], r["hidden"], r["vocab"], r["dtype"]): r for r in floors.get("matmul", [])}
+    machine = floors.get("machine") if (floors.get("machine") or {}).get("status") == "ok" else {}
+    return [floors_mod.floors_of_row(r, machine, matmul) for r in rows]
+
+
+def default_out():
+    return os.path.join(harness.results_dir(), harness.machine_slug(harness.cpu_model(), os.cpu_count()) + ".json")
 
 
 def agreement():
@@ -527,249 +602,9 @@ def agreement():
     return report
 
 
-def environment():
-    import sppo_fast as sf
-
-    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-           "python": platform.python_version(), "backend": sf.backend_info()["cpu"],
-           "thp": _read("/sys/kernel/mm/transparent_hugepage/enabled"), "isa_flags": _isa_flags(),
-           "load_average": [round(x, 2) for x in os.getloadavg()]}
-    from importlib.metadata import PackageNotFoundError, version
-
-    for pkg in ("liger-kernel", "cut-cross-entropy", "trl", "verl", "transformers"):
-        try:
-            env[pkg] = version(pkg)
-        except PackageNotFoundError:
-            env[pkg] = "not installed"
-    return env
-
-
-def _read(path):
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return "unknown"
-
-
-def _isa_flags():
-    """The vector ISA extensions /proc/cpuinfo lists that matter to these kernels."""
-    for line in _read("/proc/cpuinfo").splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return sorted(f for f in flags if f in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16",
-                                                     "amx_bf16"))
-    return []
-
-
-def machine_slug(cpu, cores):
-    """bench/results/<slug>: e.g. "AMD EPYC" and 2 cores -> "amd-epyc-2core"; the frequency, "(R)",
-    "CPU", "Processor" and an "N-Core" of the model name dropped."""
-    name = re.sub(r"\(r\)|\(tm\)|@.*$|\bcpu\b|\bprocessor\b|\b\d+-core\b", " ", cpu.lower())
-    name = re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "cpu"
-    return f"{name}-{cores}core"
-
-
-def _cpu_model():
-    for line in _read("/proc/cpuinfo").splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def default_out():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(root, "bench", "results", machine_slug(_cpu_model(), os.cpu_count()) + ".json")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reporting
-
-
-def _key(row):
-    return (row["op"], row.get("preset"), row["dtype"], row["vocab"], row["tokens"])
-
-
-def speedups(rows):
-    """Per case, sppo_fast's ratios against the other implementations (time: theirs / ours)."""
-    by_case = {}
-    for r in rows:
-        by_case.setdefault(_key(r), {})[r["impl"]] = r
-    out = []
-    for key, impls in by_case.items():
-        for ours_name in ("sppo_fast", "sppo_fast_inplace"):
-            ours = impls.get(ours_name)
-            if not ours or ours.get("status") != "ok":
-                continue
-            entry = {"op": key[0], "preset": key[1], "dtype": key[2], "vocab": key[3], "tokens": key[4],
-                     "impl": ours_name, "fwd_bwd_ms": ours["fwd_bwd_ms"],
-                     "peak_over_logits": round(ours["fwd_bwd_peak_mib"] / ours["logits_mib"], 3)
-                     if key[0] != "fused_linear" else None}
-            for other, r in impls.items():
-                if other.startswith("sppo_fast") or r.get("status") != "ok":
-                    continue
-                entry[f"fwd_bwd_x_vs_{other}"] = round(r["fwd_bwd_ms"] / ours["fwd_bwd_ms"], 2)
-                entry[f"fwd_x_vs_{other}"] = round(r["fwd_ms"] / ours["fwd_ms"], 2)
-            out.append(entry)
-    return out
-
-
-def markdown_table(rows):
-    head = ("| op | preset | dtype | V | tokens | impl | fwd ms | fwd+bwd ms | fwd+bwd peak MiB "
-            "(x logits) | pool holds MiB | first call s | load before, after |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|")
-    lines = [head]
-    for r in rows:
-        case = f"| {r['op']} | {r.get('preset') or ''} | {r['dtype']} | {r['vocab']} | {r['tokens']} | {r['impl']} |"
-        if r.get("status") != "ok":
-            lines.append(f"{case} {r['status']} | | | | | |")
-            continue
-        ratio = "" if r["op"] == "fused_linear" else f" ({r['fwd_bwd_peak_mib'] / r['logits_mib']:.2f}x)"
-        lines.append(f"{case} {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | "
-                     f"{r['fwd_bwd_peak_mib']:.0f}{ratio} | {r.get('pool_held_mib', float('nan')):.0f} | "
-                     f"{r['first_call_s']:.1f} | {r.get('load_before')}, {r.get('load_after')} |")
-    return "\n".join(lines)
-
-
-IMPL_ORDER = ("sppo_fast", "sppo_fast_inplace", "torch_compile", "torch_eager", "verl_compile", "verl_eager",
-              "trl_compile", "trl_eager", "trl_chunked", "liger", "cce", ORACLE)
-
-
-def _by_case(rows):
-    by_case = {}
-    for r in rows:
-        by_case.setdefault(_key(r), {})[r["impl"]] = r
-    return sorted(by_case.items(), key=lambda kv: tuple(str(k) for k in kv[0]))
-
-
-def _memory(r, linear):
-    if linear:
-        return f"{r['fwd_bwd_peak_mib']:.0f} MiB", f"{r.get('pool_held_mib', float('nan')):.0f} MiB"
-    return (f"{r['fwd_bwd_peak_mib'] / r['logits_mib']:.2f}x",
-            f"{r.get('pool_held_mib', float('nan')) / r['logits_mib']:.2f}x")
-
-
-def summary_table(rows):
-    """One line per (case, implementation): fwd+bwd median, as a multiple of sppo_fast's, the forward
-    alone, and memory above the inputs (peak during the call, and what sppo_fast's gradient pool holds
-    after it) as a multiple of the logits' size (MiB for the linear case, whose logits the fused
-    implementations never hold)."""
-    lines = ["| op | dtype | V | tokens | impl | fwd+bwd ms | x sppo_fast | fwd+bwd CPU ms | fwd ms | peak | "
-             "pool holds after |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for key, impls in _by_case(rows):
-        ours = impls.get("sppo_fast")
-        base = ours["fwd_bwd_ms"] if ours and ours.get("status") == "ok" else None
-        op = key[0] + (f" {key[1]}" if key[1] and key[0] != "fused_linear" else "")
-        for name in sorted(impls, key=lambda n: IMPL_ORDER.index(n) if n in IMPL_ORDER else len(IMPL_ORDER)):
-            r = impls[name]
-            label = f"{name} (the fp64-grade oracle, not a baseline)" if name == ORACLE else name
-            case = f"| {op} | {key[2]} | {key[3]} | {key[4]} | {label} |"
-            if r.get("status") != "ok":
-                lines.append(f"{case} {r['status'][:80]} | | | | | |")
-                continue
-            ratio = f"{r['fwd_bwd_ms'] / base:.2f}x" if base else ""
-            peak, held = _memory(r, key[0] == "fused_linear")
-            cpu = f"{r['fwd_bwd_cpu_ms']:.0f}" if "fwd_bwd_cpu_ms" in r else ""
-            lines.append(f"{case} {r['fwd_bwd_ms']:.0f} | {ratio} | {cpu} | {r['fwd_ms']:.0f} | {peak} | {held} |")
-    return "\n".join(lines)
-
-
-def targets_table(rows):
-    """Issue 12's targets, per case of fused_policy_loss: sppo_fast >= 3x torch.compile of the idiomatic
-    loss (in place >= 5x), peak 1.00x the logits (0 in place), backward (fwd+bwd - fwd) <= 1.5x the
-    forward."""
-    lines = ["| case | sppo_fast vs torch_compile | in place vs torch_compile | the same in CPU time | "
-             "peak (in place) | backward / forward (in place) |", "|---|---|---|---|---|---|"]
-    for key, impls in _by_case(rows):
-        if key[0] != "fused_policy_loss":
-            continue
-        ours, inplace, comp = (impls.get(n, {}) for n in ("sppo_fast", "sppo_fast_inplace", "torch_compile"))
-        if not all(r.get("status") == "ok" for r in (ours, inplace, comp)):
-            continue
-
-        def bwd_over_fwd(r):
-            return (r["fwd_bwd_ms"] - r["fwd_ms"]) / r["fwd_ms"]
-
-        x, xi = comp["fwd_bwd_ms"] / ours["fwd_bwd_ms"], comp["fwd_bwd_ms"] / inplace["fwd_bwd_ms"]
-        cpu = "" if "fwd_bwd_cpu_ms" not in comp else ", ".join(
-            f"{comp['fwd_bwd_cpu_ms'] / r['fwd_bwd_cpu_ms']:.2f}x" for r in (ours, inplace))
-        mark = lambda ok: "met" if ok else "NOT met"  # noqa: E731
-        peak, peak_in = (r["fwd_bwd_peak_mib"] / r["logits_mib"] for r in (ours, inplace))
-        lines.append(f"| {key[1]} {key[2]} V={key[3]} {key[4]} tokens | {x:.2f}x ({mark(x >= 3)}) | "
-                     f"{xi:.2f}x ({mark(xi >= 5)}) | {cpu} | {peak:.2f}x ({peak_in:.2f}x) | "
-                     f"{bwd_over_fwd(ours):.2f} ({bwd_over_fwd(inplace):.2f}) |")
-    return "\n".join(lines)
-
-
-def write_reports(report, out, plot_png=True):
-    stem = os.path.splitext(out)[0]
-    env = report["environment"]
-    runs = report.get("runs", [report["settings"]])
-    with open(stem + ".md", "w") as f:
-        f.write(f"CPU benchmark: **{env['cpu']}**, {env['cores']} cores ({', '.join(env.get('isa_flags', []))}), "
-                f"torch {env['torch']}, kernels: {env['backend']}; `python bench/bench_ops.py` "
-                f"(method: bench/README.md), {len(runs)} run(s), the last on {env['date']}; load average "
-                f"{env.get('load_average', 'not recorded')} at its start (other jobs on the machine slow every "
-                "implementation; each row records the load before and after it).\n\n"
-                "Medians of forward+backward, the forward alone (under no_grad), and memory above the inputs "
-                "(peak during one call after warm-up, and what sppo_fast's gradient pool holds after it: the "
-                "last gradient's block, kept for the next call), as a multiple of the logits' size (MiB for "
-                "the linear case).\n\n")
-        targets = targets_table(report["results"])
-        if targets.count("\n") > 1:
-            f.write("Issue 12's targets on this machine:\n\n" + targets + "\n\n")
-        f.write(summary_table(report["results"]) + "\n\nEvery measurement:\n\n")
-        f.write(markdown_table(report["results"]) + "\n")
-    if plot_png and plot(report["results"], stem + ".png", env):
-        print(f"wrote {stem}.png")
-    print(f"wrote {stem}.md")
-
-
-def plot(rows, path, env):
-    """One panel per case: fwd+bwd median of each implementation (bars, log scale), its peak memory as
-    a multiple of the logits written on the bar."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cases = [(key, {n: r for n, r in impls.items() if r.get("status") == "ok"}) for key, impls in _by_case(rows)]
-    cases = [(key, impls) for key, impls in cases if impls]
-    if not cases:
-        return False
-    fig, axes = plt.subplots(1, len(cases), figsize=(max(5.0, 3.4 * len(cases)), 4.4), squeeze=False)
-    for ax, (key, impls) in zip(axes[0], cases):
-        names = [n for n in IMPL_ORDER if n in impls]
-        times = [impls[n]["fwd_bwd_ms"] for n in names]
-        colors = ["tab:green" if n.startswith("sppo_fast") else "tab:gray" for n in names]
-        ax.bar(range(len(names)), times, color=colors)
-        for i, n in enumerate(names):
-            r = impls[n]
-            mem = (f"{r['fwd_bwd_peak_mib']:.0f}M" if key[0] == "fused_linear"
-                   else f"{r['fwd_bwd_peak_mib'] / r['logits_mib']:.1f}x")
-            ax.text(i, times[i], mem, ha="center", va="bottom", fontsize=6)
-        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-        ax.set_yscale("log")
-        ax.set_ylim(min(times) / 4, max(times) * 2)  # room below the shortest bar, so its height shows
-        ax.set_ylabel("fwd+bwd ms (median)", fontsize=8)
-        ax.set_title(f"{key[0]}{' ' + key[1] if key[1] else ''}\n{key[2]} V={key[3]} {key[4]} tokens", fontsize=8)
-        ax.tick_params(axis="y", labelsize=7)
-    fig.suptitle(f"{env['cpu']}, {env['cores']} cores, torch {env['torch']}\n(labels: peak memory)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--long-cot" in argv:  # the whole-update-step benchmark has its own options
-        from sppo_fast.bench_long_cot import main as long_cot_main
-
-        return long_cot_main([a for a in argv if a != "--long-cot"])
-    args = parse_args(argv)
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.child is not None:
         return child_main(args.child)
     if args.report_only:
@@ -789,18 +624,28 @@ def main(argv=None):
     if not report["agreement"]["ok"]:
         print("the fused loss disagrees with eager: not timing a wrong kernel", file=sys.stderr)
         return 1
-    for case in cases(args):
+    case_list = list(cases(args))
+    floors = None if args.no_floors else measure_floors(args, case_list)
+    print("floors before the cases:", json.dumps(floors), flush=True)
+    for case in case_list:
         row = run_case(case, args)
         report["results"].append(row)
         print(json.dumps(row), flush=True)
+    if floors is not None:
+        floors = measure_floors(args, case_list, previous=floors)
+        print("floors after the cases:", json.dumps(floors["runs"][1]), flush=True)
+        report["floors"] = floors
+        report["results"] = attach_floors(report["results"], floors)
     out = args.out or (None if args.quick else default_out())
     if args.merge and out and os.path.exists(out):
         with open(out) as f:
             previous = json.load(f)
-        fresh = {_key(r) + (r["impl"],) for r in report["results"]}
-        kept = [r for r in previous["results"] if _key(r) + (r["impl"],) not in fresh]
+        fresh = {key_of(r) + (r["impl"],) for r in report["results"]}
+        kept = [r for r in previous["results"] if key_of(r) + (r["impl"],) not in fresh]
         report["results"] = kept + report["results"]
         report["runs"] = previous.get("runs", [previous["settings"]]) + [report["settings"]]
+        if previous.get("floors"):  # the kept rows carry their own run's floors
+            report["earlier_floors"] = previous.get("earlier_floors", []) + [previous["floors"]]
     report["speedups"] = speedups(report["results"])
     print("\n" + markdown_table(report["results"]))
     print("\nsppo_fast against the others (fwd+bwd time ratios, theirs / ours):")
