@@ -303,7 +303,7 @@ def test_resume_with_changed_model_fields_names_the_mismatch(tmp_path, capsys, f
     before = snapshot(finished_run)
     capsys.readouterr()
     user_error(capsys, ["--resume", str(finished_run), "--steps", "3", "--hidden_size", "64"], "resume:",
-               "policy.safetensors", "does not fit", "hidden")
+               "policy.safetensors", "does not fit", "(32, 32) saved, (64, 64) now")
     assert snapshot(finished_run) == before
 
 
