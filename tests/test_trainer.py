@@ -457,3 +457,150 @@ def test_default_task_level_per_task_and_its_solutions_fit_the_response_budget()
     examples = task.examples("train", 4000, seed=0) + task.examples("test", 1000, seed=0)
     longest = max(len(tok(ex.solution, add_special_tokens=False)["input_ids"]) + 1 for ex in examples)
     assert longest <= cfg.max_new_tokens
+
+
+# --- stopping by a signal (SIGINT, SIGTERM) and by a kill (SIGKILL), then --resume -----------------------
+
+def _rows(run_dir):
+    return [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def _same_run(a, b, names):
+    """Same final weights and the same per-step metrics that do not depend on the clock."""
+    for name in names:
+        wa, wb = _weights(a, name), _weights(b, name)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=0, msg=f"{name}.{k}")
+    ra, rb = _rows(a), _rows(b)
+    assert [r["step"] for r in rb] == [r["step"] for r in ra]
+    for key in ("reward", "loss", "critic_loss", "eval_accuracy", "response_length"):
+        assert [r.get(key) for r in rb] == [r.get(key) for r in ra], key
+
+
+def _signal_at(monkeypatch, owner, attr, call, signum):
+    """Make the `call`-th call of owner.attr deliver `signum` to this process (through the real handler)."""
+    real = getattr(owner, attr)
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signum)
+        return out
+
+    monkeypatch.setattr(owner, attr, wrapped)
+
+
+def test_sigint_in_rl_checkpoints_the_step_and_resume_equals_straight_run(tmp_path, monkeypatch,
+                                                                          alternating_rewards):
+    """Ctrl-C during step 2 of 4 (save_every 0: no checkpoint would exist before the end): the step is
+    finished and checkpointed, the run stops with the resume command, and --resume gives the same weights
+    and metrics as a run that was never interrupted."""
+    import sppo_fast.trainer.loop as loop
+    from sppo_fast.trainer.signals import RunInterrupted
+
+    kw = dict(algo="sppo", steps=4, save_every=0, eval_every=2)
+    straight = tiny(tmp_path / "a", **kw)
+    train(straight)
+    cfg = tiny(tmp_path / "b", **kw)
+    handler = signal.getsignal(signal.SIGINT)
+    with monkeypatch.context() as m:
+        _signal_at(m, loop.Trainer, "step", 2, signal.SIGINT)
+        with pytest.raises(RunInterrupted) as stop:
+            train(cfg)
+    assert signal.getsignal(signal.SIGINT) is handler, "the handler is put back"
+    assert stop.value.exit_code == 130
+    assert "at step 2 of 4" in str(stop.value) and f"--resume {cfg.out}" in str(stop.value)
+    state = torch.load(os.path.join(cfg.out, "checkpoint", "state.pt"), weights_only=True)
+    assert state["step"] == 2 and not os.path.exists(os.path.join(cfg.out, "summary.json"))
+    resumed, resume = config_from_args(["--resume", cfg.out])
+    assert resume and resumed == cfg
+    assert train(resumed, resume=True)["resumed_from_step"] == 2
+    _same_run(straight.out, cfg.out, ["policy", "critic"])
+
+
+def test_sigterm_in_the_warm_start_keeps_its_progress_and_resume_equals_straight_run(tmp_path, monkeypatch):
+    """SIGTERM during SFT step 3 of 6: the warm start saves its progress beside its cache entry and the run
+    stops; --resume continues the fine-tuning from step 3 and ends with the same warm start (bit for bit)
+    and the same RL run as an uninterrupted one."""
+    from sppo_fast.trainer import warmstart
+    from sppo_fast.trainer.signals import RunInterrupted
+
+    kw = dict(algo="grpo", samples_per_prompt=2, steps=2, warm_start=True, sft_steps=6, sft_batch_size=4,
+              sft_examples=16)
+    straight = tiny(tmp_path / "a", **kw)
+    train(straight)
+    cfg = tiny(tmp_path / "b", **kw)
+    with monkeypatch.context() as m:
+        _signal_at(m, warmstart, "sft_loss", 3, signal.SIGTERM)
+        with pytest.raises(RunInterrupted) as stop:
+            train(cfg)
+    assert stop.value.exit_code == 143
+    assert "warm start (SFT step 3 of 6)" in str(stop.value) and f"--resume {cfg.out}" in str(stop.value)
+    cache = tmp_path / "b" / "cache" / "warmstart"
+    assert not list(cache.glob("*.safetensors")) and len(list(cache.glob("*.partial"))) == 1
+    assert sorted(os.listdir(cfg.out)) == ["config.json"]
+    calls = []
+    real_loss = warmstart.sft_loss
+    monkeypatch.setattr(warmstart, "sft_loss", lambda *a: calls.append(1) or real_loss(*a))
+    resumed, _ = config_from_args(["--resume", cfg.out])
+    train(resumed, resume=True)
+    assert len(calls) == 3, "the fine-tuning continued from step 3"
+    assert not list(cache.glob("*.partial"))
+    from safetensors.torch import load_file
+
+    [a] = (tmp_path / "a" / "cache" / "warmstart").glob("*.safetensors")
+    [b] = cache.glob("*.safetensors")
+    wa, wb = load_file(a), load_file(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    _same_run(straight.out, cfg.out, ["policy"])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_killed_cli_run_resumes_to_the_straight_run(tmp_path, sig):
+    """`sppo-fast train` in its own process, signalled from outside once it has checkpointed a step:
+    SIGTERM stops it cleanly after the step in flight (exit 143, the resume command on its last line);
+    SIGKILL leaves the last checkpoint (and perhaps a line cut short in metrics.jsonl). Either way
+    `--resume` continues to the same weights and metrics as a straight run."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    values = {**TINY, "algo": "sppo", "steps": 100000, "save_every": 1, "out": str(out),
+              "cache_dir": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "sppo_fast.trainer.cli"]
+    for k, v in values.items():
+        cmd += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    state = out / "checkpoint" / "state.pt"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if state.exists() and torch.load(state, weights_only=True)["step"] >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    step = torch.load(state, weights_only=True)["step"]
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143, stderr[-3000:]
+        last = stderr.strip().splitlines()[-1]
+        assert last.startswith(f"sppo-fast train: interrupted by SIGTERM at step {step} of 100000")
+        assert last.endswith(f"resume with: sppo-fast train --resume {out}")
+        assert "Traceback" not in stderr
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    total = step + 2
+    straight = tiny(tmp_path / "straight", algo="sppo", steps=total, save_every=1)
+    train(straight)
+    cfg, resume = config_from_args(["--resume", str(out), "--steps", str(total)])
+    assert train(cfg, resume=True)["resumed_from_step"] == step
+    _same_run(straight.out, str(out), ["policy", "critic"])
