@@ -1,6 +1,7 @@
 """The loss stage: the loss family of docs/api.md §3.2-§3.6, written once in PyTorch on the (S, T) grid and
-shared by every backend and batch layout (packed batches reach it already on the grid, sppo_fast.layout). Autograd through this stage yields the per-token coefficients (d loss / d logp and
-d loss / d entropy) that the backward kernel turns into the logits' gradient (docs/api.md §9).
+shared by every backend and batch layout (packed batches reach it already on the grid, sppo_fast.layout).
+Autograd through this stage yields the per-token coefficients (d loss / d logp and d loss / d entropy)
+that the backward kernel turns into the logits' gradient (docs/api.md §9).
 
 A loss is `sum_t w_t * l_t`: a per-token loss `l_t` (ratios, clipping, KL, entropy bonus) and
 per-token weights `w_t` that encode the aggregation. A new variant is a few lines here."""
@@ -145,10 +146,11 @@ class PolicyLossOutput(NamedTuple):
 
 def group_mean(values, valid, groups):
     """Masked mean of `values` over each group, broadcast back to its tokens (0 off the mask).
-    `groups` is (B, T) int64 with -1 off the mask; groups of different sequences never mix."""
+    `groups` is (B, T) int64 in [0, T) on the mask (anything off it); groups of different sequences never mix."""
     B, T = values.shape
     n_groups = max(T, 1)  # a sequence has at most T segments; no device sync to find the real count
-    flat = (torch.arange(B, device=values.device).unsqueeze(1) * n_groups + groups.clamp(min=0)).reshape(-1)
+    groups = torch.where(valid, groups, torch.zeros_like(groups))
+    flat = (torch.arange(B, device=values.device).unsqueeze(1) * n_groups + groups).reshape(-1)
     vflat = torch.where(valid, values, torch.zeros_like(values)).reshape(-1)
     sums = torch.zeros(B * n_groups, dtype=values.dtype, device=values.device).index_add(0, flat, vflat)
     counts = torch.zeros(B * n_groups, dtype=values.dtype, device=values.device).index_add(
