@@ -244,3 +244,77 @@ def test_sppo_mode_one_sample_per_prompt_with_a_prompt_critic():
     assert all("sppo/critic_loss" in h for h in trainer.state.log_history if "loss" in h)
     with pytest.raises(ValueError, match="num_generations"):
         sf_trl.sppo_config(output_dir=tempfile.mkdtemp(), num_generations=4)
+
+
+def _sppo_trainer(output_dir, critic_seed, callbacks=(), **overrides):
+    """A tiny SPPOTrainer; the critic's initial weights come from `critic_seed`."""
+    from sppo_fast.trainer.models import PromptCritic, tiny_llama_config
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(critic_seed)
+    critic = PromptCritic(tiny_llama_config(tokenizer, hidden=16, layers=1, heads=2))
+
+    def has_digit(completions, **kwargs):
+        return [float(any(ch.isdigit() for ch in c)) for c in completions]
+
+    values = dict(output_dir=str(output_dir), per_device_train_batch_size=4, max_completion_length=K, max_steps=4,
+                  report_to=[], use_cpu=True, logging_steps=1, save_strategy="steps", save_steps=2, bf16=False,
+                  loss_type="bnpo", learning_rate=1e-2, lr_scheduler_type="constant", gradient_checkpointing=False,
+                  seed=0)
+    values.update(overrides)
+    # 16 prompts, 4 a step: the 4 steps are one epoch (TRL's sampler draws the order of a later epoch afresh
+    # when resumed, which would be TRL's own difference, not the critic's)
+    dataset = Dataset.from_dict({"prompt": [f"{a}+{b}=" for a in range(4) for b in range(4)]})
+    return sf_trl.SPPOTrainer(model=tiny_qwen2(tokenizer), reward_funcs=has_digit, args=sf_trl.sppo_config(**values),
+                              train_dataset=dataset, processing_class=tokenizer, critic=critic,
+                              critic_learning_rate=1e-2, callbacks=list(callbacks))
+
+
+def _critic_state(trainer):
+    return {k: v.detach().clone() for k, v in trainer.critic.state_dict().items()}
+
+
+def test_sppo_mode_checkpoints_its_critic_and_resume_continues_where_it_stopped(tmp_path):
+    """4 steps straight, against 2 steps that stop (checkpoint-2 written by TRL) and a new trainer, whose critic
+    starts from other weights, resumed from that checkpoint: the critic, its optimizer and the policy end as
+    in the straight run. Without the critic in the checkpoint the resumed critic would keep its other start."""
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    class StopAt2(TrainerCallback):  # an interruption right after TRL's checkpoint of step 2
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                control.should_training_stop = True
+
+    straight = _sppo_trainer(tmp_path / "straight", critic_seed=1, save_strategy="no")
+    straight.train()
+    stopped = _sppo_trainer(tmp_path / "run", critic_seed=1, callbacks=[StopAt2()])
+    stopped.train()
+    assert stopped.state.global_step == 2
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    saved = load_file(checkpoint / sf_trl.SPPO_CRITIC_WEIGHTS)
+    at_stop = _critic_state(stopped)
+    assert saved.keys() == at_stop.keys() and all(torch.equal(saved[k], at_stop[k]) for k in saved)
+    assert (checkpoint / sf_trl.SPPO_CRITIC_OPTIMIZER).exists()
+
+    resumed = _sppo_trainer(tmp_path / "run", critic_seed=2)
+    assert any(not torch.equal(v, at_stop[k]) for k, v in _critic_state(resumed).items())
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 4
+    end, expected = _critic_state(resumed), _critic_state(straight)
+    for k in expected:
+        torch.testing.assert_close(end[k], expected[k], atol=1e-6, rtol=0, msg=k)
+    steps = [s["step"] for s in resumed.critic_optimizer.state_dict()["state"].values()]
+    assert steps and all(int(s) == 2 * 2 for s in steps), steps  # one critic step per step, none lost
+    for (name, p), q in zip(resumed.model.named_parameters(), straight.model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
+    assert (tmp_path / "run" / "checkpoint-4" / sf_trl.SPPO_CRITIC_WEIGHTS).exists()
+
+
+def test_sppo_mode_refuses_a_checkpoint_without_its_critic(tmp_path):
+    plain = _sppo_trainer(tmp_path / "run", critic_seed=1, max_steps=2)
+    plain.train()
+    (tmp_path / "run" / "checkpoint-2" / sf_trl.SPPO_CRITIC_WEIGHTS).unlink()
+    again = _sppo_trainer(tmp_path / "run", critic_seed=1, max_steps=4)
+    with pytest.raises(ValueError, match="sppo_critic.safetensors"):
+        again.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))

@@ -52,7 +52,8 @@ from accelerate.utils import is_peft_model
 from trl import GRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
-from ..losses import PolicyLossConfig, policy_loss, token_weights
+from ..api import policy_loss
+from ..losses import PolicyLossConfig, token_weights
 from .grad_accumulation import accumulate_embedding_grad_into_grad, accumulation_is_safe, head_logprobs
 
 AGGREGATIONS = {
@@ -369,6 +370,10 @@ def sppo_config(**grpo_config_kwargs):
     return config
 
 
+SPPO_CRITIC_WEIGHTS = "sppo_critic.safetensors"
+SPPO_CRITIC_OPTIMIZER = "sppo_critic_optimizer.pt"
+
+
 class SPPOTrainer(SppoFastGRPOTrainer):
     """SPPO inside TRL: one completion per prompt, advantages `R - sigmoid(critic(prompt))` (docs/api.md §3.7)
     with the critic's values taken before its update, the critic trained by `value_bce_loss` once per
@@ -376,8 +381,9 @@ class SPPOTrainer(SppoFastGRPOTrainer):
 
     `critic`: a module mapping TRL's left-padded `(prompt_ids, prompt_mask)` to one logit per prompt,
     e.g. `sppo_fast.trainer.models.PromptCritic`. Rewards must lie in [0, 1] (success probabilities).
-    `args` must come from `sppo_config(...)`. The critic is not saved in TRL's checkpoints: save
-    `trainer.critic.state_dict()` yourself."""
+    `args` must come from `sppo_config(...)`. The critic and its optimizer are saved in each of TRL's
+    checkpoints (`sppo_critic.safetensors`, `sppo_critic_optimizer.pt`) and restored by
+    `train(resume_from_checkpoint=...)`, so a resumed run continues with the critic it stopped with."""
 
     def __init__(self, *args, critic, critic_learning_rate=1e-3, **kwargs):
         super().__init__(*args, **kwargs)
@@ -387,6 +393,40 @@ class SPPOTrainer(SppoFastGRPOTrainer):
         self.critic = critic.to(self.accelerator.device)
         self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=critic_learning_rate)
         self._sppo_rewards = None
+
+    def _save_checkpoint(self, model, trial):
+        """TRL's checkpoint, plus the critic's weights and its optimizer's state in the same folder."""
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            import os
+
+            from safetensors.torch import save_file
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder = os.path.join(self._get_output_dir(trial=trial), name)
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in self.critic.state_dict().items()},
+                      os.path.join(folder, SPPO_CRITIC_WEIGHTS))
+            torch.save(self.critic_optimizer.state_dict(), os.path.join(folder, SPPO_CRITIC_OPTIMIZER))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """On `train(resume_from_checkpoint=...)`: TRL's states, then the critic and its optimizer."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        import os
+
+        from safetensors.torch import load_file
+
+        weights = os.path.join(checkpoint, SPPO_CRITIC_WEIGHTS)
+        if not os.path.exists(weights):
+            raise ValueError(f"checkpoint {checkpoint} has no {SPPO_CRITIC_WEIGHTS}: it was not written by "
+                             "SPPOTrainer, and resuming would restart the critic from scratch (wrong advantages)")
+        device = next(self.critic.parameters()).device
+        self.critic.load_state_dict({k: v.to(device) for k, v in load_file(weights).items()})
+        optimizer = os.path.join(checkpoint, SPPO_CRITIC_OPTIMIZER)
+        if os.path.exists(optimizer):
+            self.critic_optimizer.load_state_dict(torch.load(optimizer, map_location=device, weights_only=True))
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)  # all processes
