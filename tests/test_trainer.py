@@ -604,3 +604,18 @@ def test_killed_cli_run_resumes_to_the_straight_run(tmp_path, sig):
     cfg, resume = config_from_args(["--resume", str(out), "--steps", str(total)])
     assert train(cfg, resume=True)["resumed_from_step"] == step
     _same_run(straight.out, str(out), ["policy", "critic"])
+
+
+def test_a_second_signal_stops_at_once_and_the_handlers_are_put_back():
+    from sppo_fast.trainer.signals import StopRequest
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        with StopRequest(seen.append) as stop:
+            assert not stop
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop and stop.name == "SIGTERM" and "SIGTERM" in seen[0]
+            os.kill(os.getpid(), signal.SIGINT)
+            raise AssertionError("the second signal must stop at once")
+    assert {s: signal.getsignal(s) for s in before} == before

@@ -154,6 +154,10 @@ def train_main(argv=None) -> int:
     except RunInterrupted as stop:
         print(f"{PROG}: {stop}", file=sys.stderr, flush=True)
         return stop.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once
+        print(f"{PROG}: interrupted at once; the work since the last checkpoint is lost (--resume RUN_DIR "
+              "continues from it)", file=sys.stderr, flush=True)
+        return 130
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: summary[k] for k in ("algo", "eval_accuracy_before", "eval_accuracy_after",
                                                   "wall_seconds", "steps", "run_dir")}, indent=2))

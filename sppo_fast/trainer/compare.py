@@ -640,6 +640,10 @@ def main(argv=None) -> int:
         if debug:
             raise
         return report_error(PROG, error)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; the runs in flight were stopped; --reuse keeps the runs that finished and "
+              "trains the others again", file=sys.stderr, flush=True)
+        return 130
     print(open(os.path.join(out, "compare.md")).read())
     return 0 if all(r["status"] == "ok" for r in result["runs"]) else 1
 
