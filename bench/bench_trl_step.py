@@ -20,6 +20,7 @@ own chunked lm_head), which is what a TRL 1.16 user would have to write: it keep
 metrics or extras, so it is a memory and time reference only. The torch_lce path is the same by hand
 around PyTorch 2.13's `F.linear_cross_entropy(reduction="none")` with its default
 `LinearCrossEntropyOptions()` (per-token log-probs: sppo_fast.trainer.loss_impls.torch_lce_logprobs),
+or, as torch_lce_tuned, with 512 rows per chunk (LCE_CHUNK),
 then the DAPO loss stage of `sppo_fast.policy_loss` with TRL's clip bounds: no entropy, no metrics,
 a memory and time reference only as well."""
 
@@ -36,7 +37,8 @@ from sppo_fast.bench.harness import _faithful_rss as faithful_rss
 from sppo_fast.bench.harness import peak_extra_mib
 
 HIDDEN, VOCAB, LAYERS, PROMPT = 512, 151936, 2, 64
-IMPLS = ("trl", "sppo_fast", "liger", "torch_lce")
+IMPLS = ("trl", "sppo_fast", "liger", "torch_lce", "torch_lce_tuned")
+LCE_CHUNK = 512  # torch_lce_tuned's rows per chunk (torch's own choice at fp32 on CPU: 2 V / H chunks of any length)
 
 
 def build_trainer(impl, tokens):
@@ -63,8 +65,8 @@ def build_trainer(impl, tokens):
                   train_dataset=Dataset.from_dict({"prompt": ["1+1="] * 4}), processing_class=tokenizer)
     if impl == "liger":
         trainer._compute_loss = liger_compute_loss(trainer)
-    if impl == "torch_lce":
-        trainer._compute_loss = torch_lce_compute_loss(trainer)
+    if impl.startswith("torch_lce"):
+        trainer._compute_loss = torch_lce_compute_loss(trainer, LCE_CHUNK if impl == "torch_lce_tuned" else None)
     if args.gradient_checkpointing:  # Trainer.train() would turn it on
         trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
     return trainer
@@ -95,9 +97,10 @@ def liger_compute_loss(trainer):
     return compute_loss
 
 
-def torch_lce_compute_loss(trainer):
+def torch_lce_compute_loss(trainer, chunk_size=None):
     """GRPOTrainer._compute_loss by hand around PyTorch 2.13's chunked F.linear_cross_entropy (per-token
-    log-probs, default options), then the DAPO loss (token-mean, TRL's clip bounds, no KL, no entropy)."""
+    log-probs; torch's default options, or `chunk_size` rows per chunk), then the DAPO loss (token-mean,
+    TRL's clip bounds, no KL, no entropy)."""
     import sppo_fast
     from sppo_fast.integrations.trl import add_hidden_state_forward
     from sppo_fast.trainer.loss_impls import torch_lce_logprobs
@@ -115,7 +118,7 @@ def torch_lce_compute_loss(trainer):
         hidden = model(input_ids=ids, attention_mask=mask, sppo_fast_hidden=True)[:, -k - 1:-1]
         head = trainer.model.lm_head
         logp = torch_lce_logprobs(hidden, head.weight, inputs["completion_ids"], head.bias,
-                                  temperature=trainer.temperature)
+                                  temperature=trainer.temperature, chunk_size=chunk_size)
         return sppo_fast.policy_loss(logp, inputs["old_per_token_logps"], inputs["advantages"],
                                      inputs["completion_mask"].float(), config).loss
 

@@ -11,11 +11,12 @@ Logits path (`token_logprobs`, `fused_policy_loss`: one (N, V) logits tensor in,
   exp floor      the time of the op's exps (one per logit in the forward, one more in the backward) at
                  the rate of our own vectorised exp on a cache-resident block. That rate is the native
                  forward kernel's (`sppo_fast.token_logprobs`, log-prob and entropy, under no_grad) on
-                 blocks small enough to run on one thread from L2: rows of 4096 logits, 4 and 28 rows
-                 (64 and 448 KiB in fp32), timed as the best of 15 batches of 200 calls, the per-logit
-                 rate taken from the difference of the two (which cancels the per-call overhead), times
-                 the thread count. The forward does a little more per logit than the exp (the running
-                 max and the sums), so this floor is, if anything, high.
+                 blocks small enough to run on one thread from L2: rows of 4096 logits, 4, 8, ..., 28
+                 rows (64 to 448 KiB in fp32), each timed as the best of 15 batches of 50 calls (the
+                 sizes interleaved), the time per logit the median slope between two sizes (Theil-Sen:
+                 it cancels the per-call overhead and ignores a size hit by a burst of other work),
+                 the rate times the thread count. The forward does a little more per logit than the
+                 exp (the running max and the sums), so this floor is, if anything, high.
   floor          the larger of the two (memory and exps could at best overlap completely).
 Linear path (`fused_linear`, hidden (N, H) x weight (V, H)):
   matmul floor   the three matmuls of the op, timed with `torch.mm` (into preallocated outputs) on the
@@ -34,8 +35,8 @@ import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXP_ROW = 4096  # logits per row of the exp-rate blocks
-EXP_ROWS = (4, 28)  # rows of the two blocks: one thread's work (the kernel splits 256k elements per task)
-EXP_BATCHES, EXP_CALLS = 15, 200
+EXP_ROWS = (4, 8, 12, 16, 20, 24, 28)  # rows of the blocks: one thread's work (the kernel splits 256k logits a task)
+EXP_BATCHES, EXP_CALLS = 15, 50
 STREAM_MIN_BYTES = 2**30
 STREAM_REPS = 7
 
@@ -72,24 +73,32 @@ def stream_bandwidth():
 
 def exp_rate(dtype):
     """Logits per second that the native forward kernel processes from cache, all threads (see above)."""
+    import statistics
+
     import sppo_fast as sf
 
     gen = torch.Generator().manual_seed(0)
-    times = []
+    blocks = []
+    for rows in EXP_ROWS:
+        logits = (torch.randn(rows, EXP_ROW, generator=gen) * 2.0).to(DTYPES[dtype])
+        blocks.append((rows * EXP_ROW, logits, torch.randint(0, EXP_ROW, (rows,), generator=gen)))
+    best = [float("inf")] * len(blocks)
     with torch.no_grad():
-        for rows in EXP_ROWS:
-            logits = (torch.randn(rows, EXP_ROW, generator=gen) * 2.0).to(DTYPES[dtype])
-            targets = torch.randint(0, EXP_ROW, (rows,), generator=gen)
-            def fn(logits=logits, targets=targets):
-                return sf.token_logprobs(logits, targets, return_entropy=True)
-            fn()
-            times.append(_best_s(fn, EXP_CALLS, EXP_BATCHES))
-    per_logit = (times[1] - times[0]) / ((EXP_ROWS[1] - EXP_ROWS[0]) * EXP_ROW)
-    if per_logit <= 0:  # noise larger than the work: fall back to the larger block alone
-        per_logit = times[1] / (EXP_ROWS[1] * EXP_ROW)
+        for _ in range(EXP_BATCHES):  # the sizes interleaved: a burst of other work hits them alike
+            for i, (_, logits, targets) in enumerate(blocks):
+                sf.token_logprobs(logits, targets, return_entropy=True)  # the block back in cache
+                t0 = time.perf_counter()
+                for _ in range(EXP_CALLS):
+                    sf.token_logprobs(logits, targets, return_entropy=True)
+                best[i] = min(best[i], (time.perf_counter() - t0) / EXP_CALLS)
+    sizes = [b[0] for b in blocks]
+    slopes = [(best[j] - best[i]) / (sizes[j] - sizes[i]) for i in range(len(sizes)) for j in range(i + 1, len(sizes))]
+    per_logit = statistics.median(slopes)  # Theil-Sen: robust to a block timed during a burst
+    if per_logit <= 0:  # noise larger than the work: fall back to the largest block alone
+        per_logit = best[-1] / sizes[-1]
     threads = torch.get_num_threads()
     return {"exp_per_s": round(threads / per_logit), "exp_per_s_one_thread": round(1 / per_logit),
-            "exp_block_us": [round(t * 1e6, 2) for t in times]}
+            "exp_block_us": {n: round(t * 1e6, 2) for n, t in zip(sizes, best)}}
 
 
 def machine(dtypes):

@@ -386,7 +386,8 @@ def markdown(report):
              "times are noisy. Method: the docstring of `sppo_fast/bench/long_cot.py`. torch_lce (PyTorch "
              "2.13's chunked F.linear_cross_entropy, default options) and torch_lce_tuned (the same with "
              f"{s.get('lce_chunk', LCE_CHUNK)} rows per chunk) compute no entropy. (busy): the row started above "
-             f"a load average of {s.get('max_load', 'the limit')} or others used CPU while it ran.", "",
+             f"a load average of {s.get('max_load', 'the limit')} or others used more than half a core while it "
+             "ran.", "",
              "| response tokens | " + " | ".join(s["impls"]) + " |", "|---|" + "---|" * len(s["impls"])]
     by = {(r["impl"], r["length"]): r for r in rows}
     for length in sorted({r["length"] for r in rows} | set(s["lengths"])):

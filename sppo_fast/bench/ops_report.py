@@ -47,6 +47,13 @@ def speedups(rows):
     return out
 
 
+def _ms(x):
+    """A time in ms, to about three figures."""
+    if x is None or x != x:
+        return ""
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 1 else f"{x:.2f}"
+
+
 def _pct(x):
     return "" if x is None else f"{x:.0f}%"
 
@@ -126,9 +133,8 @@ def summary_table(rows):
             peak, held = _memory(r, key[0] == "fused_linear")
             cpu = f"{r['fwd_bwd_cpu_ms']:.0f}" if "fwd_bwd_cpu_ms" in r else ""
             floor = r.get("floors", {}).get("fwd_bwd", {}).get("floor_ms")
-            lines.append(f"{case} {r['fwd_bwd_ms']:.0f}{_flag(r)} | {ratio} | "
-                         f"{'' if floor is None else f'{floor:.0f}'} | {_pct(r.get('fwd_bwd_pct_of_floor'))} | "
-                         f"{cpu} | {r['fwd_ms']:.0f} | {peak} | {held} |")
+            lines.append(f"{case} {_ms(r['fwd_bwd_ms'])}{_flag(r)} | {ratio} | {_ms(floor)} | "
+                         f"{_pct(r.get('fwd_bwd_pct_of_floor'))} | {cpu} | {_ms(r['fwd_ms'])} | {peak} | {held} |")
     return "\n".join(lines)
 
 
@@ -191,18 +197,18 @@ def floor_targets_table(rows):
                 cells.append(f"{x:.2f}x faster, {ours['fwd_bwd_peak_mib']:.0f} vs {r['fwd_bwd_peak_mib']:.0f} MiB")
             target = (f">= {LINEAR_FLOOR_TARGET:.0f}% and >= {LCE_SPEEDUP_TARGET:g}x at no more memory: "
                       f"{_mark(all(met))}" if key[4] == 2048 else "")
-            linear.append(f"| {case}{_flag(ours)} | {ours['fwd_bwd_ms']:.0f}, {_pct(pct)} | "
-                          f"{fb.get('floor_ms', float('nan')):.0f} | {cells[0]} | {cells[1]} | {target} |")
+            linear.append(f"| {case}{_flag(ours)} | {_ms(ours['fwd_bwd_ms'])}, {_pct(pct)} | "
+                          f"{_ms(fb.get('floor_ms'))} | {cells[0]} | {cells[1]} | {target} |")
             continue
         inplace = impls.get("sppo_fast_inplace", {})
         stream = ours.get("fwd_bwd_pct_of_stream_floor")
         goal = FLOOR_TARGETS.get((key[2], key[3])) if key[4] == 2048 else None
         target = "" if goal is None or stream is None else f">= {goal:.0f}%: {_mark(stream >= goal)}"
-        inp = (f"{inplace['fwd_bwd_ms']:.0f}, {_pct(inplace.get('fwd_bwd_pct_of_stream_floor'))}"
+        inp = (f"{_ms(inplace['fwd_bwd_ms'])}, {_pct(inplace.get('fwd_bwd_pct_of_stream_floor'))}"
                if _ok(inplace) else "")
-        lines.append(f"| {case}{_flag(ours)} | {ours['fwd_bwd_ms']:.0f}, {_pct(stream)} "
-                     f"({_pct(ours.get('fwd_bwd_pct_of_floor'))}) | {inp} | {fb.get('exp_ms', float('nan')):.0f} | "
-                     f"{fb.get('stream_ms', float('nan')):.0f} | {target} |")
+        lines.append(f"| {case}{_flag(ours)} | {_ms(ours['fwd_bwd_ms'])}, {_pct(stream)} "
+                     f"({_pct(ours.get('fwd_bwd_pct_of_floor'))}) | {inp} | {_ms(fb.get('exp_ms'))} | "
+                     f"{_ms(fb.get('stream_ms'))} | {target} |")
     out = []
     if len(lines) > 2:
         out.append("\n".join(lines))
@@ -231,8 +237,8 @@ def floors_paragraph(report):
         if r.get("status") == "ok":
             mm = r["mm_ms"]
             parts.append(f"three torch.mm at {r['dtype']} N={r['tokens']} H={r['hidden']} V={r['vocab']}: "
-                         f"**{r['mm3_ms']:.0f} ms** (logits {mm['logits']:.0f}, hidden gradient "
-                         f"{mm['grad_hidden']:.0f}, weight gradient {mm['grad_weight']:.0f})")
+                         f"**{_ms(r['mm3_ms'])} ms** (logits {_ms(mm['logits'])}, hidden gradient "
+                         f"{_ms(mm['grad_hidden'])}, weight gradient {_ms(mm['grad_weight'])})")
         else:
             parts.append(f"matmul floor at {r.get('dtype')} V={r.get('vocab')}: {r.get('status')}")
     return ("Floors measured in this run, before and after the cases (the better of the two; method: "
