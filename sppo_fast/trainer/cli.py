@@ -35,7 +35,7 @@ def train_parser() -> argparse.ArgumentParser:
                     "rewards. "
                     "With no arguments: SPPO on arithmetic with a tiny Llama-style model, warm-started by "
                     "cached supervised fine-tuning. Under `torchrun --nproc_per_node K` the same command "
-                    "shards the rollouts over K processes. "
+                    "shards the rollouts over K processes.\n\n"
                     "An --out that already holds a run is refused unless --resume (continue it) or "
                     "--overwrite (replace it) is given. Ctrl-C (SIGINT) or SIGTERM saves a checkpoint after "
                     "the current step and prints the command that resumes the run. Bad input exits 2 with "

@@ -134,7 +134,9 @@ class TrainConfig:
     loss_impl: str = _f("fused_linear", "policy loss of the update: fused_linear (fused_linear_policy_loss on "
                                         "hidden states x lm_head, never holding the logits), fused (logits "
                                         "materialised, then fused_policy_loss), eager (log_softmax + gather + "
-                                        "entropy in fp32, then policy_loss), compile (torch.compile of eager)",
+                                        "entropy in fp32, then policy_loss), compile (torch.compile of eager), "
+                                        "torch_lce (PyTorch's chunked F.linear_cross_entropy, then policy_loss; "
+                                        "no entropy, so no entropy metric, bonus or entropy-adaptive clip)",
                         choices=LOSS_IMPLS)
     gradient_checkpointing: bool = _f(False, "recompute each decoder layer in the backward instead of keeping "
                                              "its activations (long responses)")
