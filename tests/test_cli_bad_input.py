@@ -444,3 +444,17 @@ def test_task_levels_are_the_tasks_own():
 
     assert TASK_LEVELS == {"arithmetic": tuple(sorted(arithmetic.LEVELS)),
                            "long_arithmetic": tuple(sorted(long_arithmetic.LEVELS))}
+
+
+def test_library_resume_with_another_algo_is_refused(tmp_path, finished_run):
+    """train(cfg, resume=True) itself checks the run's algorithm (not only the command line)."""
+    from sppo_fast.trainer.loop import train
+
+    before = snapshot(finished_run)
+    cfg = TrainConfig(**{**TINY, "algo": "rloo", "samples_per_prompt": 2, "out": str(finished_run),
+                         "cache_dir": str(tmp_path / "cache")})
+    with pytest.raises(UserError, match="is a sppo run; algo rloo"):
+        train(cfg, resume=True)
+    with pytest.raises(UserError, match="already holds a finished run"):
+        train(cfg)
+    assert snapshot(finished_run) == before

@@ -518,9 +518,9 @@ def check_device(request: str):
                         "or auto")
 
 
-def check_run_dir(out: str, *, resume: bool, overwrite: bool) -> list[str]:
+def check_run_dir(out: str, *, resume: bool, overwrite: bool, algo: str | None = None) -> list[str]:
     """Refuse to write over a run unless told to (`overwrite`) or continuing it (`resume`); a resumed
-    directory must exist. Returns the run files found. Writes nothing."""
+    directory must exist and hold a run of the same `algo`. Returns the run files found. Writes nothing."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"out: {out} exists and is not a directory")
     found = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
@@ -529,6 +529,15 @@ def check_run_dir(out: str, *, resume: bool, overwrite: bool) -> list[str]:
             raise UserError(f"resume: {out} does not exist (nothing to resume)")
         if "config.json" not in found:
             raise UserError(f"resume: {out} holds no run (no config.json)")
+        from sppo_fast.trainer.config import load_config_file
+
+        try:
+            saved = load_config_file(os.path.join(out, "config.json")).get("algo")
+        except UserError as error:
+            raise UserError(f"resume: the run's config.json is damaged: {error}") from None
+        if algo is not None and saved != algo:
+            raise UserError(f"resume: {out} is a {saved} run; algo {algo} would switch its algorithm mid-way "
+                            "(start a new run with another --out instead)")
     elif found and not overwrite:
         kind = "a finished run" if "summary.json" in found else "a started run"
         raise UserError(f"out: {out} already holds {kind} ({', '.join(found)}); pass --resume {out} to continue "
@@ -587,8 +596,9 @@ def _train(cfg, d, device, resume, overwrite, start_wall, stop, log):
 
     out = _broadcast_out(cfg, d)
     # Everything that can be checked is checked before anything is written or trained.
-    found = check_run_dir(out, resume=resume, overwrite=overwrite)
+    found = check_run_dir(out, resume=resume, overwrite=overwrite, algo=cfg.algo)
     ckpt = find_checkpoint(out) if resume else None
+    d.barrier()  # every rank has looked before the main rank writes anything
     if resume and ckpt is None and os.path.isdir(os.path.join(out, "checkpoint")):
         raise UserError(f"resume: {os.path.join(out, 'checkpoint', 'state.pt')} is missing: the checkpoint is "
                         "damaged (start again with --overwrite)")
