@@ -315,6 +315,14 @@ def test_unwritable_out(tmp_path, capsys):
     assert blocker.read_text() == "x"
 
 
+def test_unwritable_warm_start_cache(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    user_error(capsys, tiny_flags(tmp_path, warm_start=True, sft_steps=2, cache_dir=blocker / "cache"),
+               "cache_dir:", "cannot write", str(blocker / "cache"))
+    assert blocker.read_text() == "x" and not (tmp_path / "run").exists()
+
+
 def test_resume_with_another_algo_is_refused(tmp_path, capsys, finished_run):
     before = snapshot(finished_run)
     capsys.readouterr()

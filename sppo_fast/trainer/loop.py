@@ -545,15 +545,15 @@ def check_run_dir(out: str, *, resume: bool, overwrite: bool, algo: str | None =
     return found
 
 
-def _make_run_dir(out: str):
+def _make_writable_dir(path: str, what: str):
     try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write-test-{os.getpid()}")
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
         with open(probe, "w"):
             pass
         os.remove(probe)
     except OSError as error:
-        raise UserError(f"out: cannot write the run directory {out}: {error.strerror or error}") from None
+        raise UserError(f"{what} {path}: {error.strerror or error}") from None
 
 
 def _remove_run_outputs(out: str):
@@ -606,7 +606,12 @@ def _train(cfg, d, device, resume, overwrite, start_wall, stop, log):
     if ckpt is not None:
         verify_checkpoint(ckpt, {"policy": tr.lm, "critic": tr.critic})
     if d.is_main:
-        _make_run_dir(out)
+        if cfg.warm_start and (ckpt is None or cfg.kl_coef > 0):
+            from sppo_fast.trainer.warmstart import cache_root
+
+            _make_writable_dir(os.path.join(cache_root(cfg), "warmstart"), "cache_dir: cannot write the warm-start "
+                                                                            "cache")
+        _make_writable_dir(out, "out: cannot write the run directory")
         if overwrite and found:
             log(f"--overwrite: replacing the run in {out} ({', '.join(found)})")
             _remove_run_outputs(out)
