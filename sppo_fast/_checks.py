@@ -113,22 +113,29 @@ def check_targets_range(checks, targets, vocab_size, ignore_index, name="targets
     checks.add(bad.any(), error)
 
 
-def check_logits_and_targets(checks, logits, targets, temperature, ignore_index, *, logits_name="logits"):
+def _check_targets_shape(targets, lead, x_name, packed):
+    """targets of shape `lead` (x's leading shape); packed, (N,) or (1, N) for N rows."""
+    if packed and targets.dim() in (1, 2) and targets.shape[-1] == lead.numel() and targets.numel() == lead.numel():
+        return
+    check_shape("targets", targets, lead, f"the leading shape of {x_name} (..., {'V' if x_name == 'logits' else 'H'})")
+
+
+def check_logits_and_targets(checks, logits, targets, temperature, ignore_index, *, packed=False):
     """logits (..., V) and targets (...); returns the temperature as a float."""
-    check_float(logits_name, logits)
+    check_float("logits", logits)
     check_integer("targets", targets)
     check_int("ignore_index", ignore_index)
     if logits.dim() < 1:
-        raise ValueError(f"{logits_name} must have at least one dimension (..., V), got a scalar")
+        raise ValueError("logits must have at least one dimension (..., V), got a scalar")
     if logits.shape[-1] == 0 and logits.shape[:-1].numel() > 0:
-        raise ValueError(f"{logits_name} has an empty vocabulary dimension: shape {tuple(logits.shape)}")
-    check_shape("targets", targets, logits.shape[:-1], f"the leading shape of {logits_name} (..., V)")
-    check_same_device(**{logits_name: logits, "targets": targets})
+        raise ValueError(f"logits has an empty vocabulary dimension: shape {tuple(logits.shape)}")
+    _check_targets_shape(targets, logits.shape[:-1], "logits", packed)
+    check_same_device(logits=logits, targets=targets)
     check_targets_range(checks, targets, logits.shape[-1], ignore_index)
     return check_temperature(temperature)
 
 
-def check_linear(checks, hidden, weight, bias, targets, temperature, ignore_index, chunk_size):
+def check_linear(checks, hidden, weight, bias, targets, temperature, ignore_index, chunk_size, *, packed=False):
     """hidden (..., H), weight (V, H), bias (V,) or None, targets (...); returns the temperature."""
     check_float("hidden", hidden)
     check_float("weight", weight)
@@ -145,7 +152,7 @@ def check_linear(checks, hidden, weight, bias, targets, temperature, ignore_inde
             raise TypeError(f"bias ({bias.dtype}) and weight ({weight.dtype}) must share a dtype")
     check_chunk_size(chunk_size)
     check_integer("targets", targets)
-    check_shape("targets", targets, hidden.shape[:-1], "the leading shape of hidden (..., H)")
+    _check_targets_shape(targets, hidden.shape[:-1], "hidden", packed)
     check_int("ignore_index", ignore_index)
     check_same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
     check_targets_range(checks, targets, weight.shape[0], ignore_index)

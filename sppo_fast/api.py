@@ -5,22 +5,12 @@ shapes once at the exit."""
 
 import torch
 
-from ._checks import ValueChecks, check_float, check_integer, check_linear, check_logits_and_targets
+from ._checks import ValueChecks, check_float, check_linear, check_logits_and_targets, check_same_device
 from .executor import linear_policy_loss
-from .layout import batch_layout, packed_row
+from .layout import batch_layout, flat_rows, flat_targets
 from .losses import aggregate, check_loss_inputs
 from .ops import IGNORE_INDEX, linear_logprobs_rows, token_logprobs_rows
 from .plan import default_chunk_size, plan_linear_loss
-
-
-def _rows(x, width):
-    """(N, width) view with unit stride along the last dim; copies only when it must."""
-    x = x.reshape(-1, width)
-    return x if x.stride(-1) == 1 or x.shape[0] == 0 else x.contiguous()
-
-
-def _flat_targets(targets):
-    return targets.reshape(-1).to(torch.long).contiguous()
 
 
 def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, return_entropy=False,
@@ -30,7 +20,7 @@ def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, retur
     checks = ValueChecks()
     temperature = check_logits_and_targets(checks, logits, targets, temperature, ignore_index)
     checks.run()
-    logp, entropy = token_logprobs_rows(_rows(logits, logits.shape[-1]), _flat_targets(targets), temperature,
+    logp, entropy = token_logprobs_rows(flat_rows(logits), flat_targets(targets), temperature,
                                         ignore_index, bool(return_entropy), bool(inplace_backward))
     logp = logp.reshape(targets.shape)
     return (logp, entropy.reshape(targets.shape)) if return_entropy else logp
@@ -43,7 +33,7 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
     checks = ValueChecks()
     temperature = check_linear(checks, hidden, weight, bias, targets, temperature, ignore_index, chunk_size)
     checks.run()
-    logp, entropy = linear_logprobs_rows(_rows(hidden, weight.shape[1]), weight, bias, _flat_targets(targets),
+    logp, entropy = linear_logprobs_rows(flat_rows(hidden), weight, bias, flat_targets(targets),
                                          temperature, ignore_index, bool(return_entropy),
                                          chunk_size or default_chunk_size(weight.shape[0]))
     logp = logp.reshape(targets.shape)
@@ -60,11 +50,13 @@ def policy_loss(logp, old_logp, advantages, mask, config, *, segment_ids=None, e
     layout = batch_layout("logp", logp, cu_seqlens)
     grid_logp = layout.to_grid(logp.reshape(layout.n_rows)) if layout.packed else logp
     checks = ValueChecks()
-    *constants, grid_entropy = layout.grid_inputs(old_logp, advantages, mask, segment_ids, ref_logp,
-                                                  rollout_is_weights, entropy)
-    inputs = _loss_inputs(checks, grid_logp, constants, config, normalizer, entropy=grid_entropy)
+    old_logp, advantages, mask, segment_ids, ref_logp, rollout_is_weights, entropy = layout.grid_inputs(
+        old_logp, advantages, mask, segment_ids, ref_logp, rollout_is_weights, entropy)
+    inputs = check_loss_inputs(checks, old_logp, advantages, mask, config, logp=grid_logp, segment_ids=segment_ids,
+                               entropy=entropy, ref_logp=ref_logp, normalizer=normalizer,
+                               rollout_is_weights=rollout_is_weights)
     checks.run()
-    out = aggregate(grid_logp, inputs, config, entropy=grid_entropy, normalizer=normalizer)
+    out = aggregate(grid_logp, inputs, config, entropy=entropy, normalizer=normalizer)
     return _to_caller(out, layout, logp.shape)
 
 
@@ -75,24 +67,23 @@ def fused_policy_loss(logits, targets, old_logp, advantages, mask, config, *, se
     forward kernel, the loss stage on the grid, one backward kernel (§2.4). Equals
     policy_loss(token_logprobs(logits, ...), ...); logp and entropy are 0 where mask is 0, and so is the
     logits' gradient, whatever those rows hold."""
-    check_float("logits", logits)
-    layout = batch_layout("logits", logits, cu_seqlens, trailing=1)
     checks = ValueChecks()
-    logits_rows, flat_targets, targets_shape = _token_rows(layout, "logits", logits, targets)
-    temperature = check_logits_and_targets(checks, logits_rows, flat_targets, temperature, IGNORE_INDEX)
-    inputs = _loss_inputs(checks, _stand_in(layout, logits),
-                          layout.grid_inputs(old_logp, advantages, mask, segment_ids, ref_logp,
-                                             rollout_is_weights), config, normalizer, computes_entropy=True)
+    temperature = check_logits_and_targets(checks, logits, targets, temperature, IGNORE_INDEX,
+                                           packed=cu_seqlens is not None)
+    check_same_device(logits=logits, old_logp=old_logp)
+    layout = batch_layout("logits", logits, cu_seqlens, trailing=1)
+    logits_rows, kernel_targets = layout.token_rows(logits, targets)
+    inputs = _fused_loss_inputs(checks, layout, old_logp, advantages, mask, config, segment_ids, ref_logp,
+                                normalizer, rollout_is_weights)
     checks.run()
-    logits_rows, flat_targets = _rows(logits_rows, logits.shape[-1]), _flat_targets(flat_targets)
     keep = layout.to_rows(inputs.valid).reshape(-1)
     if logits_rows.dtype == torch.float64:  # the eager oracle differentiates through masked rows too
         logits_rows = torch.where(keep.unsqueeze(1), logits_rows, torch.zeros_like(logits_rows))
-    kernel_targets = torch.where(keep, flat_targets, torch.full_like(flat_targets, IGNORE_INDEX))
+    kernel_targets = torch.where(keep, kernel_targets, torch.full_like(kernel_targets, IGNORE_INDEX))
     logp, entropy = token_logprobs_rows(logits_rows, kernel_targets, temperature, IGNORE_INDEX, True,
                                         bool(inplace_backward))
     out = aggregate(layout.to_grid(logp), inputs, config, entropy=layout.to_grid(entropy), normalizer=normalizer)
-    return _to_caller(out, layout, targets_shape)
+    return _to_caller(out, layout, targets.shape)
 
 
 def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask, config, *, bias=None,
@@ -101,51 +92,31 @@ def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask
     """The policy loss of docs/api.md §3 from hidden states (B, T, H) (packed: (N, H) or (1, N, H)) and the
     lm_head weight, never holding the logits (§2.5): the chunk plan (sppo_fast.plan) decides between one
     pass (three matmuls) and two; rows with mask 0 never enter a matmul."""
-    check_float("hidden", hidden)
-    layout = batch_layout("hidden", hidden, cu_seqlens, trailing=1)
     checks = ValueChecks()
-    hidden_rows, flat_targets, targets_shape = _token_rows(layout, "hidden", hidden, targets)
-    temperature = check_linear(checks, hidden_rows, weight, bias, flat_targets, temperature, IGNORE_INDEX,
-                               chunk_size)
-    inputs = _loss_inputs(checks, _stand_in(layout, hidden),
-                          layout.grid_inputs(old_logp, advantages, mask, segment_ids, ref_logp,
-                                             rollout_is_weights), config, normalizer, computes_entropy=True)
+    temperature = check_linear(checks, hidden, weight, bias, targets, temperature, IGNORE_INDEX, chunk_size,
+                               packed=cu_seqlens is not None)
+    check_same_device(hidden=hidden, old_logp=old_logp)
+    layout = batch_layout("hidden", hidden, cu_seqlens, trailing=1)
+    hidden_rows, target_rows = layout.token_rows(hidden, targets)
+    inputs = _fused_loss_inputs(checks, layout, old_logp, advantages, mask, config, segment_ids, ref_logp,
+                                normalizer, rollout_is_weights)
     checks.run()
-    plan = plan_linear_loss(layout, inputs.valid, token_local=config.token_local, dtype=hidden.dtype,
-                            vocab=weight.shape[0], chunk_size=chunk_size)
+    plan = plan_linear_loss(layout, inputs.valid, token_local=config.token_local,
+                            oracle=weight.dtype == torch.float64, vocab=weight.shape[0], chunk_size=chunk_size)
     compute_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    out = linear_policy_loss(plan, layout, _rows(hidden_rows, weight.shape[1]), weight, bias,
-                             _flat_targets(flat_targets), inputs, config, temperature=temperature,
-                             normalizer=normalizer, compute_grad=compute_grad)
-    return _to_caller(out, layout, targets_shape)
+    out = linear_policy_loss(plan, layout, hidden_rows, weight, bias, target_rows, inputs, config,
+                             temperature=temperature, normalizer=normalizer, compute_grad=compute_grad)
+    return _to_caller(out, layout, targets.shape)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The entry and the exit of the fused losses
-
-
-def _token_rows(layout, name, x, targets):
-    """(x, targets, the caller's per-token shape) as the checks should see them: padded as given, packed
-    as (N, V|H) rows and (N,) targets."""
-    check_integer("targets", targets)
-    if not layout.packed:
-        return x, targets, tuple(targets.shape)
-    return (x.reshape(layout.n_rows, x.shape[-1]), packed_row("targets", targets, layout.n_rows),
-            tuple(targets.shape))
-
-
-def _stand_in(layout, like):
-    """An empty fp32 (S, T) tensor standing in for the log-probs the fused ops compute."""
-    return torch.empty((layout.n_seqs, layout.width), dtype=torch.float32, device=like.device)
-
-
-def _loss_inputs(checks, logp, constants, config, normalizer, *, entropy=None, computes_entropy=False):
-    old_logp, advantages, mask, segment_ids, ref_logp, rollout_is_weights = constants[:6]
-    name = "logp" if not computes_entropy else "targets"
-    return check_loss_inputs(checks, logp, old_logp, advantages, mask, config, segment_ids=segment_ids,
-                             entropy=entropy, ref_logp=ref_logp, normalizer=normalizer,
-                             rollout_is_weights=rollout_is_weights, logp_name=name,
-                             computes_entropy=computes_entropy)
+def _fused_loss_inputs(checks, layout, old_logp, advantages, mask, config, segment_ids, ref_logp, normalizer,
+                       rollout_is_weights):
+    """The loss stage's inputs of a fused op, on the layout's grid."""
+    old_logp, advantages, mask, segment_ids, ref_logp, rollout_is_weights, _ = layout.grid_inputs(
+        old_logp, advantages, mask, segment_ids, ref_logp, rollout_is_weights)
+    return check_loss_inputs(checks, old_logp, advantages, mask, config, grid=(layout.n_seqs, layout.width),
+                             segment_ids=segment_ids, ref_logp=ref_logp, normalizer=normalizer,
+                             rollout_is_weights=rollout_is_weights, logp_name="targets", computes_entropy=True)
 
 
 def _to_caller(out, layout, shape):

@@ -34,22 +34,18 @@ def linear_policy_loss(plan, layout, hidden, weight, bias, targets, inputs, conf
 def _two_pass_logprobs(plan, layout, hidden, weight, bias, targets, valid, temperature):
     """(logp, entropy) on the grid from linear_logprobs over the plan's rows. Traced calls take every row,
     masked ones zeroed (hidden and target) so that whatever they hold, NaN included, gives a zero gradient."""
-    grid = (layout.n_seqs, layout.width)
     if plan.rows is None:
         keep = layout.to_rows(valid).reshape(-1)
         hidden = torch.where(keep.unsqueeze(1), hidden, torch.zeros_like(hidden))
         targets = torch.where(keep, targets, torch.full_like(targets, IGNORE_INDEX))
-        logp, entropy = linear_logprobs_rows(hidden, weight, bias, targets, temperature, IGNORE_INDEX, True,
-                                             plan.chunk_size)
-        return layout.to_grid(logp), layout.to_grid(entropy)
-    logp, entropy = linear_logprobs_rows(hidden.index_select(0, plan.rows), weight, bias,
-                                         targets.index_select(0, plan.rows), temperature, IGNORE_INDEX, True,
+    else:
+        hidden, targets = hidden.index_select(0, plan.rows), targets.index_select(0, plan.rows)
+    logp, entropy = linear_logprobs_rows(hidden, weight, bias, targets, temperature, IGNORE_INDEX, True,
                                          plan.chunk_size)
-
-    def on_grid(x):
-        return x.new_zeros(grid[0] * grid[1]).index_copy(0, plan.cells, x).view(grid)
-
-    return on_grid(logp), on_grid(entropy)
+    if plan.rows is None:
+        return layout.to_grid(logp), layout.to_grid(entropy)
+    S, T = layout.n_seqs, layout.width
+    return tuple(x.new_zeros(S * T).index_copy(0, plan.cells, x).view(S, T) for x in (logp, entropy))
 
 
 class _OnePassLinearLoss(torch.autograd.Function):

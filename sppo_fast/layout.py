@@ -50,6 +50,11 @@ class BatchLayout(NamedTuple):
         """A (S, T) grid tensor in the caller's per-token shape."""
         return y if not self.packed else self.to_rows(y).reshape(self.caller_shape)
 
+    def token_rows(self, x, targets):
+        """The (N, V|H) rows of the logits or hidden states (unit stride along the last dim) and the (N,)
+        int64 targets, from either layout (checked before)."""
+        return flat_rows(x), flat_targets(targets)
+
     def grid_inputs(self, old_logp, advantages, mask, segment_ids, ref_logp, rollout_is_weights, entropy=None):
         """The caller's loss inputs on the grid, in that order. Padded inputs pass as they are (the loss
         stage checks their (B, T) shapes); packed ones are checked here, each error naming its argument."""
@@ -95,6 +100,16 @@ class BatchLayout(NamedTuple):
                                      reduce="amin")
         shifted = ids - first.gather(0, self.seq_of_row)  # garbage off the mask, replaced by -1 below
         return self.to_grid(torch.where(valid_rows, shifted, torch.full_like(ids, -1)), fill=-1)
+
+
+def flat_rows(x):
+    """(N, width) view of (..., width) with unit stride along the last dim; copies only when it must."""
+    x = x.reshape(-1, x.shape[-1])
+    return x if x.stride(-1) == 1 or x.shape[0] == 0 else x.contiguous()
+
+
+def flat_targets(targets):
+    return targets.reshape(-1).to(torch.long).contiguous()
 
 
 def batch_layout(name, x, cu_seqlens=None, trailing=0):

@@ -310,7 +310,7 @@ def aggregate(logp, inputs, config, *, entropy=None, normalizer=None):
     loss = weighted_sum(weights, terms, inputs.valid)
     metrics = loss_metrics(terms, logp, inputs, entropy)
     entropy = torch.zeros_like(logp) if entropy is None else entropy
-    dtype = inputs.old_logp.dtype
+    dtype = torch.promote_types(logp.dtype, torch.float32)
     return PolicyLossOutput(loss, logp.detach().to(dtype), entropy.detach().to(dtype), metrics)
 
 
@@ -318,7 +318,7 @@ def policy_loss_on_grid(logp, old_logp, advantages, mask, config, *, segment_ids
                         normalizer=None, rollout_is_weights=None):
     """sppo_fast.policy_loss for a padded (B, T) batch: the checks, then `aggregate`."""
     checks = ValueChecks()
-    inputs = check_loss_inputs(checks, logp, old_logp, advantages, mask, config, segment_ids=segment_ids,
+    inputs = check_loss_inputs(checks, old_logp, advantages, mask, config, logp=logp, segment_ids=segment_ids,
                                entropy=entropy, ref_logp=ref_logp, normalizer=normalizer,
                                rollout_is_weights=rollout_is_weights)
     checks.run()
@@ -362,7 +362,7 @@ def _check_rollout_is_weights(checks, weights, shape, device, logp_name):
         raise ValueError(f"rollout_is_weights must have shape ({B},), ({B}, 1) or {tuple(shape)} (the shape "
                          f"of {logp_name}), got {tuple(weights.shape)}")
     if weights.device != device:
-        raise ValueError(f"rollout_is_weights is on {weights.device} but {logp_name} is on {device}; "
+        raise ValueError(f"rollout_is_weights is on {weights.device} but old_logp is on {device}; "
                          "move it with .to(device)")
     if weights.numel():
         bad = ~torch.isfinite(weights) | (weights < 0)
@@ -396,19 +396,21 @@ def _check_normalizer(checks, normalizer):
         raise ValueError(f"normalizer must be > 0 (a global token or sequence count), got {value}")
 
 
-def check_loss_inputs(checks, logp, old_logp, advantages, mask, config, *, segment_ids=None, entropy=None,
-                      ref_logp=None, normalizer=None, rollout_is_weights=None, logp_name="logp",
+def check_loss_inputs(checks, old_logp, advantages, mask, config, *, logp=None, grid=None, segment_ids=None,
+                      entropy=None, ref_logp=None, normalizer=None, rollout_is_weights=None, logp_name="logp",
                       computes_entropy=False):
-    """The checks of docs/api.md §6 for the loss stage on a (B, T) grid; value checks go into `checks`.
-    `logp` may be an empty stand-in of the right shape (the fused ops, which compute logp and, with
-    `computes_entropy`, the entropy). Returns the LossInputs."""
+    """The checks of docs/api.md §6 for the loss stage on a (B, T) grid: the grid of `logp`, or `grid` for the
+    fused ops (which compute logp and, with `computes_entropy`, the entropy). Value checks go into `checks`.
+    Returns the LossInputs: detached, each in its own dtype promoted to fp32 at least (fp64 stays fp64)."""
     if not isinstance(config, PolicyLossConfig):
         raise TypeError(f"config must be a PolicyLossConfig (e.g. PolicyLossConfig.preset('sppo')), "
                         f"got {type(config).__name__}")
-    check_float(logp_name, logp)
-    if logp.dim() != 2:
-        raise ValueError(f"{logp_name} must have shape (B, T), got {tuple(logp.shape)}")
-    shape = tuple(logp.shape)
+    if logp is not None:
+        check_float(logp_name, logp)
+        if logp.dim() != 2:
+            raise ValueError(f"{logp_name} must have shape (B, T), got {tuple(logp.shape)}")
+        grid = tuple(logp.shape)
+    shape = tuple(grid)
     check_shape("old_logp", check_float("old_logp", old_logp), shape, f"the shape of {logp_name}")
     check_tensor("mask", mask)
     check_shape("mask", mask, shape, f"the shape of {logp_name}")
@@ -436,14 +438,13 @@ def check_loss_inputs(checks, logp, old_logp, advantages, mask, config, *, segme
     if segment_ids is not None:
         _check_segment_ids(checks, segment_ids, valid, shape, logp_name)
     if rollout_is_weights is not None:
-        _check_rollout_is_weights(checks, rollout_is_weights, shape, logp.device, logp_name)
+        _check_rollout_is_weights(checks, rollout_is_weights, shape, old_logp.device, logp_name)
     _check_normalizer(checks, normalizer)
-    dtype = torch.promote_types(logp.dtype, torch.float32)  # fp64 in, fp64 throughout: the oracle
 
     def constant(x):
         if x is None:
             return None
-        x = x.detach().to(dtype)
+        x = x.detach().to(torch.promote_types(x.dtype, torch.float32))
         return x.unsqueeze(1).expand(shape) if x.dim() == 1 else x.expand(shape)
 
     return LossInputs(valid, constant(old_logp), constant(advantages),

@@ -114,8 +114,8 @@ token_logprobs_forward.register_autograd(_token_backward, setup_context=_token_s
 def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                             temperature: float, ignore_index: int, compute_entropy: bool,
                             chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    backend = dispatch.backend_for(hidden.device)
     logp, entropy, lse = _row_outputs(hidden)
+    backend = dispatch.backend_for(hidden.device)
     for rows, _, logits in chunk_logits(hidden, weight, bias, row_slices(hidden.shape[0], chunk_size)):
         out = backend.token_logprobs_forward(logits, targets[rows], temperature, ignore_index, compute_entropy,
                                              lse_dtype=LSE_DTYPE)
@@ -188,19 +188,19 @@ linear_logprobs_forward.register_autograd(_linear_backward, setup_context=_linea
 
 def token_logprobs_rows(logits, targets, temperature, ignore_index, compute_entropy, inplace_backward=False):
     """(logp, entropy) fp32 (N,) (fp64 for fp64 logits: the eager oracle, differentiable by autograd)."""
-    if logits.dtype == torch.float64:
-        return reference.token_logprobs(logits, targets, temperature=temperature, ignore_index=ignore_index,
-                                        return_entropy=True)
-    logp, entropy, _ = token_logprobs_forward(logits, targets, temperature, ignore_index, compute_entropy,
-                                              inplace_backward)
-    return logp, entropy
+    if logits.dtype != torch.float64:
+        logp, entropy, _ = token_logprobs_forward(logits, targets, temperature, ignore_index, compute_entropy,
+                                                  inplace_backward)
+        return logp, entropy
+    return reference.token_logprobs(logits, targets, temperature=temperature, ignore_index=ignore_index,
+                                    return_entropy=True)
 
 
 def linear_logprobs_rows(hidden, weight, bias, targets, temperature, ignore_index, compute_entropy, chunk_size):
     """(logp, entropy) fp32 (N,) of hidden rows (N, H) x weight (V, H), chunk_size rows at a time."""
-    if hidden.dtype == torch.float64:
-        return reference.linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                                         ignore_index=ignore_index, return_entropy=True)
-    logp, entropy, _ = linear_logprobs_forward(hidden, weight, bias, targets, temperature, ignore_index,
-                                               compute_entropy, chunk_size)
-    return logp, entropy
+    if hidden.dtype != torch.float64:
+        logp, entropy, _ = linear_logprobs_forward(hidden, weight, bias, targets, temperature, ignore_index,
+                                                   compute_entropy, chunk_size)
+        return logp, entropy
+    return reference.linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                                     ignore_index=ignore_index, return_entropy=True)

@@ -51,15 +51,16 @@ class ChunkPlan(NamedTuple):
         return x.new_zeros(shape[0] * shape[1]).index_copy(0, self.cells, x.reshape(-1)).view(shape)
 
 
-def plan_linear_loss(layout, valid, *, token_local, dtype, vocab, chunk_size=None):
-    """The plan for a loss over `valid` ((S, T) bool) positions of a batch laid out as `layout`."""
+def plan_linear_loss(layout, valid, *, token_local, oracle, vocab, chunk_size=None):
+    """The plan for a loss over `valid` ((S, T) bool) positions of a batch laid out as `layout`; `oracle`:
+    fp64 inputs, which take the eager reference in two passes."""
     size = chunk_size or default_chunk_size(vocab)
     if torch.compiler.is_compiling():
         return ChunkPlan(TWO_PASS, size, None, None, [])
     rows = layout.to_rows(valid).reshape(-1).nonzero().squeeze(1)
     cells = rows if not layout.packed else layout.cell_of_row.index_select(0, rows)
     counts = valid.sum(1).tolist()
-    if dtype == torch.float64:
+    if oracle:
         return ChunkPlan(TWO_PASS, size, rows, cells, [])
     if max(counts, default=0) <= size:
         return ChunkPlan(SEQUENCES, size, rows, cells, _sequence_chunks(rows, cells, counts, size, valid.shape[1]))

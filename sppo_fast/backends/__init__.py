@@ -1,7 +1,7 @@
 """Kernel backends: each serves the two vocabulary-sized kernels of docs/api.md §9, nothing else.
 
-A backend is a module with exactly these two functions. The dispatch layer (`sppo_fast.dispatch`)
-has already validated every argument, so a backend never checks input again:
+A backend is a module with exactly these two functions. The public functions (`sppo_fast.api`) have
+validated every argument before any kernel runs, so a backend never checks input again:
 
     token_logprobs_forward(logits, targets, temperature, ignore_index, compute_entropy, lse_dtype=fp32)
         -> (logp, entropy, lse)
