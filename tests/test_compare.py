@@ -191,3 +191,34 @@ def test_an_interrupted_comparison_stops_its_runs(tmp_path):
     worker.join(30)
     assert not worker.is_alive() and result["rc"] == -signal.SIGTERM
     assert not cmp._LIVE
+
+
+def test_an_interrupted_warm_start_child_keeps_its_progress(tmp_path, monkeypatch):
+    """`_stop_live` sends SIGTERM to the warm-start child of an interrupted comparison: it saves its progress
+    beside the cache entry and exits 143; the next warm start continues from there."""
+    import signal
+
+    from sppo_fast.trainer import warmstart
+
+    values = dict(hidden_size=32, num_layers=2, num_heads=2, critic_hidden_size=16, critic_layers=1,
+                  critic_heads=2, max_new_tokens=8, eval_examples=4, task_difficulty=1, sft_steps=4,
+                  sft_batch_size=4, sft_examples=16, progress=False, threads=1, cache_dir=str(tmp_path / "cache"),
+                  out=str(tmp_path / "run"))
+    path = tmp_path / "seed0.json"
+    path.write_text(json.dumps(cmp.TrainConfig(**values).to_dict()))
+    real, calls = warmstart.sft_loss, []
+
+    def loss_then_sigterm(*args):
+        out = real(*args)
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(warmstart, "sft_loss", loss_then_sigterm)
+    assert cmp.warm_start_only(str(path)) == 128 + signal.SIGTERM
+    cache = tmp_path / "cache" / "warmstart"
+    assert len(list(cache.glob("*.partial"))) == 1 and not list(cache.glob("*.safetensors"))
+    assert cmp.warm_start_only(str(path)) == 0
+    assert len(calls) == 4, "the second warm start did the remaining 2 of 4 steps"
+    assert len(list(cache.glob("*.safetensors"))) == 1 and not list(cache.glob("*.partial"))
