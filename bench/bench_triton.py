@@ -100,7 +100,7 @@ def loss_config():
 
 
 def idiomatic_logprobs(x, targets, temperature):
-    """What a trainer writes without a fused kernel (as in sppo_fast/bench_cli.py): fp32 log_softmax,
+    """What a trainer writes without a fused kernel (as in sppo_fast/bench/ops.py): fp32 log_softmax,
     gather, entropy -(p log p). Never sppo_fast.reference: that is the tests' oracle, slow on purpose."""
     logp_all = torch.log_softmax(x.float() / temperature, dim=-1)
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)

@@ -234,9 +234,6 @@ def cpu_model():
     return platform.processor() or "unknown"
 
 
-_cpu_model = cpu_model  # the name the old bench_cli had
-
-
 def cache_sizes():
     """{"L1d": bytes, "L2": bytes, "L3": bytes} of CPU 0 (sysfs: the cache one core sees; an L3 shared
     by the whole host is listed whole, which is why streaming tensors are sized from it)."""
