@@ -24,8 +24,8 @@ class RunInterrupted(Exception):
 
 
 class StopRequest:
-    """Installs the handlers while active (only in the main thread, where Python delivers signals);
-    `signum` is the first signal received, or None."""
+    """Installs the handlers while active (only in the main thread, where Python delivers signals, and not
+    over a signal the process was told to ignore); `signum` is the first signal received, or None."""
 
     def __init__(self, log=None):
         self.signum = None
@@ -50,6 +50,8 @@ class StopRequest:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
+                if signal.getsignal(sig) is signal.SIG_IGN:  # e.g. SIGINT of a `nohup` or `&` job: stays ignored
+                    continue
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
