@@ -70,12 +70,9 @@ def fused_policy_loss(logits, targets, old_logp, advantages, mask, config, *, se
     checks = ValueChecks()
     temperature = check_logits_and_targets(checks, logits, targets, temperature, IGNORE_INDEX,
                                            packed=cu_seqlens is not None)
-    check_same_device(logits=logits, old_logp=old_logp)
-    layout = batch_layout("logits", logits, cu_seqlens, trailing=1)
-    logits_rows, kernel_targets = layout.token_rows(logits, targets)
-    inputs = _fused_loss_inputs(checks, layout, old_logp, advantages, mask, config, segment_ids, ref_logp,
-                                normalizer, rollout_is_weights)
-    checks.run()
+    layout, logits_rows, kernel_targets, inputs = _fused_entry(
+        checks, "logits", logits, targets, cu_seqlens, old_logp, advantages, mask, config, segment_ids, ref_logp,
+        normalizer, rollout_is_weights)
     keep = layout.to_rows(inputs.valid).reshape(-1)
     if logits_rows.dtype == torch.float64:  # the eager oracle differentiates through masked rows too
         logits_rows = torch.where(keep.unsqueeze(1), logits_rows, torch.zeros_like(logits_rows))
@@ -95,12 +92,9 @@ def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask
     checks = ValueChecks()
     temperature = check_linear(checks, hidden, weight, bias, targets, temperature, IGNORE_INDEX, chunk_size,
                                packed=cu_seqlens is not None)
-    check_same_device(hidden=hidden, old_logp=old_logp)
-    layout = batch_layout("hidden", hidden, cu_seqlens, trailing=1)
-    hidden_rows, target_rows = layout.token_rows(hidden, targets)
-    inputs = _fused_loss_inputs(checks, layout, old_logp, advantages, mask, config, segment_ids, ref_logp,
-                                normalizer, rollout_is_weights)
-    checks.run()
+    layout, hidden_rows, target_rows, inputs = _fused_entry(
+        checks, "hidden", hidden, targets, cu_seqlens, old_logp, advantages, mask, config, segment_ids, ref_logp,
+        normalizer, rollout_is_weights)
     plan = plan_linear_loss(layout, inputs.valid, token_local=config.token_local,
                             oracle=weight.dtype == torch.float64, vocab=weight.shape[0], chunk_size=chunk_size)
     compute_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
@@ -109,14 +103,20 @@ def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask
     return _to_caller(out, layout, targets.shape)
 
 
-def _fused_loss_inputs(checks, layout, old_logp, advantages, mask, config, segment_ids, ref_logp, normalizer,
-                       rollout_is_weights):
-    """The loss stage's inputs of a fused op, on the layout's grid."""
+def _fused_entry(checks, name, x, targets, cu_seqlens, old_logp, advantages, mask, config, segment_ids, ref_logp,
+                 normalizer, rollout_is_weights):
+    """The rest of a fused op's entry, after its kernel arguments' checks: the layout, the (N, V|H) rows and
+    (N,) targets of the vocabulary-sized work, and the loss stage's inputs on the grid, all checked."""
+    check_same_device(**{name: x}, old_logp=old_logp)
+    layout = batch_layout(name, x, cu_seqlens, trailing=1)
+    rows, target_rows = layout.token_rows(x, targets)
     old_logp, advantages, mask, segment_ids, ref_logp, rollout_is_weights, _ = layout.grid_inputs(
         old_logp, advantages, mask, segment_ids, ref_logp, rollout_is_weights)
-    return check_loss_inputs(checks, old_logp, advantages, mask, config, grid=(layout.n_seqs, layout.width),
-                             segment_ids=segment_ids, ref_logp=ref_logp, normalizer=normalizer,
-                             rollout_is_weights=rollout_is_weights, logp_name="targets", computes_entropy=True)
+    inputs = check_loss_inputs(checks, old_logp, advantages, mask, config, grid=(layout.n_seqs, layout.width),
+                               segment_ids=segment_ids, ref_logp=ref_logp, normalizer=normalizer,
+                               rollout_is_weights=rollout_is_weights, logp_name="targets", computes_entropy=True)
+    checks.run()
+    return layout, rows, target_rows, inputs
 
 
 def _to_caller(out, layout, shape):
