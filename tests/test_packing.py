@@ -231,6 +231,47 @@ def test_fused_linear_policy_loss_packed_equals_padded(lengths, preset, aggregat
         torch.testing.assert_close(mine, other, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("preset", ["sppo", "gspo", "sspo"])
+def test_fused_linear_packed_equals_padded_on_every_backend(backend, preset):
+    """Packed equals padded on every kernel backend, on each plan: whole sequences (chunk 64), chunks of
+    valid tokens or two passes (chunk 2, shorter than most sequences), against the fp64 policy_loss."""
+    _, device = backend
+
+    @settings(max_examples=4, deadline=None)
+    @given(lengths=st.lists(st.integers(0, 6), min_size=1, max_size=4), seed=st.integers(0, 2**16),
+           chunk_size=st.sampled_from([2, 64]))
+    def check(lengths, seed, chunk_size):
+        padded, packed, cu, present = make_case(lengths, seed, unambiguous(lengths))
+        config = sf.PolicyLossConfig.preset(preset, kl_coef=0.05)
+        weight = (0.5 * torch.randn(V, H, generator=torch.Generator().manual_seed(seed))).to(device)
+
+        def run(d, **extra):
+            d = {k: v.to(device) for k, v in d.items()}
+            hidden, w = d["hidden"].clone().requires_grad_(True), weight.clone().requires_grad_(True)
+            out = sf.fused_linear_policy_loss(hidden, w, d["targets"], d["old_logp"], d["advantages"], d["mask"],
+                                              config, chunk_size=chunk_size, **loss_kwargs(d, config, True, True),
+                                              **extra)
+            return out, torch.autograd.grad(out.loss, [hidden, w])
+
+        ours, (g_hidden, g_weight) = run(packed, cu_seqlens=cu.to(device))
+        theirs, (g_hidden_pad, g_weight_pad) = run(padded)
+        assert_outputs_match(ours, theirs, present.to(device), atol=1e-5, valid=packed["mask"].bool().to(device))
+        torch.testing.assert_close(g_hidden, g_hidden_pad[present.to(device)], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_weight, g_weight_pad, rtol=1e-5, atol=1e-6)
+        p64 = {k: (v.double() if v.is_floating_point() else v) for k, v in packed.items()}
+        w64 = weight.cpu().double().requires_grad_(True)
+        logprobs = torch.log_softmax(p64["hidden"] @ w64.T, -1)
+        logp = logprobs.gather(-1, p64["targets"].unsqueeze(-1)).squeeze(-1)
+        ref = sf.policy_loss(logp, p64["old_logp"], p64["advantages"], p64["mask"], config, cu_seqlens=cu,
+                             entropy=-(logprobs.exp() * logprobs).sum(-1), **loss_kwargs(p64, config, True, True))
+        torch.testing.assert_close(ours.loss.double().cpu(), ref.loss, rtol=1e-5, atol=1e-6)
+        if ref.loss.requires_grad:
+            torch.testing.assert_close(g_weight.double().cpu(), torch.autograd.grad(ref.loss, w64)[0],
+                                       rtol=1e-4, atol=1e-5)
+
+    check()
+
+
 @pytest.mark.parametrize("preset, mode", [("grpo", "tokens"), ("dapo", "tokens"), ("gspo", "two_pass"),
                                           ("sspo", "two_pass")])
 def test_packed_long_sequences_take_the_shared_plan(monkeypatch, preset, mode):
