@@ -82,6 +82,15 @@ def test_torch_lce_tuned_sweeps_and_keeps_the_fastest_options():
     assert {c["acc_policy"] for c in ops.lce_candidates(2048, "bf16")} == {"accurate"}
 
 
+def test_slow_implementations_make_fewer_repetitions():
+    case = {"op": "fused_linear", "impl": "torch_lce", "preset": "dapo", "tokens": 64, "vocab": 512, "dtype": "fp32",
+            "hidden": HIDDEN, "reps": 5, "warmup": 2}
+    fast = ops.run_child(dict(case, max_case_s=600.0))
+    assert "reps" not in fast and fast["lce_options"]["chunking_method"] == "aspect_ratio:2"
+    slow = ops.run_child(dict(case, max_case_s=1e-6))
+    assert (slow["reps"], slow["warmup"], slow["reps_cut_by_budget_s"]) == (1, 0, 1e-6) and slow["fwd_bwd_ms"] > 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk", [None, 16])
 def test_torch_lce_gives_our_logprobs(dtype, chunk):

@@ -34,18 +34,20 @@ for each implementation, side by side in one run:
 Every implementation but torch_lce and cce also returns the mean entropy (the metric a trainer logs),
 so compile cannot drop the entropy as dead code.
 
-How it measures. Every (case, implementation) runs in its own child process, so that compilation
-caches, allocator state and peak RSS of one cannot leak into another. In the child: inputs are built,
-the first call (compilation included) is timed as first_call_s, `warmup` more calls run, then the
-median wall time of `reps` calls of the forward (under no_grad) and of forward+backward
-(torch.autograd.grad of the loss with respect to the logits, or hidden and weight for the linear
-case). The in-place variant restores its logits from a pristine copy before each call, outside the
-timed region. Peak memory: there is no allocator counter on CPU, so the child measures the resident
-set: glibc is first told to serve every allocation of 64 KiB or more with its own mmap and to return
-freed memory at once (mallopt M_MMAP_THRESHOLD / M_TRIM_THRESHOLD), so the resident set follows the
-live tensors; then the kernel's high-water mark is reset (/proc/self/clear_refs), one call runs, and
-peak_mib = VmHWM - VmRSS before the call: memory above the inputs, the results of the call included
-(the gradient of fwd_bwd). Cases whose eager run would need more than --max-gib are skipped.
+How it measures. Every (case, implementation) runs in its own child process, so that compilation caches,
+allocator state and peak RSS of one cannot leak into another. In the child: inputs are built, the first
+call (compilation included) is timed as first_call_s, `warmup` more calls run, then the median wall time
+of `reps` calls (fewer, at least one, recorded in the row, when the first call says they would take
+longer than --max-case-s: torch_lce's defaults at bf16 V=151936 take minutes a call) of the forward
+(under no_grad) and of forward+backward (torch.autograd.grad of the loss with respect to the logits, or
+hidden and weight for the linear case). The in-place variant restores its logits from a pristine copy
+before each call, outside the timed region. Peak memory: there is no allocator counter on CPU, so the
+child measures the resident set: glibc is first told to serve every allocation of 64 KiB or more with
+its own mmap and to return freed memory at once (mallopt M_MMAP_THRESHOLD / M_TRIM_THRESHOLD), so the
+resident set follows the live tensors; then the kernel's high-water mark is reset
+(/proc/self/clear_refs), one call runs, and peak_mib = VmHWM - VmRSS before the call: memory above the
+inputs, the results of the call included (the gradient of fwd_bwd). Cases whose eager run would need
+more than --max-gib are skipped.
 Floors (sppo_fast/bench/floors.py), measured in the same run, before the cases and again after them
 (the better of the two is the floor): the machine's streaming bandwidth and native exp rate bound the
 logits path, three torch.mm of the op's shapes bound the linear path; every row gets "% of floor".
@@ -112,6 +114,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--max-gib", type=float, default=18.0, help="skip cases whose eager run would need more")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per child process")
+    p.add_argument("--max-case-s", type=float, default=600.0,
+                   help="an implementation whose first call says its calls would take longer makes fewer "
+                        "repetitions (at least one; recorded as reps in its row)")
     p.add_argument("--max-load", type=float, default=default_load_limit(),
                    help="flag rows that start above this 1-minute load average (default 0.75 per core)")
     p.add_argument("--settle", type=float, default=60.0,
@@ -400,6 +405,8 @@ def lce_sweep(x, wrt, inp, dtype):
         sweep.append(dict(spec, fwd_bwd_ms=round((time.perf_counter() - t0) * 1e3, 1)))
     best = min(sweep, key=lambda r: r["fwd_bwd_ms"])
     return {k: v for k, v in best.items() if k != "fwd_bwd_ms"}, sweep
+
+
 # ----------------------------------------------------------------------------------------------------
 # Measurement (in the child; the measures are sppo_fast.bench.harness's)
 
@@ -418,7 +425,8 @@ def run_child(case):
         x = inp["logits"].requires_grad_(True)
         wrt = [x]
     options = None
-    if impl == "torch_lce_tuned":  # the options that suit the shape best, timed here
+    if impl == "torch_lce_tuned":  # the options that suit the shape best, timed here (so its first_call_s
+        # is a warm one)
         spec, result["lce_sweep"] = lce_sweep(x, wrt, inp, case["dtype"])
         options = lce_options_of(spec)
     if impl.startswith("torch_lce"):
@@ -444,12 +452,25 @@ def run_child(case):
     forward_backward()
     forward()
     result["first_call_s"] = round(time.perf_counter() - t0, 3)
-    for _ in range(case["warmup"]):
+    reps, warmup = case["reps"], case["warmup"]
+    budget = case.get("max_case_s")
+    if budget and result["first_call_s"] * (warmup + 2 * reps + 2) > budget:
+        # A slow implementation (torch_lce's default options at bf16 V=151936 take minutes a call): time
+        # one warm call, and make as few calls as the budget allows (at least one of each), recorded.
+        if restore:
+            restore()
+        t0 = time.perf_counter()
+        forward_backward()
+        per_call = time.perf_counter() - t0
+        reps = max(1, min(reps, int((budget / per_call - 2) / 2)))
+        warmup = 0  # the call just timed was the warm-up
+        result["reps"], result["warmup"], result["reps_cut_by_budget_s"] = reps, warmup, budget
+    for _ in range(warmup):
         if restore:
             restore()
         forward_backward()
-    result["fwd_ms"], result["fwd_cpu_ms"] = median_ms(forward, case["reps"], restore)
-    result["fwd_bwd_ms"], result["fwd_bwd_cpu_ms"] = median_ms(forward_backward, case["reps"], restore)
+    result["fwd_ms"], result["fwd_cpu_ms"] = median_ms(forward, reps, restore)
+    result["fwd_bwd_ms"], result["fwd_bwd_cpu_ms"] = median_ms(forward_backward, reps, restore)
     harness._faithful_rss()
     if restore:
         restore()
@@ -523,7 +544,7 @@ def run_case(case, args):
     skip = too_big(case, args)
     if skip:
         return dict(row, status=skip)
-    payload = dict(case, reps=args.reps, warmup=args.warmup)
+    payload = dict(case, reps=args.reps, warmup=args.warmup, max_case_s=args.max_case_s)
     return harness.run_in_child("sppo_fast.bench.ops", payload, row, args.timeout, load=load_policy(args))
 
 

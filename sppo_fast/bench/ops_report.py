@@ -80,8 +80,15 @@ def markdown_table(rows):
         fb = _pct(r.get("fwd_bwd_pct_of_floor")) + (f" ({stream:.0f}%)" if stream is not None else "")
         lines.append(f"{case} {r['fwd_ms']:.1f} | {_pct(r.get('fwd_pct_of_floor'))} | {r['fwd_bwd_ms']:.1f} | {fb} | "
                      f"{r['fwd_bwd_peak_mib']:.0f}{ratio} | {r.get('pool_held_mib', float('nan')):.0f} | "
-                     f"{r['first_call_s']:.1f} | {load} | {r.get('load_flag') or ''} |")
+                     f"{r['first_call_s']:.1f} | {load} | {_notes(r)} |")
     return "\n".join(lines)
+
+
+def _notes(r):
+    notes = [r["load_flag"]] if r.get("load_flag") else []
+    if r.get("reps_cut_by_budget_s"):
+        notes.append(f"{r['reps']} repetition(s): slow calls (--max-case-s {r['reps_cut_by_budget_s']:g})")
+    return "; ".join(notes)
 
 
 def _by_case(rows):
