@@ -372,6 +372,18 @@ def growth_per_token(rows, impls):
     return out
 
 
+def notes(settings):
+    """The header's notes on torch_lce and on busy rows, where the run has them."""
+    out = ""
+    if any(i.startswith("torch_lce") for i in settings["impls"]):
+        out += (" torch_lce (PyTorch 2.13's chunked F.linear_cross_entropy, default options) and torch_lce_tuned "
+                f"(the same with {settings.get('lce_chunk', LCE_CHUNK)} rows per chunk) compute no entropy.")
+    if "max_load" in settings:
+        out += (f" (busy): the row started above a load average of {settings['max_load']:g}, or other processes "
+                "used more than half a core while it ran.")
+    return out
+
+
 def markdown(report):
     env, rows, tg = report["environment"], report["results"], report["targets"]
     s = report["settings"]
@@ -383,11 +395,7 @@ def markdown(report):
              "AdamW. Peak = resident memory the step adds above the weights and optimizer state; loss stage = "
              "what the loss adds above the model's live activations (its share of the peak in brackets). "
              "One measured step per cell, on a machine shared with other jobs (load average in the JSON): "
-             "times are noisy. Method: the docstring of `sppo_fast/bench/long_cot.py`. torch_lce (PyTorch "
-             "2.13's chunked F.linear_cross_entropy, default options) and torch_lce_tuned (the same with "
-             f"{s.get('lce_chunk', LCE_CHUNK)} rows per chunk) compute no entropy. (busy): the row started above "
-             f"a load average of {s.get('max_load', 'the limit')} or others used more than half a core while it "
-             "ran.", "",
+             "times are noisy. Method: the docstring of `sppo_fast/bench/long_cot.py`." + notes(s), "",
              "| response tokens | " + " | ".join(s["impls"]) + " |", "|---|" + "---|" * len(s["impls"])]
     by = {(r["impl"], r["length"]): r for r in rows}
     for length in sorted({r["length"] for r in rows} | set(s["lengths"])):

@@ -228,7 +228,7 @@ def floors_paragraph(report):
     """What the floors of this run are, in words."""
     fl = report.get("floors")
     if not fl:
-        return "No floors measured in this run (`--no-floors`).\n\n"
+        return "No floors in this file (runs before issue 18, or `--no-floors`).\n\n"
     m = fl.get("machine") or {}
     parts = []
     if m.get("status") == "ok":
@@ -263,7 +263,8 @@ def write_reports(report, out, plot_png=True):
     limit = report["settings"].get("max_load")
     busy = sum(1 for r in rows if r.get("load_flag"))
     with open(stem + ".md", "w") as f:
-        f.write(f"CPU benchmark: **{env['cpu']}** (lscpu), {env['cores']} cores "
+        source = " (lscpu)" if "caches" in env else ""  # runs before issue 18 read /proc/cpuinfo
+        f.write(f"CPU benchmark: **{env['cpu']}**{source}, {env['cores']} cores "
                 f"({', '.join(env.get('isa_flags', []))}), torch {env['torch']}, kernels: {env['backend']}; "
                 f"`python bench/bench_ops.py` (method: bench/README.md), {len(runs)} run(s), the last on "
                 f"{env['date']}; load average {env.get('load_average', 'not recorded')} at its start (other jobs "
