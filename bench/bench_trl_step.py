@@ -72,9 +72,18 @@ def build_trainer(impl, tokens):
     return trainer
 
 
+def completion_hidden(model, inputs):
+    """The last hidden states that predict the completion tokens, (B, K, H), as TRL's _compute_loss takes them."""
+    import torch
+
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    k = inputs["completion_ids"].shape[1]
+    return model(input_ids=ids, attention_mask=mask, sppo_fast_hidden=True)[:, -k - 1:-1]
+
+
 def liger_compute_loss(trainer):
     """GRPOTrainer._compute_loss by hand around Liger's fused linear GRPO loss (dapo, no KL)."""
-    import torch
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
     from sppo_fast.integrations.trl import add_hidden_state_forward
@@ -85,10 +94,7 @@ def liger_compute_loss(trainer):
                                        temperature=trainer.temperature)
 
     def compute_loss(model, inputs):
-        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
-        mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
-        k = inputs["completion_ids"].shape[1]
-        hidden = model(input_ids=ids, attention_mask=mask, sppo_fast_hidden=True)[:, -k - 1:-1]
+        hidden = completion_hidden(model, inputs)
         head = trainer.model.lm_head
         loss, _ = loss_fn(hidden, head.weight, inputs["completion_ids"], inputs["completion_mask"],
                           inputs["advantages"], bias=head.bias, old_per_token_logps=inputs["old_per_token_logps"])
@@ -110,12 +116,7 @@ def torch_lce_compute_loss(trainer, chunk_size=None):
                                         aggregation="token-mean")
 
     def compute_loss(model, inputs):
-        import torch
-
-        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
-        mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
-        k = inputs["completion_ids"].shape[1]
-        hidden = model(input_ids=ids, attention_mask=mask, sppo_fast_hidden=True)[:, -k - 1:-1]
+        hidden = completion_hidden(model, inputs)
         head = trainer.model.lm_head
         logp = torch_lce_logprobs(hidden, head.weight, inputs["completion_ids"], head.bias,
                                   temperature=trainer.temperature, chunk_size=chunk_size)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from test_trainer import TINY as TRAINER_TINY  # noqa: E402  (tests/ is on the path)
 
 from sppo_fast.trainer import compare as cmp
 from sppo_fast.trainer.cli import config_from_args, train_main, train_parser
@@ -24,9 +25,7 @@ from sppo_fast.trainer.config import (
     optional_fields,
 )
 
-TINY = dict(hidden_size=32, num_layers=2, num_heads=2, critic_hidden_size=16, critic_layers=1, critic_heads=2,
-            max_new_tokens=12, eval_examples=4, eval_every=100, warm_start=False, progress=False,
-            rollouts_per_step=4, mini_batches=2, task_difficulty=1, threads=1, critic_warmup_steps=0, steps=1)
+TINY = dict(TRAINER_TINY, steps=1)
 
 
 def flags(**values) -> list[str]:

@@ -126,6 +126,20 @@ def default_load_limit(cores=None):
     return round(LOAD_PER_CORE * (cores or os.cpu_count() or 1), 2)
 
 
+def add_load_arguments(parser):
+    """--max-load, --settle and --refuse-loaded, the flags of a LoadPolicy (see load_policy)."""
+    parser.add_argument("--max-load", type=float, default=default_load_limit(),
+                        help="flag rows that start above this 1-minute load average (default 0.75 per core)")
+    parser.add_argument("--settle", type=float, default=60.0,
+                        help="seconds to wait before a row for the load average to fall to --max-load")
+    parser.add_argument("--refuse-loaded", action="store_true",
+                        help="do not run (record as refused) a row that would start above --max-load")
+
+
+def load_policy(args):
+    return LoadPolicy(limit=args.max_load, settle_s=args.settle, refuse=args.refuse_loaded)
+
+
 def load_average():
     return round(os.getloadavg()[0], 2)
 

@@ -47,7 +47,7 @@ import sys
 import time
 
 from sppo_fast.bench import harness
-from sppo_fast.bench.harness import LoadPolicy, default_load_limit
+from sppo_fast.bench.harness import add_load_arguments, load_policy
 
 LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 IMPLS = ("fused_linear", "fused", "compile", "eager", "torch_lce", "torch_lce_tuned")
@@ -78,12 +78,7 @@ def parse_args(argv=None):
                    help="skip cases whose step is predicted to take longer (seconds, from the measured ones)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in the child (0: torch's default)")
     p.add_argument("--lce-chunk", type=int, default=LCE_CHUNK, help="rows per chunk of torch_lce_tuned")
-    p.add_argument("--max-load", type=float, default=default_load_limit(),
-                   help="flag rows that start above this 1-minute load average (default 0.75 per core)")
-    p.add_argument("--settle", type=float, default=60.0,
-                   help="seconds to wait before a row for the load average to fall to --max-load")
-    p.add_argument("--refuse-loaded", action="store_true",
-                   help="do not run (record as refused) a row that would start above --max-load")
+    add_load_arguments(p)
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per child process")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the script in about a minute")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/long-cot-<cpu>-<N>core.json)")
@@ -289,7 +284,7 @@ def skip_reason(case, measured, step_times, args):
 
 
 def run_case(case, args):
-    policy = LoadPolicy(limit=args.max_load, settle_s=args.settle, refuse=args.refuse_loaded)
+    policy = load_policy(args)
     return harness.run_in_child("sppo_fast.bench.long_cot", case, case, args.timeout, load=policy)
 
 

@@ -66,7 +66,7 @@ import torch
 
 from sppo_fast.bench import floors as floors_mod
 from sppo_fast.bench import harness
-from sppo_fast.bench.harness import LoadPolicy, default_load_limit, environment, median_ms, peak_extra_mib
+from sppo_fast.bench.harness import add_load_arguments, environment, load_policy, median_ms, peak_extra_mib
 from sppo_fast.bench.ops_report import ORACLE, key_of, markdown_table, speedups, write_reports
 
 OPS = ("token_logprobs", "fused_policy_loss", "fused_linear")
@@ -117,12 +117,7 @@ def parse_args(argv=None):
     p.add_argument("--max-case-s", type=float, default=600.0,
                    help="an implementation whose first call says its calls would take longer makes fewer "
                         "repetitions (at least one; recorded as reps in its row)")
-    p.add_argument("--max-load", type=float, default=default_load_limit(),
-                   help="flag rows that start above this 1-minute load average (default 0.75 per core)")
-    p.add_argument("--settle", type=float, default=60.0,
-                   help="seconds to wait before a row for the load average to fall to --max-load")
-    p.add_argument("--refuse-loaded", action="store_true",
-                   help="do not run (record as refused) a row that would start above --max-load")
+    add_load_arguments(p)
     p.add_argument("--no-floors", action="store_true", help="do not measure the machine's floors")
     p.add_argument("--quick", action="store_true", help="small sizes: checks the script in about a minute")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/<cpu>-<N>core.json)")
@@ -533,10 +528,6 @@ def too_big(case, args):
     if need > args.max_gib:
         return f"skipped: would need about {need:.0f} GiB (> --max-gib {args.max_gib:g})"
     return None
-
-
-def load_policy(args):
-    return LoadPolicy(limit=args.max_load, settle_s=args.settle, refuse=args.refuse_loaded)
 
 
 def run_case(case, args):
