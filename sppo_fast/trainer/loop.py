@@ -168,6 +168,15 @@ def response_logprobs(hidden_model, lm, rollout: Rollout, temperature, device):
     return sppo_fast.linear_logprobs(hidden, weight, rollout.response_ids, bias=bias, temperature=temperature)
 
 
+def use_sampler_logprobs(choice: str, device) -> bool:
+    """Whether the old log-probs come from the sampler's logits (`old_logprobs`): auto takes them in fp32
+    (the CPU), where the cached decode and a full forward agree to rounding, and recomputes them under bf16
+    autocast (a GPU), where the two round apart by about 1e-2."""
+    if choice == "auto":
+        return autocast_for(device) is None
+    return choice == "sampler"
+
+
 def match_dtype(hidden, weight, bias):
     """Feed the fused op one dtype: the hidden states' (bf16 under autocast), gradients still reach the
     fp32 master weight through the cast."""
@@ -211,6 +220,7 @@ class Trainer:
         self.loss_cfg = algos.loss_config(cfg)
         self.estimator = algos.estimator_name(cfg, self.loss_cfg)
         self.ref = None
+        self.sampler_logprobs = use_sampler_logprobs(cfg.old_logprobs, device)
 
     def check_lengths(self):
         """Before any training: the task's longest prompt (over a sample of both splits) plus
@@ -254,7 +264,8 @@ class Trainer:
         examples = [ex for ex in examples for _ in range(cfg.group_size)]
         rollout = generate(self.lm, self.tokenizer, [ex.prompt for ex in examples],
                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                           device=self.device, autocast=autocast_for(self.device))
+                           device=self.device, autocast=autocast_for(self.device),
+                           logprobs=self.sampler_logprobs)
         rewards, counts = score_responses(self.task, rollout.texts, examples)
         return rollout, torch.tensor(rewards, dtype=torch.float32, device=self.device), counts
 
@@ -308,7 +319,10 @@ class Trainer:
         rollout, rewards, counts = self.rollout(step)
         t_rollout = time.time() - t0
         mask = rollout.response_mask
-        old_logp = response_logprobs(self.hidden_model, self.lm, rollout, cfg.temperature, self.device)
+        if rollout.logprobs is not None:  # the sampler's own: the same policy, no second forward pass
+            old_logp = rollout.logprobs
+        else:
+            old_logp = response_logprobs(self.hidden_model, self.lm, rollout, cfg.temperature, self.device)
         ref_logp = None
         if self.ref is not None:
             ref_logp = response_logprobs(PolicyHidden(self.ref), self.ref, rollout, cfg.temperature,

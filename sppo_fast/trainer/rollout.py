@@ -15,6 +15,9 @@ class Rollout:
     response_mask: torch.Tensor    # (B, R) 1 on response tokens up to and including EOS
     texts: list[str]               # decoded responses without EOS/padding
     truncated: torch.Tensor        # (B,) bool: no EOS within max_new_tokens
+    # (B, R) fp32: log-prob of each response token under the sampling policy at the sampling temperature,
+    # from the logits the sampler drew it from (0 past the mask); None unless asked for
+    logprobs: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -36,7 +39,8 @@ class Rollout:
         width = max(1, int(self.response_mask[index].sum(1).max()))
         return Rollout(self.prompt_ids[index], self.prompt_mask[index], self.response_ids[index, :width],
                        self.response_mask[index, :width], [self.texts[i] for i in index.tolist()],
-                       self.truncated[index])
+                       self.truncated[index],
+                       None if self.logprobs is None else self.logprobs[index, :width])
 
 
 def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,9 +60,11 @@ def response_mask_after_eos(response_ids: torch.Tensor, eos_id: int) -> tuple[to
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float,
-             device, autocast=None) -> Rollout:
+             device, autocast=None, logprobs: bool = False) -> Rollout:
     """Sample one response per prompt (repeat prompts for groups). `temperature <= 0` decodes greedily.
-    Sampling draws from torch's global generator, which the checkpoints save and restore."""
+    Sampling draws from torch's global generator, which the checkpoints save and restore. `logprobs`: also
+    return each sampled token's log-prob at `temperature`, from the logits it was drawn from (no extra
+    forward pass; the draws are the same as without it)."""
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
     check_positions(model, prompt_ids.shape[1], max_new_tokens)
     sample = temperature > 0
@@ -66,18 +72,40 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempe
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if sample:
         kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
+    if logprobs:
+        kwargs.update(return_dict_in_generate=True, output_logits=True)
     was_training = model.training
     model.eval()
     with autocast() if autocast else _null():
         out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
     model.train(was_training)
+    logits = out.logits if logprobs else None
+    out = out.sequences if logprobs else out
     response_ids = out[:, prompt_ids.shape[1]:]
     if response_ids.shape[1] == 0:  # max_new_tokens was 0 in effect: keep one pad column
         response_ids = torch.full((len(prompts), 1), tokenizer.pad_token_id, device=device)
     mask, truncated = response_mask_after_eos(response_ids, tokenizer.eos_token_id)
     response_ids = response_ids.masked_fill(~mask.bool(), tokenizer.pad_token_id)
     texts = decode_responses(tokenizer, response_ids, mask)
-    return Rollout(prompt_ids, prompt_mask, response_ids, mask, texts, truncated)
+    token_logprobs = None
+    if logprobs:
+        token_logprobs = sampled_logprobs(logits, response_ids, mask, temperature)
+    return Rollout(prompt_ids, prompt_mask, response_ids, mask, texts, truncated, token_logprobs)
+
+
+def sampled_logprobs(step_logits, response_ids, mask, temperature: float) -> torch.Tensor:
+    """(B, R) fp32 log-probs of the response tokens from the sampler's raw logits (one (B, V) tensor per
+    generated position), at `temperature` (1 when greedy); 0 where the mask is 0."""
+    width = response_ids.shape[1]
+    if not step_logits:
+        return torch.zeros(response_ids.shape, dtype=torch.float32, device=response_ids.device)
+    logits = torch.stack(step_logits[:width], dim=1).float()  # (B, R, V)
+    if temperature > 0:
+        logits = logits / temperature
+    picked = torch.log_softmax(logits, dim=-1).gather(-1, response_ids[:, :logits.shape[1], None]).squeeze(-1)
+    if picked.shape[1] < width:  # the one pad column of an empty generation
+        picked = torch.nn.functional.pad(picked, (0, width - picked.shape[1]))
+    return picked.masked_fill(~mask.bool(), 0.0)
 
 
 def check_positions(model, prompt_len: int, max_new_tokens: int):
