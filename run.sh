@@ -26,8 +26,23 @@ fingerprint() {
     cat pyproject.toml setup.py run.sh csrc/* 2>/dev/null | sha256sum | cut -c1-16
 }
 
+LOG=$VENV/setup.log  # the set-up's pip/setuptools/compiler output; shown only when a step fails
+
 pip_install() {
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@"
+}
+
+# One line per set-up step; the step's output goes to $LOG, and to the terminal only if the step fails.
+step() {  # $1: what it does; the rest: the command
+    local what=$1 from
+    shift
+    echo "run.sh: $what" >&2
+    from=$(($(wc -l <"$LOG") + 1))
+    if ! "$@" >>"$LOG" 2>&1; then
+        echo "run.sh: failed: $what; its output (all of it in $LOG):" >&2
+        tail -n "+$from" "$LOG" | tail -n 200 >&2
+        exit 1
+    fi
 }
 
 setup_env() {  # $1: core | peers
@@ -36,20 +51,24 @@ setup_env() {  # $1: core | peers
     if [[ -f $stamp && $(cat "$stamp") == "$want" ]] && "$VENV/bin/python" -c "import sppo_fast" 2>/dev/null; then
         return
     fi
-    echo "run.sh: setting up $VENV ($profile); this happens once and takes a few minutes" >&2
-    [[ -x $VENV/bin/python ]] || "$PYTHON" -m venv "$VENV"
-    pip_install --upgrade pip
-    pip_install "$TORCH" setuptools wheel ninja pybind11
+    echo "run.sh: setting up $VENV ($profile); this happens once and takes a few minutes (log: $LOG)" >&2
+    mkdir -p "$VENV"
+    : >"$LOG"
+    [[ -x $VENV/bin/python ]] || step "creating the virtual environment" "$PYTHON" -m venv "$VENV"
+    step "upgrading pip" pip_install --upgrade pip
+    step "installing $TORCH (CPU) and the build tools" pip_install "$TORCH" setuptools wheel ninja pybind11
     local extras=dev
     [[ $profile == peers ]] && extras=dev,peers
     # --no-build-isolation: the native kernels build against the torch installed above
-    pip_install "$TORCH" --no-build-isolation -e ".[$extras]"
+    step "installing sppo-fast [$extras] and building its native kernels" \
+        pip_install "$TORCH" --no-build-isolation -e ".[$extras]"
     if [[ $profile == peers ]]; then
         # verl's full dependency set does not resolve beside our pins; its loss module needs only these
-        pip_install "$TORCH" --no-deps verl==0.9.1
-        pip_install "$TORCH" packaging ray tensordict omegaconf codetiming orjson
+        step "installing verl (its loss module only)" pip_install "$TORCH" --no-deps verl==0.9.1
+        step "installing verl's imports" pip_install "$TORCH" packaging ray tensordict omegaconf codetiming orjson
     fi
-    "$VENV/bin/python" -c "import sppo_fast; [print(f'  {k}: {v}') for k, v in sppo_fast.backend_info().items()]" >&2
+    step "checking the install" "$VENV/bin/python" -c "import sppo_fast; sppo_fast.backend_info()"
+    "$VENV/bin/python" -c "import sppo_fast; print('run.sh: ready:', '; '.join(f'{k}: {v}' for k, v in sppo_fast.backend_info().items()))" >&2 2>>"$LOG"
     echo "$want" > "$stamp"
     # the peer set-up includes the core one
     [[ $profile == peers ]] && echo "$want" > "$VENV/.sppo-fast-core"
