@@ -626,3 +626,51 @@ def test_a_second_signal_stops_at_once_and_the_handlers_are_put_back():
             os.kill(os.getpid(), signal.SIGINT)
             raise AssertionError("the second signal must stop at once")
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+# --- speed paths of the default run (issue 18): same numbers as the plain ones --------------------------
+
+def test_sft_micro_batches_give_the_padded_batch_loss_and_gradient(tokenizer):
+    from sppo_fast.trainer import warmstart
+    from sppo_fast.trainer.loop import make_task
+
+    cfg = TrainConfig(hidden_size=32, num_layers=2, num_heads=2, threads=1)
+    torch.manual_seed(0)
+    lm = build_policy(cfg, tokenizer, torch.device("cpu"))
+    examples = make_task(cfg).examples("train", 24, seed=3)
+    pairs = warmstart.sft_targets(examples, 0.5, torch.Generator().manual_seed(1))
+    encoded = warmstart.encode_pairs(tokenizer, pairs)
+    groups = warmstart.length_groups([len(p) + len(t) for p, t in encoded], cost=8)
+    assert sorted(i for g in groups for i in g) == list(range(len(pairs))) and len(groups) > 1
+    hidden = PolicyHidden(lm)
+    losses, grads = [], []
+    for batches in ([warmstart.sft_batch(tokenizer, pairs, "cpu")],
+                    warmstart.sft_micro_batches(tokenizer, None, "cpu", encoded=encoded)):
+        lm.zero_grad(set_to_none=True)
+        loss = warmstart.sft_loss(hidden, lm, batches)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in lm.parameters()])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_sampler_logprobs_equal_recomputed_ones_and_leave_the_draws_alone(tokenizer):
+    from sppo_fast.trainer.loop import response_logprobs
+
+    cfg = TrainConfig(hidden_size=32, num_layers=2, num_heads=2, threads=1)
+    torch.manual_seed(0)
+    lm = build_policy(cfg, tokenizer, torch.device("cpu"))
+    prompts = ["1+2\n", "12*11-3\n", "(3+5)*2-4\n"]
+    torch.manual_seed(1)
+    plain = generate(lm, tokenizer, prompts, max_new_tokens=8, temperature=0.7, device="cpu")
+    torch.manual_seed(1)
+    rollout = generate(lm, tokenizer, prompts, max_new_tokens=8, temperature=0.7, device="cpu", logprobs=True)
+    assert torch.equal(rollout.response_ids, plain.response_ids) and plain.logprobs is None
+    again = response_logprobs(PolicyHidden(lm), lm, rollout, 0.7, torch.device("cpu"))
+    mask = rollout.response_mask.bool()
+    torch.testing.assert_close(rollout.logprobs[mask], again[mask], rtol=0, atol=1e-5)
+    assert (rollout.logprobs[~mask] == 0).all()
+    sub = rollout.select(torch.tensor([2, 0]))
+    assert sub.logprobs.shape == sub.response_ids.shape

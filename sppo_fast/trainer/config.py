@@ -70,8 +70,8 @@ class TrainConfig:
     sft_steps: int = _f(1300, "warm start: optimizer steps. Too few leave the warm start still learning to copy "
                               "the operands from the prompt, which seeds do at different times: at 1000 steps "
                               "one seed in three worked the steps out right 32%% of the time, at 1500 88%%. "
-                              "1300 keeps the default run within 5 minutes on 2 cores (docs/default-run/)",
-                        min=1)
+                              "1300 (was 1500) for the 5-minute budget: 210-258 s cold on 2 Intel Xeon cores, "
+                              "every seed of five then gained +25 to +41 points (docs/default-run/)", min=1)
     sft_batch_size: int = _f(64, "warm start: examples per step", min=1)
     sft_lr: float = _f(3e-3, "warm start: peak learning rate (cosine decay, 5%% warmup)", gt=0)
     sft_direct_fraction: float = _f(0.5, "warm start: fraction of examples whose target is only the final "
@@ -82,8 +82,9 @@ class TrainConfig:
     cache_dir: str | None = _f(None, "warm-start cache directory (default $SPPO_FAST_CACHE or "
                                      "~/.cache/sppo-fast)", path=True)
     # --- RL loop ---
-    steps: int = _f(40, "RL steps (one rollout batch and its update per step). On the default run most of the "
-                        "gain comes in the first 20 (docs/default-run/); 40 fit the 5-minute budget", min=1)
+    steps: int = _f(40, "RL steps (one rollout batch and its update per step). 40 (was 80): most of the default "
+                        "run's gain comes in the first 20 (accuracy at steps 20 and 40 within 0-5 points on "
+                        "five seeds, docs/default-run/), at 1.5-1.7 s a step on 2 cores", min=1)
     rollouts_per_step: int = _f(256, "responses sampled per step over all ranks (prompts x samples)", min=1)
     samples_per_prompt: int = _f(0, "responses per prompt (0: 1 for sppo and ppo, 8 for the group "
                                     "algorithms)", min=0)
@@ -108,7 +109,8 @@ class TrainConfig:
                                    "temperature; no extra forward pass), recompute (a forward pass over the "
                                    "rollout batch before any update), or auto (sampler in fp32, recompute "
                                    "under bf16 autocast on a GPU, where the cached decode and a full forward "
-                                   "round apart). On the default run recomputing them was 17%% of an RL step",
+                                   "round apart). Recomputing them was 17%% of an RL step of the default run on CPU; "
+                                   "the two agree to 1e-6 in fp32",
                            choices=("auto", "sampler", "recompute"))
     clip_low: float | None = _f(None, "override the preset's clip_low", min=0)
     clip_high: float | None = _f(None, "override the preset's clip_high", min=0)
