@@ -121,7 +121,4 @@ def _fused_entry(checks, name, x, targets, cu_seqlens, old_logp, advantages, mas
 
 def _to_caller(out, layout, shape):
     """PolicyLossOutput with logp and entropy in the caller's per-token shape."""
-    if not layout.packed:
-        return out
-    return out._replace(logp=layout.to_rows(out.logp).reshape(shape),
-                        entropy=layout.to_rows(out.entropy).reshape(shape))
+    return out._replace(logp=layout.to_caller(out.logp, shape), entropy=layout.to_caller(out.entropy, shape))

@@ -44,8 +44,7 @@ def _two_pass_logprobs(plan, layout, hidden, weight, bias, targets, valid, tempe
                                          plan.chunk_size)
     if plan.rows is None:
         return layout.to_grid(logp), layout.to_grid(entropy)
-    S, T = layout.n_seqs, layout.width
-    return tuple(x.new_zeros(S * T).index_copy(0, plan.cells, x).view(S, T) for x in (logp, entropy))
+    return plan.output_grid(logp, valid.shape), plan.output_grid(entropy, valid.shape)
 
 
 class _OnePassLinearLoss(torch.autograd.Function):

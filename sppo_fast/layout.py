@@ -25,7 +25,6 @@ class BatchLayout(NamedTuple):
     n_seqs: int  # S: rows of the grid
     width: int  # T: columns of the grid (packed: the longest sequence, at least 1)
     n_rows: int  # N: rows of the vocabulary-sized work
-    caller_shape: tuple  # the shape of the caller's per-token tensors: (B, T), (N,) or (1, N)
     cell_of_row: torch.Tensor | None = None  # packed: (N,) int64, s * T + t of each row (increasing)
     seq_of_row: torch.Tensor | None = None  # packed: (N,) int64, the sequence of each row
     cu: list | None = None  # packed: the S + 1 offsets, Python ints
@@ -46,9 +45,9 @@ class BatchLayout(NamedTuple):
         flat = y.reshape(self.n_seqs * self.width, *y.shape[2:])
         return flat if not self.packed else flat.index_select(0, self.cell_of_row)
 
-    def to_caller(self, y):
-        """A (S, T) grid tensor in the caller's per-token shape."""
-        return y if not self.packed else self.to_rows(y).reshape(self.caller_shape)
+    def to_caller(self, y, shape):
+        """A (S, T) grid tensor in the caller's per-token `shape` ((B, T), or packed (N,) or (1, N))."""
+        return y if not self.packed else self.to_rows(y).reshape(shape)
 
     def token_rows(self, x, targets):
         """The (N, V|H) rows of the logits or hidden states (unit stride along the last dim) and the (N,)
@@ -120,12 +119,12 @@ def batch_layout(name, x, cu_seqlens=None, trailing=0):
             rest = ", " + ("V" if name == "logits" else "H") if trailing else ""
             raise ValueError(f"{name} must have shape (B, T{rest}), got {tuple(x.shape)}")
         B, T = x.shape[:2]
-        return BatchLayout(B, T, B * T, (B, T))
+        return BatchLayout(B, T, B * T)
     n = packed_length(name, x, trailing)
-    return packed_layout(cu_seqlens, n, x.device, tuple(x.shape[:x.dim() - trailing]))
+    return packed_layout(cu_seqlens, n, x.device)
 
 
-def packed_layout(cu_seqlens, n_tokens, device, caller_shape=None):
+def packed_layout(cu_seqlens, n_tokens, device):
     cu = check_cu_seqlens(cu_seqlens, n_tokens, device)
     lengths = [b - a for a, b in zip(cu, cu[1:])]
     S, T = len(lengths), max(max(lengths, default=0), 1)
@@ -134,7 +133,7 @@ def packed_layout(cu_seqlens, n_tokens, device, caller_shape=None):
                                   output_size=n_tokens)
     starts = torch.tensor(cu[:-1], dtype=torch.long, device=device)
     cell = seq * T + torch.arange(n_tokens, device=device) - starts[seq]
-    return BatchLayout(S, T, n_tokens, caller_shape or (n_tokens,), cell, seq, cu)
+    return BatchLayout(S, T, n_tokens, cell, seq, cu)
 
 
 def check_cu_seqlens(cu_seqlens, n_tokens, device=None):

@@ -45,8 +45,9 @@ class ChunkPlan(NamedTuple):
         return inputs, weights
 
     def output_grid(self, x, shape):
-        """A loss-grid tensor back on the (S, T) grid (0 where no valid token is)."""
-        if self.mode != TOKENS:
+        """Values of the loss grid, or one per valid row (two passes), back on the (S, T) grid: 0 where no
+        valid token is."""
+        if self.mode == SEQUENCES:
             return x
         return x.new_zeros(shape[0] * shape[1]).index_copy(0, self.cells, x.reshape(-1)).view(shape)
 
@@ -59,9 +60,9 @@ def plan_linear_loss(layout, valid, *, token_local, oracle, vocab, chunk_size=No
         return ChunkPlan(TWO_PASS, size, None, None, [])
     rows = layout.to_rows(valid).reshape(-1).nonzero().squeeze(1)
     cells = rows if not layout.packed else layout.cell_of_row.index_select(0, rows)
-    counts = valid.sum(1).tolist()
     if oracle:
         return ChunkPlan(TWO_PASS, size, rows, cells, [])
+    counts = valid.sum(1).tolist()
     if max(counts, default=0) <= size:
         return ChunkPlan(SEQUENCES, size, rows, cells, _sequence_chunks(rows, cells, counts, size, valid.shape[1]))
     if token_local:
