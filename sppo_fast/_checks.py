@@ -120,8 +120,9 @@ def _check_targets_shape(targets, lead, x_name, packed):
     check_shape("targets", targets, lead, f"the leading shape of {x_name} (..., {'V' if x_name == 'logits' else 'H'})")
 
 
-def check_logits_and_targets(checks, logits, targets, temperature, ignore_index, *, packed=False):
-    """logits (..., V) and targets (...); returns the temperature as a float."""
+def check_logits_and_targets(checks, logits, targets, temperature, ignore_index, *, packed=False, check_range=True):
+    """logits (..., V) and targets (...); returns the temperature as a float. `check_range=False`: V is
+    this rank's shard of the vocabulary, the targets are checked against the whole V later."""
     check_float("logits", logits)
     check_integer("targets", targets)
     check_int("ignore_index", ignore_index)
@@ -131,12 +132,15 @@ def check_logits_and_targets(checks, logits, targets, temperature, ignore_index,
         raise ValueError(f"logits has an empty vocabulary dimension: shape {tuple(logits.shape)}")
     _check_targets_shape(targets, logits.shape[:-1], "logits", packed)
     check_same_device(logits=logits, targets=targets)
-    check_targets_range(checks, targets, logits.shape[-1], ignore_index)
+    if check_range:
+        check_targets_range(checks, targets, logits.shape[-1], ignore_index)
     return check_temperature(temperature)
 
 
-def check_linear(checks, hidden, weight, bias, targets, temperature, ignore_index, chunk_size, *, packed=False):
-    """hidden (..., H), weight (V, H), bias (V,) or None, targets (...); returns the temperature."""
+def check_linear(checks, hidden, weight, bias, targets, temperature, ignore_index, chunk_size, *, packed=False,
+                 check_range=True):
+    """hidden (..., H), weight (V, H), bias (V,) or None, targets (...); returns the temperature
+    (`check_range` as in check_logits_and_targets)."""
     check_float("hidden", hidden)
     check_float("weight", weight)
     if weight.dim() != 2:
@@ -155,5 +159,6 @@ def check_linear(checks, hidden, weight, bias, targets, temperature, ignore_inde
     _check_targets_shape(targets, hidden.shape[:-1], "hidden", packed)
     check_int("ignore_index", ignore_index)
     check_same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
-    check_targets_range(checks, targets, weight.shape[0], ignore_index)
+    if check_range:
+        check_targets_range(checks, targets, weight.shape[0], ignore_index)
     return check_temperature(temperature)

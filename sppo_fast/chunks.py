@@ -1,5 +1,6 @@
 """The one chunk loop of the linear path: hidden rows x lm_head a chunk at a time, every chunk's logits
-in one shared buffer, and the gradients of hidden, weight and bias accumulated chunk by chunk. Every
+in one shared buffer, and the gradients of hidden, weight and bias accumulated chunk by chunk (on a
+vocabulary shard, of this rank's rows of the weight). Every
 linear caller (linear_logprobs' forward and backward, the one-pass loss, the gradient accumulation
 into `.grad` of the integrations) runs its chunks through `chunk_logits`.
 
@@ -48,15 +49,16 @@ class LinearGrads:
     ((weight_grad, bias_grad), either None to skip it) they are added into those tensors instead (the
     parameters' `.grad`, see integrations.grad_accumulation). Rows no chunk visits get a zero gradient."""
 
-    def __init__(self, hidden, weight, bias, into=None):
-        self.lm_head = weight
+    def __init__(self, hidden, weight, bias, into=None, shard=None):
+        self.lm_head, self.shard = weight, shard
         self.hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
         self.into = into is not None
         if self.into:
             self.weight, self.bias = into
         else:
-            self.weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
-            self.bias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+            wide = torch.promote_types(weight.dtype, torch.float32)
+            self.weight = torch.empty(weight.shape, dtype=wide, device=weight.device)
+            self.bias = None if bias is None else torch.zeros(bias.shape, dtype=wide, device=bias.device)
         self.chunks = 0
 
     def add_chunk(self, grad_logits, h, rows):
@@ -73,9 +75,13 @@ class LinearGrads:
         self.chunks += 1
 
     def result(self):
-        """(grad_hidden, grad_weight, grad_bias or None), weight and bias in the weight's dtype."""
+        """(grad_hidden, grad_weight, grad_bias or None), weight and bias in the weight's dtype. On a
+        vocabulary shard (parallel.VocabShard) the hidden states' gradient is summed over its group here,
+        once per call; the weight's and the bias' are this rank's rows."""
         if not self.chunks and not self.into:
             self.weight.zero_()
+        if self.shard is not None:
+            self.shard.reduce_grad(self.hidden)
         dtype = self.lm_head.dtype
         return (self.hidden, None if self.weight is None else self.weight.to(dtype),
                 None if self.bias is None else self.bias.to(dtype))

@@ -5,33 +5,41 @@ The one pass computes the loss and every gradient in the forward, as Liger-Kerne
 per chunk one matmul, the forward kernel, the loss stage on the chunk, the backward kernel (in place on
 the chunk's logits) and two matmuls for the gradients, three in all, against the four that recomputing
 the logits in a separate backward needs. The autograd backward then only scales the stored gradients.
-The two passes run linear_logprobs over the plan's rows and the loss stage after it."""
+The two passes run linear_logprobs over the plan's rows and the loss stage after it.
+
+A vocabulary shard (parallel.VocabShard) changes only the kernels' calls (kernel_forward/backward); a
+context split only the layout, whose grid is the whole sequences': a one-pass plan is then token-local
+(sppo_fast.plan), and the ranks' shares of the loss and of logp and entropy are summed over the group."""
 
 import torch
 
 from . import dispatch
-from .backends import LSE_DTYPE
 from .chunks import LinearGrads, chunk_logits
 from .losses import PolicyLossOutput, aggregate, loss_metrics, per_token_loss, token_weights, weighted_sum
 from .ops import IGNORE_INDEX, linear_logprobs_rows
+from .parallel import kernel_backward, kernel_forward, sum_over_ranks
 from .plan import TWO_PASS
 
 
 def linear_policy_loss(plan, layout, hidden, weight, bias, targets, inputs, config, *, temperature, normalizer,
-                       compute_grad):
+                       compute_grad, shard=None):
     """The policy loss of hidden rows (N, H), targets (N,) int64, `inputs` (losses.LossInputs) on the
     layout's grid. Returns PolicyLossOutput with logp and entropy on the grid (0 where mask is 0)."""
     if plan.mode == TWO_PASS:
-        logp, entropy = _two_pass_logprobs(plan, layout, hidden, weight, bias, targets, inputs.valid, temperature)
+        logp, entropy = _two_pass_logprobs(plan, layout, hidden, weight, bias, targets, inputs.valid, temperature,
+                                           shard)
         return aggregate(logp, inputs, config, entropy=entropy, normalizer=normalizer)
     weights = token_weights(inputs.valid, config, normalizer)
     loss, logp, entropy = _OnePassLinearLoss.apply(hidden, weight, bias, targets, plan, inputs, weights, config,
-                                                   temperature, compute_grad)
+                                                   temperature, compute_grad, shard)
+    if layout.context is not None:
+        loss = sum_over_ranks(loss, layout.context)
+        logp, entropy = sum_over_ranks(torch.stack([logp, entropy]), layout.context)
     terms = per_token_loss(logp, inputs, config, entropy)
     return PolicyLossOutput(loss, logp, entropy, loss_metrics(terms, logp, inputs, entropy))
 
 
-def _two_pass_logprobs(plan, layout, hidden, weight, bias, targets, valid, temperature):
+def _two_pass_logprobs(plan, layout, hidden, weight, bias, targets, valid, temperature, shard):
     """(logp, entropy) on the grid from linear_logprobs over the plan's rows. Traced calls take every row,
     masked ones zeroed (hidden and target) so that whatever they hold, NaN included, gives a zero gradient."""
     if plan.rows is None:
@@ -41,10 +49,11 @@ def _two_pass_logprobs(plan, layout, hidden, weight, bias, targets, valid, tempe
     else:
         hidden, targets = hidden.index_select(0, plan.rows), targets.index_select(0, plan.rows)
     logp, entropy = linear_logprobs_rows(hidden, weight, bias, targets, temperature, IGNORE_INDEX, True,
-                                         plan.chunk_size)
+                                         plan.chunk_size, shard)
     if plan.rows is None:
         return layout.to_grid(logp), layout.to_grid(entropy)
-    return plan.output_grid(logp, valid.shape), plan.output_grid(entropy, valid.shape)
+    grids = torch.stack([plan.output_grid(logp, valid.shape), plan.output_grid(entropy, valid.shape)])
+    return sum_over_ranks(grids, layout.context).unbind(0)
 
 
 class _OnePassLinearLoss(torch.autograd.Function):
@@ -52,18 +61,17 @@ class _OnePassLinearLoss(torch.autograd.Function):
     weight and bias computed on the way when compute_grad, scaled by the incoming gradient in the backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, plan, inputs, weights, config, temperature, compute_grad):
-        backend = dispatch.backend_for(hidden.device)
+    def forward(ctx, hidden, weight, bias, targets, plan, inputs, weights, config, temperature, compute_grad, shard):
+        backend = dispatch.backend_for(hidden.device, hidden.dtype)
         grid_inputs, grid_weights = plan.loss_grid(inputs, weights)
         logp = torch.zeros(grid_inputs.valid.shape, dtype=torch.float32, device=hidden.device)
         entropy = torch.zeros_like(logp)
         loss = logp.new_zeros(())
-        grads = LinearGrads(hidden, weight, bias) if compute_grad else None
+        grads = LinearGrads(hidden, weight, bias, shard=shard) if compute_grad else None
         for chunk, (rows, h, logits) in zip(plan.chunks, chunk_logits(hidden, weight, bias,
                                                                        [c.rows for c in plan.chunks])):
             chunk_targets = targets.index_select(0, rows)
-            lp, ent, lse = backend.token_logprobs_forward(logits, chunk_targets, temperature, IGNORE_INDEX, True,
-                                                          lse_dtype=LSE_DTYPE)
+            lp, ent, lse = kernel_forward(backend, shard, logits, chunk_targets, temperature, IGNORE_INDEX, True)
             a, b = chunk.seqs
             _place(logp[a:b], chunk.cells, lp)
             _place(entropy[a:b], chunk.cells, ent)
@@ -72,8 +80,8 @@ class _OnePassLinearLoss(torch.autograd.Function):
             loss += chunk_loss
             if grads is not None:
                 g_logp, g_ent = _take(g_logp, chunk.cells), None if g_ent is None else _take(g_ent, chunk.cells)
-                grad = backend.token_logprobs_backward(logits, chunk_targets, lse, ent, g_logp, g_ent, temperature,
-                                                       IGNORE_INDEX, True)
+                grad = kernel_backward(backend, shard, logits, chunk_targets, lse, ent, g_logp, g_ent, temperature,
+                                       IGNORE_INDEX, True)
                 grads.add_chunk(grad, h, rows)
         shape = inputs.valid.shape
         logp, entropy = plan.output_grid(logp, shape), plan.output_grid(entropy, shape)
@@ -85,7 +93,7 @@ class _OnePassLinearLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        none = [None] * 7
+        none = [None] * 8
         # the usual grad_loss is 1: on the CPU, where reading it costs no device sync, skip the scaling (a
         # pass over the (V, H) weight gradient); on an accelerator, scale without reading it
         if grad_loss.device.type == "cpu" and float(grad_loss) == 1.0:

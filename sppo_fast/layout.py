@@ -18,87 +18,128 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import check_float, check_integer, check_tensor
+from ._checks import check_float, check_integer, check_shape, check_tensor
+from .parallel import sum_over_ranks
 
 
 class BatchLayout(NamedTuple):
     n_seqs: int  # S: rows of the grid
     width: int  # T: columns of the grid (packed: the longest sequence, at least 1)
-    n_rows: int  # N: rows of the vocabulary-sized work
-    cell_of_row: torch.Tensor | None = None  # packed: (N,) int64, s * T + t of each row (increasing)
-    seq_of_row: torch.Tensor | None = None  # packed: (N,) int64, the sequence of each row
-    cu: list | None = None  # packed: the S + 1 offsets, Python ints
+    n_rows: int  # N: rows of the vocabulary-sized work (this rank's, when the sequences are split)
+    cell_of_row: torch.Tensor | None = None  # mapped: (N,) int64, s * T + t of each row (increasing)
+    seq_of_row: torch.Tensor | None = None  # mapped: (N,) int64, the sequence of each row
+    cu: list | None = None  # packed: the S + 1 offsets of this rank's rows, Python ints
+    context: object | None = None  # the process group the sequences are split over (parallel.py), or None
 
     @property
     def packed(self):
+        return self.cu is not None
+
+    @property
+    def mapped(self):
+        """Rows land in the grid through cell_of_row (packed, or a slice of each sequence)."""
         return self.cell_of_row is not None
 
     def to_grid(self, x, fill=0):
-        """(N, ...) rows -> (S, T, ...) grid, `fill` where no row lands; differentiable in x."""
-        if not self.packed:
+        """(N, ...) rows -> (S, T, ...) grid, `fill` where no row lands; differentiable in x. When the
+        sequences are split, every rank's rows land: the grid is summed over the group (sum_over_ranks)."""
+        if not self.mapped:
             return x.reshape(self.n_seqs, self.width, *x.shape[1:])
-        out = x.new_full((self.n_seqs * self.width, *x.shape[1:]), fill)
-        return out.index_copy(0, self.cell_of_row, x).reshape(self.n_seqs, self.width, *x.shape[1:])
+        out = x.new_zeros((self.n_seqs * self.width, *x.shape[1:])).index_copy(0, self.cell_of_row, x)
+        out = sum_over_ranks(out, self.context)
+        if fill != 0:
+            out = torch.where(self.covered(), out, torch.full_like(out, fill))
+        return out.reshape(self.n_seqs, self.width, *x.shape[1:])
+
+    def covered(self):
+        """(S * T,) bool: the cells that some rank's row lands in."""
+        ones = torch.ones(self.n_rows, dtype=torch.float32, device=self.cell_of_row.device)
+        return self.to_grid(ones).reshape(-1) > 0
 
     def to_rows(self, y):
-        """(S, T, ...) grid -> (N, ...) rows."""
+        """(S, T, ...) grid -> (N, ...) rows (this rank's)."""
         flat = y.reshape(self.n_seqs * self.width, *y.shape[2:])
-        return flat if not self.packed else flat.index_select(0, self.cell_of_row)
+        return flat if not self.mapped else flat.index_select(0, self.cell_of_row)
 
     def to_caller(self, y, shape):
         """A (S, T) grid tensor in the caller's per-token `shape` ((B, T), or packed (N,) or (1, N))."""
-        return y if not self.packed else self.to_rows(y).reshape(shape)
+        return y if not self.mapped else self.to_rows(y).reshape(shape)
 
     def token_rows(self, x, targets):
         """The (N, V|H) rows of the logits or hidden states (unit stride along the last dim) and the (N,)
         int64 targets, from either layout (checked before)."""
         return flat_rows(x), flat_targets(targets)
 
-    def grid_inputs(self, old_logp, advantages, mask, segment_ids, ref_logp, rollout_is_weights, entropy=None):
-        """The caller's loss inputs on the grid, in that order. Padded inputs pass as they are (the loss
-        stage checks their (B, T) shapes); packed ones are checked here, each error naming its argument."""
+    def input_rows(self, old_logp, advantages, mask, segment_ids, ref_logp, rollout_is_weights, entropy=None):
+        """The caller's loss inputs, checked, each error naming its argument, as two dicts: per-token ones
+        as this rank's (N,) rows, per-sequence ones (S,) as they are. No collective: a bad argument is
+        found before the ranks meet (parallel.agree). Unmapped (padded) inputs pass as they are, all in
+        the first dict: the loss stage checks their (B, T) shapes."""
+        given = dict(old_logp=old_logp, advantages=advantages, mask=mask, segment_ids=segment_ids,
+                     ref_logp=ref_logp, rollout_is_weights=rollout_is_weights, entropy=entropy)
+        if not self.mapped:
+            return given, {}
+        checks = dict(mask=check_tensor, segment_ids=check_integer)
+        rows, per_sequence = {}, {}
+        for name, x in given.items():
+            if x is None:
+                continue
+            checks.get(name, check_float)(name, x)
+            if name in ("advantages", "rollout_is_weights") and self._per_sequence(name, x):
+                per_sequence[name] = x
+            else:
+                rows[name] = self._row(name, x)
+        rows["mask"] = rows["mask"].bool() if rows["mask"].dtype != torch.bool else rows["mask"]
+        return rows, per_sequence
+
+    def inputs_to_grid(self, inputs):
+        """input_rows' output on the (S, T) grid, as the tuple (old_logp, advantages, mask, segment_ids,
+        ref_logp, rollout_is_weights, entropy); split sequences: one all-reduce for all of them."""
+        rows, per_sequence = inputs
+        names = ("old_logp", "advantages", "mask", "segment_ids", "ref_logp", "rollout_is_weights", "entropy")
+        if not self.mapped:
+            return tuple(rows[n] for n in names)
+        per_token = [n for n in names if n in rows]
+        # fp64 carries every dtype here exactly (ids < 2**53, bools, fp32 and fp64 values), and each cell
+        # of the sum is one rank's value plus zeros
+        grid = self.to_grid(torch.stack([rows[n].to(torch.float64) for n in per_token], 1))
+        out = {n: per_sequence.get(n) for n in names}
+        out.update({n: grid[..., k].to(rows[n].dtype) for k, n in enumerate(per_token)})
+        if out["segment_ids"] is not None:
+            out["segment_ids"] = _renumber_segments(out["segment_ids"], out["mask"])
+        return tuple(out[n] for n in names)
+
+    def _row(self, name, x):
+        """A per-token input as (N,) rows: packed (N,) or (1, N); a split padded batch (B, T_rank)."""
+        if self.packed:
+            return packed_row(name, x, self.n_rows)
+        check_shape(name, x, (self.n_seqs, self.n_rows // max(self.n_seqs, 1)), "this rank's slice (B, T)")
+        return x.reshape(-1)
+
+    def _per_sequence(self, name, x):
+        """Whether a per-sequence-or-token input is per sequence: (S,) where that cannot mean (N,) rows."""
+        if x.dim() != 1 or x.shape[0] != self.n_seqs:
+            return False
         if not self.packed:
-            return old_logp, advantages, mask, segment_ids, ref_logp, rollout_is_weights, entropy
-        N = self.n_rows
-        mask_row = packed_row("mask", check_tensor("mask", mask), N)
-        valid = mask_row.bool() if mask_row.dtype != torch.bool else mask_row
+            return True  # a split padded batch: per token is (B, T_rank)
+        if self.n_seqs != self.n_rows:
+            return True
+        if any(b - a != 1 for a, b in zip(self.cu, self.cu[1:])):
+            raise ValueError(f"{name} of shape ({self.n_seqs},) is ambiguous: there are as many sequences as "
+                             f"tokens ({self.n_seqs}) but not one token per sequence; pass per-token {name} as "
+                             f"(1, {self.n_rows}) or per-sequence ones expanded with torch.repeat_interleave(x, "
+                             f"lengths)")
+        return False  # one token per sequence: both readings agree
 
-        def per_token(name, x):
-            return None if x is None else self.to_grid(packed_row(name, check_float(name, x), N))
 
-        segments = None if segment_ids is None else self._renumber_segments(segment_ids, valid)
-        return (per_token("old_logp", old_logp), self._sequence_or_token("advantages", advantages),
-                self.to_grid(valid, fill=False), segments, per_token("ref_logp", ref_logp),
-                self._sequence_or_token("rollout_is_weights", rollout_is_weights), per_token("entropy", entropy))
-
-    def _sequence_or_token(self, name, x):
-        """Per-sequence (S,) values as they are; per-token (N,)/(1, N) values on the grid."""
-        if x is None:
-            return None
-        check_tensor(name, x)
-        S, N = self.n_seqs, self.n_rows
-        if x.dim() == 1 and x.shape[0] == S:
-            if S != N:
-                return x
-            if any(b - a != 1 for a, b in zip(self.cu, self.cu[1:])):
-                raise ValueError(f"{name} of shape ({S},) is ambiguous: there are as many sequences as tokens "
-                                 f"({S}) but not one token per sequence; pass per-token {name} as (1, {N}) or "
-                                 f"per-sequence ones expanded with torch.repeat_interleave(x, lengths)")
-        return self.to_grid(packed_row(name, x, N))  # (one token per sequence: both readings agree)
-
-    def _renumber_segments(self, segment_ids, valid_rows):
-        """Packed segment ids -> ids that start at 0 in every sequence (-1 off the mask). Ids counted over
-        the whole packed row (sppo_fast.segment_ids on the (1, N) row) run on across sequences; the loss
-        stage indexes segments within a grid row, so each sequence's ids are shifted by their minimum.
-        Relative ids, and so the segments, are unchanged: segments never cross a sequence boundary."""
-        check_integer("segment_ids", segment_ids)
-        ids = packed_row("segment_ids", segment_ids, self.n_rows).to(torch.long)
-        big = torch.iinfo(torch.long).max
-        first = torch.full((self.n_seqs,), big, dtype=torch.long, device=ids.device)
-        first = first.scatter_reduce(0, self.seq_of_row, torch.where(valid_rows, ids, torch.full_like(ids, big)),
-                                     reduce="amin")
-        shifted = ids - first.gather(0, self.seq_of_row)  # garbage off the mask, replaced by -1 below
-        return self.to_grid(torch.where(valid_rows, shifted, torch.full_like(ids, -1)), fill=-1)
+def _renumber_segments(ids, valid):
+    """Segment ids on the grid -> ids that start at 0 in every sequence (-1 off the mask). Ids counted over
+    a whole packed row run on across sequences; the loss stage indexes segments within a grid row, so each
+    sequence's ids are shifted by their minimum. Segments never cross a sequence boundary, so relative
+    ids, and the segments, are unchanged."""
+    big = torch.iinfo(torch.long).max
+    first = torch.where(valid, ids, torch.full_like(ids, big)).amin(1, keepdim=True) if ids.numel() else ids
+    return torch.where(valid, ids - first, torch.full_like(ids, -1))
 
 
 def flat_rows(x):
@@ -127,13 +168,34 @@ def batch_layout(name, x, cu_seqlens=None, trailing=0):
 def packed_layout(cu_seqlens, n_tokens, device):
     cu = check_cu_seqlens(cu_seqlens, n_tokens, device)
     lengths = [b - a for a, b in zip(cu, cu[1:])]
-    S, T = len(lengths), max(max(lengths, default=0), 1)
-    seq = torch.repeat_interleave(torch.arange(S, device=device), torch.tensor(lengths, dtype=torch.long,
-                                                                               device=device),
-                                  output_size=n_tokens)
-    starts = torch.tensor(cu[:-1], dtype=torch.long, device=device)
-    cell = seq * T + torch.arange(n_tokens, device=device) - starts[seq]
-    return BatchLayout(S, T, n_tokens, cell, seq, cu)
+    return _mapped_layout(lengths, [0] * len(lengths), max(max(lengths, default=0), 1), n_tokens, device, cu)
+
+
+def sequence_lengths(layout):
+    """This rank's tokens of each sequence: what the ranks of a context split exchange (parallel.agree)."""
+    if layout.packed:
+        return [b - a for a, b in zip(layout.cu, layout.cu[1:])]
+    return [layout.width] * layout.n_seqs
+
+
+def split_layout(layout, every_lengths, rank, group, device):
+    """The layout of this rank's slice of every sequence, the slices in rank order (`every_lengths[r][s]`:
+    rank r's tokens of sequence s, as exchanged): the grid holds the whole sequences."""
+    lengths = every_lengths[rank]
+    offsets = [sum(theirs[s] for theirs in every_lengths[:rank]) for s in range(len(lengths))]
+    width = max(max((sum(col) for col in zip(*every_lengths)), default=0), 1)
+    return _mapped_layout(lengths, offsets, width, layout.n_rows, device, layout.cu, group)
+
+
+def _mapped_layout(lengths, offsets, width, n_tokens, device, cu=None, context=None):
+    """Rows that hold lengths[s] tokens of sequence s, one sequence after the other, starting at position
+    offsets[s] of it, on a (S, width) grid."""
+    S = len(lengths)
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)
+    seq = torch.repeat_interleave(torch.arange(S, device=device), as_tensor(lengths), output_size=n_tokens)
+    row_starts = torch.cumsum(as_tensor([0] + lengths[:-1]), 0) if S else as_tensor([])
+    position = torch.arange(n_tokens, device=device) - row_starts[seq] + as_tensor(offsets)[seq]
+    return BatchLayout(S, width, n_tokens, seq * width + position, seq, cu, context)
 
 
 def check_cu_seqlens(cu_seqlens, n_tokens, device=None):

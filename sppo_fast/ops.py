@@ -5,7 +5,9 @@ Arguments arrive checked (sppo_fast.api); nothing here validates again.
 Five ops carry all vocabulary-sized work:
     token_logprobs_forward, token_logprobs_backward, token_logprobs_backward_ (in place)   on (N, V) logits
     linear_logprobs_forward, linear_logprobs_backward      on (N, H) hidden x (V, H) weight, chunked
-Each has a fake (meta) implementation, so torch.compile traces them without graph breaks."""
+Each has a fake (meta) implementation, so torch.compile traces them without graph breaks. Each takes
+a vocabulary shard as (vocab_group, vocab_starts) (parallel.op_args; "" and None when unsharded): the
+logits or the weight are then this rank's columns or rows, targets global ids (docs/api.md §10)."""
 
 import torch
 from torch import Tensor
@@ -13,6 +15,7 @@ from torch import Tensor
 from . import dispatch, reference
 from .backends import LSE_DTYPE
 from .chunks import LinearGrads, chunk_logits, row_slices
+from .parallel import kernel_backward, kernel_forward, op_args, vocab_shard_from_op
 
 IGNORE_INDEX = -100  # the fused losses' ignore_index: masked rows are handed to the kernels with it
 
@@ -27,11 +30,12 @@ def _row_outputs(like, n=None):
 def coefficients(grad_logp, grad_entropy, like, compute_entropy=True):
     """fp32 contiguous per-row coefficients of the backward kernel; no entropy term (None) when nothing
     flows into the entropy, so the kernel skips it (about a tenth of its time) instead of adding zeros."""
+    wide = lambda g: g.to(torch.promote_types(g.dtype, torch.float32)).contiguous()  # fp64 stays fp64
     grad_logp = (torch.zeros(like.shape[0], dtype=torch.float32, device=like.device) if grad_logp is None
-                 else grad_logp.to(torch.float32).contiguous())
+                 else wide(grad_logp))
     if not compute_entropy or grad_entropy is None:
         return grad_logp, None
-    return grad_logp, grad_entropy.to(torch.float32).contiguous()
+    return grad_logp, wide(grad_entropy)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -40,51 +44,51 @@ def coefficients(grad_logp, grad_entropy, like, compute_entropy=True):
 
 @torch.library.custom_op("sppo_fast::token_logprobs_forward", mutates_args=())
 def token_logprobs_forward(logits: Tensor, targets: Tensor, temperature: float, ignore_index: int,
-                           compute_entropy: bool, inplace_backward: bool) -> tuple[Tensor, Tensor, Tensor]:
+                           compute_entropy: bool, inplace_backward: bool, vocab_group: str = "",
+                           vocab_starts: list[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(logp, entropy, lse), fp32 (N,). `inplace_backward` only tells the autograd formula where to
     write the gradient."""
-    backend = dispatch.backend_for(logits.device)
-    return backend.token_logprobs_forward(logits, targets, temperature, ignore_index, compute_entropy,
-                                          lse_dtype=LSE_DTYPE)
+    return kernel_forward(dispatch.backend_for(logits.device, logits.dtype), vocab_shard_from_op(vocab_group, vocab_starts),
+                          logits, targets, temperature, ignore_index, compute_entropy)
 
 
 @token_logprobs_forward.register_fake
-def _(logits, targets, temperature, ignore_index, compute_entropy, inplace_backward):
+def _(logits, targets, temperature, ignore_index, compute_entropy, inplace_backward, vocab_group="", vocab_starts=None):
     return _row_outputs(logits)
 
 
 @torch.library.custom_op("sppo_fast::token_logprobs_backward", mutates_args=())
 def token_logprobs_backward(logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Tensor,
-                            grad_entropy: Tensor | None, temperature: float, ignore_index: int) -> Tensor:
-    backend = dispatch.backend_for(logits.device)
-    return backend.token_logprobs_backward(logits, targets, lse, entropy, grad_logp, grad_entropy,
-                                           temperature, ignore_index, False)
+                            grad_entropy: Tensor | None, temperature: float, ignore_index: int, vocab_group: str = "",
+                            vocab_starts: list[int] | None = None) -> Tensor:
+    return kernel_backward(dispatch.backend_for(logits.device, logits.dtype), vocab_shard_from_op(vocab_group, vocab_starts),
+                           logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, False)
 
 
 @token_logprobs_backward.register_fake
-def _(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index):
+def _(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, vocab_group="", vocab_starts=None):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("sppo_fast::token_logprobs_backward_", mutates_args=("logits",))
 def token_logprobs_backward_(logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Tensor,
-                             grad_entropy: Tensor | None, temperature: float, ignore_index: int) -> None:
+                             grad_entropy: Tensor | None, temperature: float, ignore_index: int, vocab_group: str = "",
+                             vocab_starts: list[int] | None = None) -> None:
     """The in-place backward: overwrites `logits` with their gradient (Liger-Kernel's convention)."""
-    backend = dispatch.backend_for(logits.device)
-    backend.token_logprobs_backward(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature,
-                                    ignore_index, True)
+    kernel_backward(dispatch.backend_for(logits.device, logits.dtype), vocab_shard_from_op(vocab_group, vocab_starts),
+                    logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, True)
 
 
 @token_logprobs_backward_.register_fake
-def _(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index):
+def _(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, vocab_group="", vocab_starts=None):
     return None
 
 
 def _token_setup_context(ctx, inputs, output):
-    logits, targets, temperature, ignore_index, compute_entropy, inplace_backward = inputs
+    logits, targets, temperature, ignore_index, compute_entropy, inplace_backward, *vocab = inputs
     _, entropy, lse = output
     ctx.save_for_backward(logits, targets, lse, entropy)
-    ctx.options = (temperature, ignore_index, compute_entropy, inplace_backward)
+    ctx.options = (temperature, ignore_index, compute_entropy, inplace_backward, vocab)
     ctx.mark_non_differentiable(lse)
     # An entropy used only as a metric gets no gradient: None, not zeros (see coefficients)
     ctx.set_materialize_grads(False)
@@ -92,15 +96,15 @@ def _token_setup_context(ctx, inputs, output):
 
 def _token_backward(ctx, grad_logp, grad_entropy, _grad_lse):
     logits, targets, lse, entropy = ctx.saved_tensors
-    temperature, ignore_index, compute_entropy, inplace = ctx.options
+    temperature, ignore_index, compute_entropy, inplace, vocab = ctx.options
     grad_logp, grad_entropy = coefficients(grad_logp, grad_entropy, lse, compute_entropy)
-    args = (targets, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index)
+    args = (targets, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, *vocab)
     if inplace:
         token_logprobs_backward_(logits, *args)
         grad = logits
     else:
         grad = token_logprobs_backward(logits, *args)
-    return grad, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None
 
 
 token_logprobs_forward.register_autograd(_token_backward, setup_context=_token_setup_context)
@@ -112,31 +116,31 @@ token_logprobs_forward.register_autograd(_token_backward, setup_context=_token_s
 
 @torch.library.custom_op("sppo_fast::linear_logprobs_forward", mutates_args=())
 def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                            temperature: float, ignore_index: int, compute_entropy: bool,
-                            chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+                            temperature: float, ignore_index: int, compute_entropy: bool, chunk_size: int,
+                            vocab_group: str = "", vocab_starts: list[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     logp, entropy, lse = _row_outputs(hidden)
-    backend = dispatch.backend_for(hidden.device)
+    backend, shard = dispatch.backend_for(hidden.device, hidden.dtype), vocab_shard_from_op(vocab_group, vocab_starts)
     for rows, _, logits in chunk_logits(hidden, weight, bias, row_slices(hidden.shape[0], chunk_size)):
-        out = backend.token_logprobs_forward(logits, targets[rows], temperature, ignore_index, compute_entropy,
-                                             lse_dtype=LSE_DTYPE)
+        out = kernel_forward(backend, shard, logits, targets[rows], temperature, ignore_index, compute_entropy)
         logp[rows], entropy[rows], lse[rows] = out
     return logp, entropy, lse
 
 
 @linear_logprobs_forward.register_fake
-def _(hidden, weight, bias, targets, temperature, ignore_index, compute_entropy, chunk_size):
+def _(hidden, weight, bias, targets, temperature, ignore_index, compute_entropy, chunk_size, vocab_group="",
+      vocab_starts=None):
     return _row_outputs(hidden)
 
 
 def linear_backward_into(grads, hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy,
-                         temperature, ignore_index, chunk_size):
+                         temperature, ignore_index, chunk_size, shard=None):
     """The backward of the linear chunk loop into `grads` (a chunks.LinearGrads): each chunk's logits are
     recomputed, turned into their gradient in place by the backward kernel, and folded into grads."""
-    backend = dispatch.backend_for(hidden.device)
+    backend = dispatch.backend_for(hidden.device, hidden.dtype)
     for rows, h, logits in chunk_logits(hidden, weight, bias, row_slices(hidden.shape[0], chunk_size)):
         g_ent = None if grad_entropy is None else grad_entropy[rows]
-        grad = backend.token_logprobs_backward(logits, targets[rows], lse[rows], entropy[rows], grad_logp[rows],
-                                               g_ent, temperature, ignore_index, True)
+        grad = kernel_backward(backend, shard, logits, targets[rows], lse[rows], entropy[rows], grad_logp[rows],
+                               g_ent, temperature, ignore_index, True)
         grads.add_chunk(grad, h, rows)
     return grads
 
@@ -144,39 +148,41 @@ def linear_backward_into(grads, hidden, weight, bias, targets, lse, entropy, gra
 @torch.library.custom_op("sppo_fast::linear_logprobs_backward", mutates_args=())
 def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                              lse: Tensor, entropy: Tensor, grad_logp: Tensor, grad_entropy: Tensor | None,
-                             temperature: float, ignore_index: int,
-                             chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_hidden, grad_weight, grad_bias); the chunk's logits are recomputed, never stored."""
-    grads = linear_backward_into(LinearGrads(hidden, weight, bias), hidden, weight, bias, targets, lse, entropy,
-                                 grad_logp, grad_entropy, temperature, ignore_index, chunk_size)
+                             temperature: float, ignore_index: int, chunk_size: int, vocab_group: str = "",
+                             vocab_starts: list[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_hidden, grad_weight, grad_bias); the chunk's logits are recomputed, never stored. On a
+    vocabulary shard: the hidden states' gradient summed over the group, the weight's and bias' local."""
+    shard = vocab_shard_from_op(vocab_group, vocab_starts)
+    grads = linear_backward_into(LinearGrads(hidden, weight, bias, shard=shard), hidden, weight, bias, targets,
+                                 lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, chunk_size, shard)
     grad_hidden, grad_weight, grad_bias = grads.result()
     return grad_hidden, grad_weight, weight.new_zeros(0) if grad_bias is None else grad_bias
 
 
 @linear_logprobs_backward.register_fake
 def _(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index,
-      chunk_size):
+      chunk_size, vocab_group="", vocab_starts=None):
     n_bias = weight.shape[0] if bias is not None else 0
     return (torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(weight),
             weight.new_empty(n_bias))
 
 
 def _linear_setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, temperature, ignore_index, compute_entropy, chunk_size = inputs
+    hidden, weight, bias, targets, temperature, ignore_index, compute_entropy, chunk_size, *vocab = inputs
     _, entropy, lse = output
     ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-    ctx.options = (temperature, ignore_index, compute_entropy, chunk_size)
+    ctx.options = (temperature, ignore_index, compute_entropy, chunk_size, vocab)
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)  # as in _token_setup_context
 
 
 def _linear_backward(ctx, grad_logp, grad_entropy, _grad_lse):
     hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-    temperature, ignore_index, compute_entropy, chunk_size = ctx.options
+    temperature, ignore_index, compute_entropy, chunk_size, vocab = ctx.options
     grad_logp, grad_entropy = coefficients(grad_logp, grad_entropy, lse, compute_entropy)
     g_hidden, g_weight, g_bias = linear_logprobs_backward(hidden, weight, bias, targets, lse, entropy, grad_logp,
-                                                          grad_entropy, temperature, ignore_index, chunk_size)
-    return g_hidden, g_weight, (g_bias if bias is not None else None), None, None, None, None, None
+                                                          grad_entropy, temperature, ignore_index, chunk_size, *vocab)
+    return g_hidden, g_weight, (g_bias if bias is not None else None), *[None] * 7
 
 
 linear_logprobs_forward.register_autograd(_linear_backward, setup_context=_linear_setup_context)
@@ -186,21 +192,24 @@ linear_logprobs_forward.register_autograd(_linear_backward, setup_context=_linea
 # Differentiable row-level calls: (N, V) logits or (N, H) hidden rows, (N,) int64 targets
 
 
-def token_logprobs_rows(logits, targets, temperature, ignore_index, compute_entropy, inplace_backward=False):
-    """(logp, entropy) fp32 (N,) (fp64 for fp64 logits: the eager oracle, differentiable by autograd)."""
-    if logits.dtype != torch.float64:
+def token_logprobs_rows(logits, targets, temperature, ignore_index, compute_entropy, inplace_backward=False,
+                        shard=None):
+    """(logp, entropy) fp32 (N,) (fp64 for fp64 logits: the eager oracle, differentiable by autograd; a
+    sharded fp64 call runs the reference backend's kernels, in fp64, through the same op)."""
+    if logits.dtype != torch.float64 or shard is not None:
         logp, entropy, _ = token_logprobs_forward(logits, targets, temperature, ignore_index, compute_entropy,
-                                                  inplace_backward)
+                                                  inplace_backward, *op_args(shard))
         return logp, entropy
     return reference.token_logprobs(logits, targets, temperature=temperature, ignore_index=ignore_index,
                                     return_entropy=True)
 
 
-def linear_logprobs_rows(hidden, weight, bias, targets, temperature, ignore_index, compute_entropy, chunk_size):
+def linear_logprobs_rows(hidden, weight, bias, targets, temperature, ignore_index, compute_entropy, chunk_size,
+                         shard=None):
     """(logp, entropy) fp32 (N,) of hidden rows (N, H) x weight (V, H), chunk_size rows at a time."""
-    if hidden.dtype != torch.float64:
+    if hidden.dtype != torch.float64 or shard is not None:
         logp, entropy, _ = linear_logprobs_forward(hidden, weight, bias, targets, temperature, ignore_index,
-                                                   compute_entropy, chunk_size)
+                                                   compute_entropy, chunk_size, *op_args(shard))
         return logp, entropy
     return reference.linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                      ignore_index=ignore_index, return_entropy=True)

@@ -4,10 +4,12 @@ each chunk's logits (one pass: three matmuls) or after a first pass over all chu
 
 - "sequences": chunks of whole sequences, so sequence and segment statistics never leave a chunk;
   sequences are grouped greedily by their valid tokens, up to `chunk_size` rows per chunk.
-- "tokens": a sequence has more valid tokens than a chunk holds, but each token's loss depends on that
-  token alone (token ratios, no entropy-adaptive clip): chunks of valid tokens cut through sequences,
-  and the loss stage sees each token as a sequence of one, with weights from the whole mask.
-- "two_pass": sequence or segment statistics over sequences longer than a chunk, fp64 (the eager oracle)
+- "tokens": a sequence has more valid tokens than a chunk holds, or is split over the ranks of a context
+  group, but each token's loss depends on that token alone (token ratios, no entropy-adaptive clip):
+  chunks of valid tokens cut through sequences, and the loss stage sees each token as a sequence of
+  one, with weights from the whole mask.
+- "two_pass": sequence or segment statistics over sequences longer than a chunk or split over ranks, fp64
+  (the eager oracle)
   and traced calls (a data-dependent row count would break the graph: every row, masked ones zeroed).
 Padded and packed batches plan alike: the plan sees rows and grid cells only (sppo_fast.layout)."""
 
@@ -59,11 +61,11 @@ def plan_linear_loss(layout, valid, *, token_local, oracle, vocab, chunk_size=No
     if torch.compiler.is_compiling():
         return ChunkPlan(TWO_PASS, size, None, None, [])
     rows = layout.to_rows(valid).reshape(-1).nonzero().squeeze(1)
-    cells = rows if not layout.packed else layout.cell_of_row.index_select(0, rows)
+    cells = rows if not layout.mapped else layout.cell_of_row.index_select(0, rows)
     if oracle:
         return ChunkPlan(TWO_PASS, size, rows, cells, [])
     counts = valid.sum(1).tolist()
-    if max(counts, default=0) <= size:
+    if max(counts, default=0) <= size and layout.context is None:
         return ChunkPlan(SEQUENCES, size, rows, cells, _sequence_chunks(rows, cells, counts, size, valid.shape[1]))
     if token_local:
         chunks = [Chunk(rows[a:a + size], (a, min(a + size, len(rows))), None) for a in range(0, len(rows), size)]
