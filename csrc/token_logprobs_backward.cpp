@@ -3,7 +3,8 @@
 // With u_j = z_j - lse and p_j = exp(u_j), docs/api.md §3.1 gives
 //   grad_j = (g_logp (1[j = t] - p_j) - g_H p_j (u_j + H)) / T = -p_j (a + b u_j) + 1[j = t] g_logp / T
 // with the per-row a = (g_logp + g_H H) / T and b = g_H / T. The target element is redone in scalar
-// code after the vector sweep, so the row is swept once whatever the target.
+// code after the vector sweep, so the row is swept once whatever the target. A target outside [0, V)
+// (in another vocabulary shard) has no one-hot term: the sweep's -p_j (a + b u_j) is the gradient.
 #include "token_logprobs.h"
 #include "vec_math.h"
 
@@ -49,7 +50,11 @@ float target_grad(float zt, const RowCoefficients& c) {
 
 template <typename scalar_t, bool kEntropy, bool kScaled>
 void grad_row(const scalar_t* x, scalar_t* out, int64_t V, int64_t t, const RowCoefficients& c) {
-  const float zt = static_cast<float>(x[t]);  // read before an in-place sweep overwrites it
+  // A target outside [0, V) lies in another rank's vocabulary shard: no one-hot term here, and x[t],
+  // out[t] are out of bounds; the sweep alone is then the whole gradient.
+  const bool local = t >= 0 && t < V;
+  // read before an in-place sweep overwrites it
+  const float zt = local ? static_cast<float>(x[t]) : 0.0f;
   const float a = kEntropy ? (c.grad_logp + c.grad_entropy * c.entropy) / c.temperature
                            : c.grad_logp / c.temperature;
   const Vec neg_a(-a), neg_b(kEntropy ? -c.grad_entropy / c.temperature : 0.0f);
@@ -66,7 +71,7 @@ void grad_row(const scalar_t* x, scalar_t* out, int64_t V, int64_t t, const RowC
     store_block(out + j, grad_block<kEntropy, kScaled>(lo, lse_hi, lse_lo, tv, neg_a, neg_b),
                 grad_block<kEntropy, kScaled>(hi, lse_hi, lse_lo, tv, neg_a, neg_b), V - j);
   }
-  out[t] = static_cast<scalar_t>(target_grad<kEntropy, kScaled>(zt, c));
+  if (local) out[t] = static_cast<scalar_t>(target_grad<kEntropy, kScaled>(zt, c));
 }
 
 template <typename scalar_t>

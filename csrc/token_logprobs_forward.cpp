@@ -110,13 +110,16 @@ void forward_rows(const scalar_t* logits, int64_t row_stride, int64_t V, const i
     const scalar_t* x = logits + i * row_stride;
     const RowStats st = row_stats<scalar_t, kEntropy, kScaled>(x, V, temperature);
     const float log_sum = std::log(st.sum);
-    float zt = static_cast<float>(x[t]);
+    // A target outside [0, V) lies in another rank's vocabulary shard: x[t] is not ours to read and
+    // the row's logp is 0 here (the owning rank supplies it); lse and entropy are computed as usual.
+    const bool local = t >= 0 && t < V;
+    float zt = local ? static_cast<float>(x[t]) : 0.0f;
     if constexpr (kScaled) zt = zt / temperature;
     // m + log S in double, then rounded once to lse_t: an fp64 lse keeps the backward exact to fp32
     // rounding however large the logits (an fp32 lse of ~1e4 is off by up to 5e-4).
     lse[i] = static_cast<lse_t>(static_cast<double>(st.max) + std::log(static_cast<double>(st.sum)));
     // (z_t - m) - log S, not z_t - lse: no rounding of a large lse when |logits| ~ 1e4.
-    logp[i] = (zt - st.max) - log_sum;
+    logp[i] = local ? (zt - st.max) - log_sum : 0.0f;
     entropy[i] = kEntropy ? log_sum - st.wsum / st.sum : 0.0f;
   }
 }

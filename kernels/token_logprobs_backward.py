@@ -74,6 +74,8 @@ def token_logprobs_backward_kernel(
             z = tl.math.div_rn(z, temperature)
         log_p = (z - lse_hi) - lse_lo
         p = tl.exp(log_p)
+        # A target outside [0, V) (in another vocabulary shard) matches no stored lane, so it gets no
+        # one-hot term and nothing is written out of bounds: no special case needed.
         grad = tl.where(offs == target, g_logp, 0.0) - g_logp * p
         if HAS_GRAD_ENTROPY:
             grad -= g_ent * p * tl.where(p == 0.0, 0.0, log_p + ent)  # p = 0: 0, never 0 * -inf

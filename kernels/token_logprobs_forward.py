@@ -13,6 +13,9 @@ At the end lse = m + log S, logp = (z_t - m) - log S and entropy = log S - W/S. 
 -inf logits (masked vocabulary) are legal: while every z seen is -inf the reference point is 0 instead
 of m (so no exp(-inf - -inf) = NaN), and a term whose exp(z - m) is 0 adds 0 to W (no 0 * -inf).
 A NaN logit makes S, hence everything of its row, NaN, and touches no other row.
+
+A target outside [0, V) (other than ignore_index) lies in another vocabulary shard (tensor-parallel
+lm_head): the row's lse and entropy are computed as usual, its logp is 0 and its target is not read.
 """
 
 import torch
@@ -92,12 +95,14 @@ def token_logprobs_forward_kernel(
     ref = tl.where(m == float("-inf"), 0.0, m)
     s = tl.where(ignored, 1.0, s)  # an ignored row read nothing: no log(0) or 0 / 0 to discard later
     log_s = tl.log(s)
-    safe_target = tl.where(ignored, 0, target)
-    z_target = tl.load(row_logits + safe_target, mask=valid, other=0.0).to(tl.float32)
+    # A target outside [0, V) lies in another rank's vocabulary shard: not read, logp 0 on this shard.
+    local = valid & (target >= 0) & (target < V)
+    safe_target = tl.where(local, target, 0)
+    z_target = tl.load(row_logits + safe_target, mask=local, other=0.0).to(tl.float32)
     if SCALE:
         z_target = tl.math.div_rn(z_target, temperature)
     # (z_t - m) - log S rather than z_t - lse: lse rounds to the ulp of |m|, z_t - m is exact.
-    logp = tl.where(ignored, 0.0, (z_target - ref) - log_s)
+    logp = tl.where(local, (z_target - ref) - log_s, 0.0)
     tl.store(logp_ptr + row, logp)
     # Summed in fp64 and rounded once to lse's dtype; an fp64 lse keeps the bits that an fp32 one loses
     # when |m| is large (ulp(1e4) ~ 1e-3), which the backward's p = exp(z - lse) would otherwise feel.

@@ -22,7 +22,9 @@ def logprobs_entropy_lse(logits, targets, temperature=1.0, ignore_index=-100):
     shifted = z - m
     log_s = torch.logsumexp(shifted, dim=-1)
     ignored = targets == ignore_index
-    safe_targets = torch.where(ignored, torch.zeros_like(targets), targets).long()
+    # a target outside [0, V) lies in another vocabulary shard: logp 0 here, lse and entropy as usual
+    local = ~ignored & (targets >= 0) & (targets < z.shape[-1])
+    safe_targets = torch.where(local, targets, torch.zeros_like(targets)).long()
     logp = shifted.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1) - log_s
     # entropy = lse - sum p z, written as sum p (lse - z): the same number without the cancellation of
     # two large terms; p == 0 terms are 0 (0 * -inf counts as 0, docs/api.md §3.1).
@@ -32,7 +34,7 @@ def logprobs_entropy_lse(logits, targets, temperature=1.0, ignore_index=-100):
     entropy = (p * surprisal).sum(-1)
     lse = m.squeeze(-1).double() + log_s.double()
     zero = torch.zeros_like(logp)
-    return torch.where(ignored, zero, logp), torch.where(ignored, zero, entropy), lse
+    return torch.where(local, logp, zero), torch.where(ignored, zero, entropy), lse
 
 
 def logprobs_grad(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature=1.0,
@@ -42,8 +44,10 @@ def logprobs_grad(logits, targets, lse, entropy, grad_logp, grad_entropy, temper
     log_p = z - lse.unsqueeze(-1)
     p = torch.exp(log_p)
     ignored = targets == ignore_index
-    safe_targets = torch.where(ignored, torch.zeros_like(targets), targets).long()
-    onehot = torch.zeros_like(p).scatter_(-1, safe_targets.unsqueeze(-1), 1.0)
+    # a target outside [0, V) lies in another vocabulary shard: no one-hot term on this one
+    local = ~ignored & (targets >= 0) & (targets < z.shape[-1])
+    safe_targets = torch.where(local, targets, torch.zeros_like(targets)).long()
+    onehot = torch.zeros_like(p).scatter_(-1, safe_targets.unsqueeze(-1), local.unsqueeze(-1).to(p.dtype))
     grad = grad_logp.unsqueeze(-1).to(p.dtype) * (onehot - p)
     if grad_entropy is not None:
         dent = torch.where(p > 0, p * (log_p + entropy.unsqueeze(-1)), torch.zeros_like(p))

@@ -7,12 +7,13 @@ validated every argument before any kernel runs, so a backend never checks input
         -> (logp, entropy, lse)
 
         logits  (N, V) fp32/bf16/fp16, logits.stride(1) == 1 (any row stride; N or V may be 0)
-        targets (N,) int64 contiguous, each in [0, V) or == ignore_index
+        targets (N,) int64 contiguous, each in [0, V), == ignore_index, or outside [0, V): the target
+                lies in another vocabulary shard (logp 0, no one-hot term; see vocabulary parallelism below)
         returns three contiguous (N,) tensors, logp and entropy fp32, lse of `lse_dtype` (the ops ask
         for fp64: an fp32 lse loses half an ulp of |lse|, 5e-4 at logits of 1e4, which the backward's
         p = exp(z - lse) would carry into every gradient entry); with z = logits / temperature:
             lse     = log sum_j exp(z_j)           (kept for the backward; any value on ignored rows)
-            logp    = z[target] - lse              (0 where targets == ignore_index)
+            logp    = z[target] - lse              (0 where targets == ignore_index or outside [0, V))
             entropy = lse - sum_j p_j z_j          (0 where ignored; all zeros if not compute_entropy)
         -inf logits are legal: p_j = 0 and 0 * -inf counts as 0. NaN in a row gives NaN in that row.
 
@@ -24,8 +25,18 @@ validated every argument before any kernel runs, so a backend never checks input
             grad_j = (grad_logp * (1[j == target] - p_j)
                       - grad_entropy * p_j * (z_j - lse + entropy)) / temperature
         where p_j == 0 the entropy term is 0 (never NaN from -inf); rows with targets == ignore_index
-        are 0. inplace=True writes the gradient into `logits` itself and returns it (the caller no
-        longer needs the logits); otherwise a new contiguous tensor is returned.
+        are 0; a target outside [0, V) has no 1[j == target] term. inplace=True writes the gradient
+        into `logits` itself and returns it (the caller no longer needs the logits); otherwise a new
+        contiguous tensor is returned.
+
+Vocabulary parallelism (tensor-parallel lm_head): each rank passes its shard (N, V_r) of the logits
+and targets translated to local ids, so a row whose target another rank holds has one outside [0, V_r).
+The forward's lse_r and entropy H_r are the shard's own; the caller combines them into the global
+    lse = logsumexp_r lse_r,   logp = logp_r + lse_r - lse (owning shard r),
+    entropy = sum_r w_r (H_r + lse - lse_r) with w_r = exp(lse_r - lse),
+and passes the GLOBAL lse and entropy to every shard's backward: p_j = exp(z_j - lse) then does not
+sum to 1 over a shard, and the shards' gradients, concatenated, are the gradient of the full logits.
+The public functions (`sppo_fast.api`) still reject such targets: only the kernels accept them.
 """
 
 import torch
