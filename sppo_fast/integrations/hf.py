@@ -21,13 +21,21 @@ Wrappers: PEFT models are unwrapped with `get_base_model()` (their LoRA layers s
 output embedding itself is refused, since its weight would not be the effective one); DDP runs the
 computation inside its own forward, so its reducer prepares for the backward and the gradients are
 all-reduced as after `ddp(...)`; FSDP2 works when the output embedding is not sharded (shard the
-decoder and its layers, as `sppo-fast train` does); a sharded one (a DTensor weight) is refused."""
+decoder and its layers, as `sppo-fast train` does); an output embedding that FSDP2 manages is refused.
+
+Tensor parallel: an `lm_head` split by vocabulary with
+`parallelize_module(model, mesh, {"lm_head": ColwiseParallel(...)})` (its weight a DTensor sharded on dim
+0) goes to the fused ops as it is: they read the split from the DTensor, combine the ranks' columns, and
+return the whole vocabulary's log-probs, entropy and loss on every rank; the hidden states (replicated
+over the mesh: the decoder is not split, or hands back a DTensor that is made replicated here) get their
+whole gradient, lm_head's weight the gradient of its shard."""
 
 import math
 import weakref
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Replicate
 
 from .._checks import check_integer, check_temperature, check_tensor
 from ..api import fused_linear_policy_loss, linear_logprobs
@@ -134,10 +142,29 @@ def _check_head(head, causal_lm):
         raise ValueError(f"model's output embedding is a {type(head).__name__}, not a torch.nn.Linear: a LoRA "
                          "adapter or other wrapper on lm_head changes its effective weight, which the fused path "
                          "cannot read; leave lm_head out of the adapter's target_modules")
-    if type(head.weight.data) is not torch.Tensor:
-        raise ValueError(f"model's output embedding weight is a {type(head.weight.data).__name__} (sharded, e.g. by "
+    weight = head.weight
+    if isinstance(weight, DTensor) and not _fsdp_managed(head, causal_lm):
+        return  # tensor parallel (ColwiseParallel): the fused ops take the vocabulary split from the DTensor
+    if type(weight.data) is not torch.Tensor:
+        raise ValueError(f"model's output embedding weight is a {type(weight.data).__name__} (sharded, e.g. by "
                          "FSDP2): shard the decoder and its layers but leave lm_head unsharded, as sppo-fast train "
-                         f"does ({type(causal_lm).__name__})")
+                         f"does ({type(causal_lm).__name__}); a vocabulary split by tensor parallelism "
+                         "(ColwiseParallel on lm_head, without FSDP on it) is taken as it is")
+
+
+def _fsdp_managed(head, causal_lm):
+    """Whether FSDP2 shards the head's weight: fully_shard on the head or on a module above it (the nearest
+    one manages every parameter below it that no nested fully_shard took)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    name = next((n for n, m in causal_lm.named_modules() if m is head), None)
+    if name is None:
+        return isinstance(head, FSDPModule)
+    parts = name.split(".") if name else []
+    chain = [causal_lm] + [causal_lm.get_submodule(".".join(parts[:i + 1])) for i in range(len(parts))]
+    return any(isinstance(m, FSDPModule) for m in chain)
 
 
 def _decoder(causal_lm):
@@ -197,6 +224,8 @@ def verify_logits(model_parts, input_ids):
         handle.remove()
         causal_lm.train(was_training)
     what = f"model type {_model_type(causal_lm)!r}"
+    seen = {k: _local(v) for k, v in seen.items()}  # tensor parallel: each rank checks its own columns
+    logits, hidden = _local(logits), _local(hidden)
     if "h" not in seen or not _close(seen["h"], hidden):
         raise ValueError(f"{what}: its output embedding does not read the decoder's last hidden state unchanged "
                          "(a rescaling or other step in between); the fused path would compute other log-probs")
@@ -217,7 +246,23 @@ def _close(x, reference):
 
 
 def _last_hidden(output):
-    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+    return _replicated(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+
+def _local(x):
+    """A DTensor's local tensor (a probe's hook sees what the tensor-parallel hooks hand over)."""
+    return x.to_local() if isinstance(x, DTensor) else x
+
+
+def _replicated(hidden):
+    """The hidden states as a plain tensor holding the whole of them, as the vocabulary-parallel ops take
+    them: a DTensor (a decoder split by tensor or sequence parallelism) is made replicated, differentiably
+    (each rank then gets the whole gradient back, as the ops sum it over the group)."""
+    if not isinstance(hidden, DTensor):
+        return hidden
+    if any(not p.is_replicate() for p in hidden.placements):
+        hidden = hidden.redistribute(hidden.device_mesh, [Replicate()] * hidden.device_mesh.ndim)
+    return hidden.to_local()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -265,6 +310,7 @@ def _head_inputs(hidden, head):
     """(hidden, weight, bias) as the model's own lm_head would multiply them: under autocast (fp32
     weights, bf16 compute, as accelerate's mixed precision runs) all three at the autocast dtype, the
     casts differentiable so the fp32 weight gets its gradient. The custom ops are not autocast-aware."""
+    hidden = _replicated(hidden)
     device_type = hidden.device.type
     if not torch.is_autocast_enabled(device_type):
         return hidden, head.weight, head.bias

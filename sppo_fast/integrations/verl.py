@@ -8,6 +8,12 @@ entropy head (`verl.utils.experimental.torch_functional.FusedLinearForPPO`).
 
 verl is optional: importing this module does not import verl; `register()` and the patch do.
 
+Megatron tensor parallelism: `vocab_parallel_log_probs_from_logits(logits, labels)` and
+`vocab_parallel_entropy(vocab_parallel_logits)` stand in for verl's functions of the same names
+(`verl.utils.megatron.tensor_parallel`), which take this rank's (..., V / P) columns of the logits:
+same inputs, outputs and gradients, computed by `sppo_fast.token_logprobs(..., process_group=...)`,
+with the group as an explicit `process_group=` (default: megatron's tensor-model-parallel group).
+
 Contracts (verl passes these, we map them; docs/integrations.md has the tables):
 - Advantage `sppo_fast_sppo`: verl's `compute_advantage` hands a registered estimator
   `token_level_rewards`, `response_mask`, `config`, `index` and, when the batch has one,
@@ -29,7 +35,7 @@ import contextvars
 import torch
 
 from ..advantages import sequence_advantage
-from ..api import linear_logprobs, policy_loss
+from ..api import linear_logprobs, policy_loss, token_logprobs
 from ..losses import EntropyAdaptiveClip, PolicyLossConfig
 
 SPPO_ADVANTAGE = "sppo_fast_sppo"
@@ -252,3 +258,45 @@ def unpatch_fused_linear_for_ppo():
 
 
 _ORIGINAL = {}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Megatron's vocabulary-parallel log-probs and entropy (verl.utils.megatron.tensor_parallel)
+
+
+def _tp_group(process_group):
+    """The group the vocabulary is split over: `process_group`, or megatron's tensor-model-parallel group."""
+    if process_group is not None:
+        return process_group
+    try:
+        from megatron.core import parallel_state as mpu
+    except ImportError:
+        raise ValueError("process_group is required: megatron-core is not installed, so there is no "
+                         "tensor-model-parallel group to default to") from None
+    if not mpu.model_parallel_is_initialized():
+        raise ValueError("process_group is required: megatron's model parallel state is not initialized "
+                         "(parallel_state.initialize_model_parallel), so there is no tensor-model-parallel group "
+                         "to default to")
+    return mpu.get_tensor_model_parallel_group()
+
+
+def vocab_parallel_log_probs_from_logits(logits, labels, *, process_group=None, vocab_start=None):
+    """Stands in for verl's `vocab_parallel_log_probs_from_logits` (minus megatron's
+    `vocab_parallel_cross_entropy`): `logits` this rank's (..., V / P) columns, rank r holding ids
+    [r * V / P, (r + 1) * V / P) as megatron splits them (`vocab_start`: another first id), `labels`
+    (...) global ids. Returns the log-probs fp32 (...), the same on every rank of the group, differentiable
+    in `logits` (each rank its own columns' gradient). Unlike megatron's function, the logits are not
+    overwritten. A label of -100 gives 0 (megatron has no ignored label)."""
+    return token_logprobs(logits, labels.to(torch.int64), process_group=_tp_group(process_group),
+                          vocab_start=vocab_start)
+
+
+def vocab_parallel_entropy(vocab_parallel_logits, *, process_group=None, vocab_start=None):
+    """Stands in for verl's `vocab_parallel_entropy`: the entropy (...) of softmax over the whole
+    vocabulary from this rank's (..., V / P) columns, in the logits' dtype, the same on every rank,
+    differentiable in the local columns."""
+    logits = vocab_parallel_logits
+    targets = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)  # any id: unused
+    _, entropy = token_logprobs(logits, targets, return_entropy=True, process_group=_tp_group(process_group),
+                                vocab_start=vocab_start)
+    return entropy.to(logits.dtype)
