@@ -295,8 +295,8 @@ def _megatron_tp_worker(rank, port, errors):
 
         theirs = run(verl_tp.vocab_parallel_log_probs_from_logits, verl_tp.vocab_parallel_entropy)
         for kwargs in ({"process_group": group}, {}):
-            ours = run(lambda x, y: sf_verl.vocab_parallel_log_probs_from_logits(x, y, **kwargs),
-                       lambda x: sf_verl.vocab_parallel_entropy(x, **kwargs))
+            ours = run(lambda x, y, kw=kwargs: sf_verl.vocab_parallel_log_probs_from_logits(x, y, **kw),
+                       lambda x, kw=kwargs: sf_verl.vocab_parallel_entropy(x, **kw))
             for name, a, b in zip(("logp", "entropy", "logp grad", "entropy grad"), ours, theirs):
                 assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype, a.shape, b.shape)
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)

@@ -49,7 +49,12 @@ def _as_tuples(x):
 
 
 def _is_sharded(module) -> bool:
-    """Whether FSDP2 manages part of `module` (its parameters may be unsharded at this instant)."""
+    """Whether FSDP2 manages part of `module` (its parameters may be unsharded at this instant), or tensor
+    parallelism split some of its parameters (DTensors): saving then gathers full tensors, loading splits them."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in module.parameters()):
+        return True
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:

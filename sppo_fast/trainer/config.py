@@ -128,6 +128,13 @@ class TrainConfig:
     seed: int = _f(0, "random seed of everything (models, data, sampling)", min=0)
     parallel: str = _f("auto", "under torchrun: ddp, fsdp2 (decoder layers sharded with fully_shard) or auto "
                                "(fsdp2 on GPUs where available, ddp otherwise)", choices=("auto", "ddp", "fsdp2"))
+    tensor_parallel: int = _f(1, "under torchrun: split lm_head (and the input embedding) by vocabulary over "
+                                 "this many ranks, as DTensors over a 1-D device mesh (ColwiseParallel / "
+                                 "RowwiseParallel); the loss then runs fused_linear_policy_loss on the sharded "
+                                 "weight. Every rank sees the same batch (tensor-parallel ranks are not data "
+                                 "parallel); for now it must equal the world size (no data parallel next to it) "
+                                 "and loss_impl must be fused_linear. Context parallelism is not offered: the "
+                                 "tiny models' attention cannot run ring or Ulysses attention on CPU here", min=1)
     device: str = _f("auto", "auto (cuda when available), cpu or cuda", choices=("auto", "cpu", "cuda"))
     threads: int = _f(0, "torch CPU threads (0: torch's default, one per core). A run alone on 2 cores "
                          "warm-starts 1.5x faster with both; runs that share the cores should take 1 each "
@@ -180,6 +187,12 @@ class TrainConfig:
         if self.max_new_tokens >= self.max_positions:
             raise ValueError(f"max_new_tokens ({self.max_new_tokens}) must be below max_positions "
                              f"({self.max_positions}), which also holds the prompt")
+        if self.tensor_parallel > 1 and self.loss_impl != "fused_linear":
+            raise ValueError(f"loss_impl: tensor_parallel {self.tensor_parallel} needs loss_impl fused_linear (the "
+                             f"only one that takes a vocabulary-sharded lm_head), got {self.loss_impl}")
+        if self.tensor_parallel > 1 and self.parallel == "fsdp2":
+            raise ValueError("parallel: fsdp2 does not go with tensor_parallel > 1 (every rank holds the whole "
+                             "decoder; lm_head and the embedding are split by vocabulary); use auto")
         if self.rollouts_per_step % self.group_size:
             raise ValueError(f"rollouts_per_step ({self.rollouts_per_step}) must be a multiple of "
                              f"samples_per_prompt ({self.group_size})")

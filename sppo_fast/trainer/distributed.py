@@ -17,6 +17,21 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    tensor_parallel: int = 1  # ranks that share one batch and split lm_head by vocabulary (a 1-D mesh)
+    mesh: object = None  # the tensor-parallel DeviceMesh when tensor_parallel > 1
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks: those that see different batches."""
+        return self.world_size // self.tensor_parallel
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tensor_parallel
+
+    @property
+    def data_parallel(self) -> bool:
+        return self.dp_size > 1
 
     @property
     def is_main(self) -> bool:
@@ -44,14 +59,15 @@ class Dist:
     def shard(self, items: list) -> list:
         """Contiguous block of this rank (contiguity keeps a prompt's group on one rank)."""
         n = len(items)
-        if n % self.world_size:
-            raise ValueError(f"{n} items cannot be split evenly over {self.world_size} ranks")
-        per = n // self.world_size
-        return items[self.rank * per: (self.rank + 1) * per]
+        if n % self.dp_size:
+            raise ValueError(f"{n} items cannot be split evenly over {self.dp_size} ranks")
+        per = n // self.dp_size
+        return items[self.dp_rank * per: (self.dp_rank + 1) * per]
 
 
-def init_distributed(device_request: str) -> tuple[Dist, torch.device]:
-    """Join the process group when launched by torchrun; pick the device."""
+def init_distributed(device_request: str, tensor_parallel: int = 1) -> tuple[Dist, torch.device]:
+    """Join the process group when launched by torchrun; pick the device; with `tensor_parallel` K > 1,
+    the 1-D device mesh of the K ranks (UserError unless K equals the world size)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -61,9 +77,40 @@ def init_distributed(device_request: str) -> tuple[Dist, torch.device]:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
+    if tensor_parallel > 1:
+        from sppo_fast.trainer.config import UserError
+
+        if world % tensor_parallel:
+            raise UserError(f"tensor_parallel ({tensor_parallel}) must divide the world size ({world}; launch with "
+                            f"torchrun --nproc_per_node {tensor_parallel})")
+        if world != tensor_parallel:
+            raise UserError(f"tensor_parallel ({tensor_parallel}) must equal the world size ({world}): data "
+                            "parallel next to tensor parallel is not supported")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return Dist(rank, world, local), device
+    mesh = None
+    if tensor_parallel > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (tensor_parallel,), mesh_dim_names=("tp",))
+    return Dist(rank, world, local, tensor_parallel, mesh), device
+
+
+def shard_vocabulary(lm, d: Dist):
+    """Tensor parallel: lm_head split by vocabulary rows (ColwiseParallel; its logits, when the model's own
+    forward runs them for generation, gathered whole so that sampling sees the whole vocabulary) and the
+    input embedding by vocabulary rows (RowwiseParallel: each rank looks up its ids, the rows are summed),
+    as DTensors over the tensor-parallel mesh. A tied embedding is left alone (the two layers would need
+    one placement)."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    head, embed = lm.get_output_embeddings(), lm.get_input_embeddings()
+    names = {id(m): n for n, m in lm.named_modules()}
+    plan = {names[id(head)]: ColwiseParallel(output_layouts=Replicate())}
+    if embed.weight is not head.weight:
+        plan[names[id(embed)]] = RowwiseParallel(input_layouts=Replicate())
+    parallelize_module(lm, d.mesh, plan)
 
 
 def fsdp2_available() -> bool:
@@ -118,8 +165,9 @@ def average_replicated_grads(params, d: Dist):
 
 
 def wrap_for_training(module: torch.nn.Module, d: Dist, device: torch.device):
-    """DDP over the ranks; the module as is in a single process."""
-    if not d.enabled:
+    """DDP over the ranks; the module as is in a single process (or when every rank sees the same batch:
+    tensor parallel)."""
+    if not d.data_parallel:
         return module
     from torch.nn.parallel import DistributedDataParallel
 

@@ -38,6 +38,7 @@ from sppo_fast.trainer.distributed import (
     average_replicated_grads,
     init_distributed,
     shard_decoder_layers,
+    shard_vocabulary,
     shutdown,
     use_fsdp2,
     wrap_for_training,
@@ -142,10 +143,12 @@ def evaluate(lm, tokenizer, task, examples, cfg, device, d: Dist, temperature=No
     from sppo_fast.trainer.tasks import score_responses
 
     temperature = cfg.eval_temperature if temperature is None else temperature
-    mine = examples[d.rank::d.world_size]  # any count works: the totals are summed over ranks
+    # any count works: the totals are summed over ranks (tensor-parallel ranks count the same share each,
+    # numerator and denominator alike)
+    mine = examples[d.dp_rank::d.dp_size]
     correct = 0.0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed + 4242 + d.rank)
+        torch.manual_seed(cfg.seed + 4242 + d.dp_rank)  # tensor-parallel ranks sample alike
         for i in range(0, len(mine), EVAL_BATCH):
             batch = mine[i: i + EVAL_BATCH]
             rollout = generate(lm, tokenizer, [ex.prompt for ex in batch], max_new_tokens=cfg.max_new_tokens,
@@ -188,7 +191,7 @@ def match_dtype(hidden, weight, bias):
 
 def loss_normalizer(policy_loss_config, mask: torch.Tensor, d: Dist):
     """The global denominator of the loss across ranks (None in a single process: the local one)."""
-    if not d.enabled:
+    if not d.data_parallel:  # one process, or tensor-parallel ranks that all hold the whole batch
         return None
     if policy_loss_config.aggregation == "token-mean":
         local = mask.sum()
@@ -236,9 +239,11 @@ class Trainer:
             enable_checkpointing(self.lm)
         if cfg.kl_coef > 0:
             self.ref = copy.deepcopy(self.lm).eval().requires_grad_(False)
+        if self.d.tensor_parallel > 1:  # after the warm start and the reference copy: those stay whole
+            shard_vocabulary(self.lm, self.d)
         self.hidden_model = PolicyHidden(self.lm)
         self.replicated = None  # FSDP2: the policy parameters whose gradients we average ourselves
-        if use_fsdp2(cfg.parallel, self.d, self.device):
+        if self.d.tensor_parallel == 1 and use_fsdp2(cfg.parallel, self.d, self.device):
             self.replicated = shard_decoder_layers(self.lm)
             self.policy_ddp = self.hidden_model
         else:
@@ -248,7 +253,9 @@ class Trainer:
             self.critic_ddp = wrap_for_training(self.critic, self.d, self.device)
         # foreach kernels do not take a mix of sharded (DTensor) and plain tensors
         self.opt = torch.optim.AdamW(self.lm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                     eps=cfg.adam_eps, foreach=False if self.replicated is not None else None)
+                                     eps=cfg.adam_eps,
+                                     foreach=False if self.replicated is not None or self.d.tensor_parallel > 1
+                                     else None)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.critic_opt = None
         if self.critic is not None:
@@ -292,9 +299,9 @@ class Trainer:
             self.loss_cfg, segment_ids=segments, ref_logp=ref_logp, temperature=cfg.temperature,
             normalizer=loss_normalizer(self.loss_cfg, mb.response_mask, self.d), chunk_size=cfg.chunk_size)
         # DDP averages gradients over ranks; the loss is already divided by the global count, so undo
-        # the average to get the gradient of the global loss.
+        # the average to get the gradient of the global loss. Tensor-parallel ranks are one replica.
         self.opt.zero_grad(set_to_none=True)
-        (out.loss * self.d.world_size).backward()
+        (out.loss * self.d.dp_size).backward()
         if self.replicated is not None:
             average_replicated_grads(self.replicated, self.d)
         grad_norm = clip(self.lm.parameters(), cfg.grad_clip, self.d)
@@ -392,7 +399,7 @@ class Trainer:
             m["critic_explained_variance"] = self.explained_variance(rewards, critic_logits, values, returns,
                                                                      rollout.response_mask)
         m["lr"] = self.sched.get_last_lr()[0]
-        m["tokens_per_s"] = float(d.all_sum(lengths.sum())) / step_time
+        m["tokens_per_s"] = float(d.all_sum(lengths.sum())) / d.tensor_parallel / step_time
         m["step_time"] = step_time
         m["rollout_time"] = t_rollout
         return m
@@ -483,11 +490,19 @@ def clip(params, max_norm, d: Dist | None = None):
 
 def _clip_sharded(params, max_norm, d: Dist) -> float:
     """FSDP2: each rank holds a shard of the layers' gradients (summed over ranks) and a whole copy of the
-    replicated ones (counted once)."""
+    replicated ones (counted once). Tensor parallel: lm_head's gradient is sharded, the vocabulary-split
+    embedding's comes back replicated (a whole copy on each rank, counted once)."""
     from torch.distributed.tensor import DTensor
 
-    sharded = sum((p.grad.to_local().float() ** 2).sum() for p in params if isinstance(p.grad, DTensor))
-    whole = sum((p.grad.float() ** 2).sum() for p in params if not isinstance(p.grad, DTensor))
+    def is_split(g):
+        return isinstance(g, DTensor) and any(not p.is_replicate() for p in g.placements)
+
+    def local(g):
+        return g.to_local() if isinstance(g, DTensor) else g
+
+    zero = torch.zeros((), dtype=torch.float32)
+    sharded = sum(((local(p.grad).float() ** 2).sum().cpu() for p in params if is_split(p.grad)), zero)
+    whole = sum(((local(p.grad).float() ** 2).sum().cpu() for p in params if not is_split(p.grad)), zero)
     total = math.sqrt(float(d.all_sum(sharded.detach().cpu())) + float(whole))
     if max_norm and max_norm > 0 and total > max_norm:
         scale = max_norm / (total + 1e-6)
@@ -589,7 +604,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     check_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    d, device = init_distributed(cfg.device)
+    d, device = init_distributed(cfg.device, cfg.tensor_parallel)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if d.is_main else (lambda msg: None)
     try:
         with StopRequest(log) as stop:
@@ -670,7 +685,7 @@ def _train(cfg, d, device, resume, overwrite, start_wall, stop, log):
     else:
         if d.is_main and os.path.exists(metrics_path):
             os.remove(metrics_path)
-        seed_everything(cfg.seed * 7 + 1 + d.rank)  # each rank samples its own responses
+        seed_everything(cfg.seed * 7 + 1 + d.dp_rank)  # each data-parallel rank samples its own responses
         acc_before = evaluate(tr.lm, tr.tokenizer, tr.task, test_examples, cfg, device, d)
         greedy_before = greedy_accuracy(tr, test_examples, cfg, device, d, acc_before)
         log(f"eval accuracy before RL: {acc_before:.3f} (greedy {greedy_before:.3f})")
