@@ -11,10 +11,10 @@ from .layout import batch_layout, flat_rows, flat_targets, sequence_lengths, spl
 from .losses import aggregate, check_loss_inputs
 from .ops import IGNORE_INDEX, linear_logprobs_rows, token_logprobs_rows
 from .parallel import (
-    DEBUG,
     agree,
     checksum,
     context_lengths,
+    debug_checks,
     group_rank,
     target_span,
     vocab_request,
@@ -28,7 +28,7 @@ def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, retur
     """Per-token log-probs of `targets` under softmax(logits / temperature), fp32 with the leading shape
     of `targets`; with return_entropy, also the entropy of each distribution (docs/api.md §2.1). Logits
     split by vocabulary (a DTensor sharded on the last dim, or this rank's columns with process_group and
-    vocab_start) give the values of the whole vocabulary on every rank (§10)."""
+    vocab_start) give the values of the whole vocabulary on every rank (§11)."""
     vocab = vocab_request("logits", logits, -1, process_group, vocab_start)
     logits = vocab.tensor
 
@@ -48,7 +48,7 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
                     return_entropy=False, chunk_size=None, process_group=None, vocab_start=None):
     """`token_logprobs(hidden @ weight.T + bias, ...)` without materialising the (N, V) logits: a
     chunked matmul whose chunks are consumed by the kernels and recomputed in the backward (§2.2). A
-    weight split by vocabulary rows (§10) takes replicated hidden states and global targets."""
+    weight split by vocabulary rows (§11) takes replicated hidden states and global targets."""
     vocab = vocab_request("weight", weight, 0, process_group, vocab_start, bias)
     weight, bias = vocab.tensor, vocab.bias
 
@@ -71,12 +71,13 @@ def policy_loss(logp, old_logp, advantages, mask, config, *, segment_ids=None, e
     `cu_seqlens` ((S + 1,) offsets) takes a packed batch: per-token tensors (N,) or (1, N), advantages
     and rollout_is_weights also (S,) (§3.9). `rollout_is_weights` ((B, T), (B, 1) or (B,), finite, >= 0)
     multiply each token's clipped policy-gradient term (§3.8). `context_parallel_group`: each rank holds a
-    slice of every sequence (§10); the loss is the whole batch's on every rank."""
+    slice of every sequence (§11); the loss is the whole batch's on every rank."""
 
     def local(checks):
         check_float("logp", logp)
         layout = batch_layout("logp", logp, cu_seqlens)
-        rows = layout.input_rows(old_logp, advantages, mask, segment_ids, ref_logp, rollout_is_weights, entropy)
+        rows = layout.input_rows(old_logp, advantages, mask, segment_ids, ref_logp, rollout_is_weights, entropy,
+                                 split=context_parallel_group is not None)
         return rows, layout
 
     rows, layout, _ = _meet(local, logp, None, context_parallel_group, per_sequence=(advantages, rollout_is_weights))
@@ -98,7 +99,7 @@ def fused_policy_loss(logits, targets, old_logp, advantages, mask, config, *, se
     forward kernel, the loss stage on the grid, one backward kernel (§2.4). Equals
     policy_loss(token_logprobs(logits, ...), ...); logp and entropy are 0 where mask is 0, and so is the
     logits' gradient, whatever those rows hold. Logits split by vocabulary and sequences split over a
-    context group as in §10."""
+    context group as in §11."""
     vocab = vocab_request("logits", logits, -1, process_group, vocab_start)
     logits = vocab.tensor
 
@@ -106,13 +107,17 @@ def fused_policy_loss(logits, targets, old_logp, advantages, mask, config, *, se
         t = check_logits_and_targets(checks, logits, targets, temperature, IGNORE_INDEX,
                                      packed=cu_seqlens is not None, check_range=vocab.group is None)
         (rows, target_rows, inputs), layout = _fused_rows("logits", logits, targets, cu_seqlens, old_logp, advantages,
-                                                          mask, segment_ids, ref_logp, rollout_is_weights)
+                                                          mask, segment_ids, ref_logp, rollout_is_weights,
+                                                          context_parallel_group is not None)
+        if context_parallel_group is None:  # no collective fills the grid: check it before the ranks meet
+            inputs = _loss_inputs(layout, inputs, config, normalizer)
         return (t, rows, target_rows, inputs), layout
 
     (temperature, logits_rows, kernel_targets, inputs), layout, shard = _meet(
         local, logits, vocab, context_parallel_group, targets, IGNORE_INDEX,
         per_sequence=(advantages, rollout_is_weights))
-    inputs = _loss_inputs(layout, inputs, config, segment_ids, normalizer)
+    if context_parallel_group is not None:
+        inputs = _loss_inputs(layout, inputs, config, normalizer)
     keep = layout.to_rows(inputs.valid).reshape(-1)
     if logits_rows.dtype == torch.float64 and shard is None:  # the eager oracle differentiates masked rows too
         logits_rows = torch.where(keep.unsqueeze(1), logits_rows, torch.zeros_like(logits_rows))
@@ -130,7 +135,7 @@ def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask
     """The policy loss of docs/api.md §3 from hidden states (B, T, H) (packed: (N, H) or (1, N, H)) and the
     lm_head weight, never holding the logits (§2.5): the chunk plan (sppo_fast.plan) decides between one
     pass (three matmuls) and two; rows with mask 0 never enter a matmul. A weight split by vocabulary
-    rows and sequences split over a context group as in §10."""
+    rows and sequences split over a context group as in §11."""
     vocab = vocab_request("weight", weight, 0, process_group, vocab_start, bias)
     weight, bias = vocab.tensor, vocab.bias
 
@@ -138,12 +143,16 @@ def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask
         t = check_linear(checks, hidden, weight, bias, targets, temperature, IGNORE_INDEX, chunk_size,
                          packed=cu_seqlens is not None, check_range=vocab.group is None)
         (rows, target_rows, inputs), layout = _fused_rows("hidden", hidden, targets, cu_seqlens, old_logp, advantages,
-                                                          mask, segment_ids, ref_logp, rollout_is_weights)
+                                                          mask, segment_ids, ref_logp, rollout_is_weights,
+                                                          context_parallel_group is not None)
+        if context_parallel_group is None:  # no collective fills the grid: check it before the ranks meet
+            inputs = _loss_inputs(layout, inputs, config, normalizer)
         return (t, rows, target_rows, inputs), layout
 
     (temperature, hidden_rows, target_rows, inputs), layout, shard = _meet(
         local, hidden, vocab, context_parallel_group, targets, IGNORE_INDEX, hidden, (advantages, rollout_is_weights))
-    inputs = _loss_inputs(layout, inputs, config, segment_ids, normalizer)
+    if context_parallel_group is not None:
+        inputs = _loss_inputs(layout, inputs, config, normalizer)
     plan = plan_linear_loss(layout, inputs.valid, token_local=config.token_local,
                             oracle=weight.dtype == torch.float64, vocab=weight.shape[0], chunk_size=chunk_size)
     compute_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
@@ -155,9 +164,9 @@ def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask
 def _meet(local, anchor, vocab, context_group, targets=None, ignore_index=IGNORE_INDEX, replicated=None,
           per_sequence=()):
     """Runs local(checks) -> (result, layout or None): every check that needs no other rank, the value
-    checks in one sync (`anchor`: the main tensor, checked there). A parallel call then meets its groups once (parallel.agree): the vocabulary
-    shard is settled (sizes, targets against the whole V), the layout of split sequences built, and any
-    rank's error raised on every rank. Returns (result, layout, shard or None)."""
+    checks in one sync (`anchor`: the main tensor, checked there). A parallel call then meets its groups
+    once (parallel.agree): the vocabulary shard is settled (sizes, targets against the whole V), the
+    layout of split sequences built, and any rank's error raised on every rank. Returns (result, layout, shard or None)."""
     vocab_group = None if vocab is None else vocab.group
     checks = ValueChecks()
     if vocab_group is None and context_group is None:
@@ -168,10 +177,11 @@ def _meet(local, anchor, vocab, context_group, targets=None, ignore_index=IGNORE
     try:
         result, layout = local(checks)
         checks.run()
+        debug = debug_checks()
         vocab_payload = None if vocab_group is None else (
-            vocab.start, vocab.size, target_span(targets, ignore_index), checksum(replicated, targets) if DEBUG else [])
+            vocab.start, vocab.size, target_span(targets, ignore_index), checksum(replicated, targets) if debug else [])
         context_payload = None if context_group is None else (
-            sequence_lengths(layout), checksum(*per_sequence) if DEBUG else [])
+            sequence_lengths(layout), checksum(*per_sequence) if debug else [])
     except (TypeError, ValueError) as exc:
         error, vocab_payload, context_payload = exc, None, None
     met = agree([("process_group", vocab_group, vocab_payload, lambda every: vocab_shard(vocab_group, every)),
@@ -182,17 +192,18 @@ def _meet(local, anchor, vocab, context_group, targets=None, ignore_index=IGNORE
     return result, layout, met.get("process_group")
 
 
-def _fused_rows(name, x, targets, cu_seqlens, old_logp, advantages, mask, segment_ids, ref_logp, rollout_is_weights):
+def _fused_rows(name, x, targets, cu_seqlens, old_logp, advantages, mask, segment_ids, ref_logp, rollout_is_weights,
+                split):
     """A fused op's rows: the (N, V|H) rows and (N,) targets of the vocabulary-sized work and the loss
     inputs' rows (layout.input_rows), with the layout; no collective."""
     check_same_device(**{name: x}, old_logp=old_logp)
     layout = batch_layout(name, x, cu_seqlens, trailing=1)
     rows, target_rows = layout.token_rows(x, targets)
-    inputs = layout.input_rows(old_logp, advantages, mask, segment_ids, ref_logp, rollout_is_weights)
+    inputs = layout.input_rows(old_logp, advantages, mask, segment_ids, ref_logp, rollout_is_weights, split=split)
     return (rows, target_rows, inputs), layout
 
 
-def _loss_inputs(layout, rows, config, segment_ids, normalizer):
+def _loss_inputs(layout, rows, config, normalizer):
     """The loss stage's inputs on the layout's grid (losses.LossInputs), checked: the same on every rank."""
     old_logp, advantages, mask, segment_ids, ref_logp, rollout_is_weights, _ = layout.inputs_to_grid(rows)
     checks = ValueChecks()

@@ -70,14 +70,16 @@ class BatchLayout(NamedTuple):
         int64 targets, from either layout (checked before)."""
         return flat_rows(x), flat_targets(targets)
 
-    def input_rows(self, old_logp, advantages, mask, segment_ids, ref_logp, rollout_is_weights, entropy=None):
+    def input_rows(self, old_logp, advantages, mask, segment_ids, ref_logp, rollout_is_weights, entropy=None, *,
+                   split=False):
         """The caller's loss inputs, checked, each error naming its argument, as two dicts: per-token ones
         as this rank's (N,) rows, per-sequence ones (S,) as they are. No collective: a bad argument is
-        found before the ranks meet (parallel.agree). Unmapped (padded) inputs pass as they are, all in
-        the first dict: the loss stage checks their (B, T) shapes."""
+        found before the ranks meet (parallel.agree). Padded inputs pass as they are, all in the first
+        dict (the loss stage checks their (B, T) shapes), unless `split`: the rank's slice of sequences
+        that split_layout will place."""
         given = dict(old_logp=old_logp, advantages=advantages, mask=mask, segment_ids=segment_ids,
                      ref_logp=ref_logp, rollout_is_weights=rollout_is_weights, entropy=entropy)
-        if not self.mapped:
+        if not self.mapped and not split:
             return given, {}
         checks = dict(mask=check_tensor, segment_ids=check_integer)
         rows, per_sequence = {}, {}

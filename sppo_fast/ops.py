@@ -7,7 +7,7 @@ Five ops carry all vocabulary-sized work:
     linear_logprobs_forward, linear_logprobs_backward      on (N, H) hidden x (V, H) weight, chunked
 Each has a fake (meta) implementation, so torch.compile traces them without graph breaks. Each takes
 a vocabulary shard as (vocab_group, vocab_starts) (parallel.op_args; "" and None when unsharded): the
-logits or the weight are then this rank's columns or rows, targets global ids (docs/api.md §10)."""
+logits or the weight are then this rank's columns or rows, targets global ids (docs/api.md §11)."""
 
 import torch
 from torch import Tensor
@@ -48,12 +48,13 @@ def token_logprobs_forward(logits: Tensor, targets: Tensor, temperature: float, 
                            vocab_starts: list[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(logp, entropy, lse), fp32 (N,). `inplace_backward` only tells the autograd formula where to
     write the gradient."""
-    return kernel_forward(dispatch.backend_for(logits.device, logits.dtype), vocab_shard_from_op(vocab_group, vocab_starts),
-                          logits, targets, temperature, ignore_index, compute_entropy)
+    backend, shard = dispatch.backend_for(logits.device, logits.dtype), vocab_shard_from_op(vocab_group, vocab_starts)
+    return kernel_forward(backend, shard, logits, targets, temperature, ignore_index, compute_entropy)
 
 
 @token_logprobs_forward.register_fake
-def _(logits, targets, temperature, ignore_index, compute_entropy, inplace_backward, vocab_group="", vocab_starts=None):
+def _(logits, targets, temperature, ignore_index, compute_entropy, inplace_backward, vocab_group="",
+      vocab_starts=None):
     return _row_outputs(logits)
 
 
@@ -61,12 +62,14 @@ def _(logits, targets, temperature, ignore_index, compute_entropy, inplace_backw
 def token_logprobs_backward(logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Tensor,
                             grad_entropy: Tensor | None, temperature: float, ignore_index: int, vocab_group: str = "",
                             vocab_starts: list[int] | None = None) -> Tensor:
-    return kernel_backward(dispatch.backend_for(logits.device, logits.dtype), vocab_shard_from_op(vocab_group, vocab_starts),
-                           logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, False)
+    backend, shard = dispatch.backend_for(logits.device, logits.dtype), vocab_shard_from_op(vocab_group, vocab_starts)
+    return kernel_backward(backend, shard, logits, targets, lse, entropy, grad_logp, grad_entropy, temperature,
+                           ignore_index, False)
 
 
 @token_logprobs_backward.register_fake
-def _(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, vocab_group="", vocab_starts=None):
+def _(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, vocab_group="",
+      vocab_starts=None):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -75,12 +78,14 @@ def token_logprobs_backward_(logits: Tensor, targets: Tensor, lse: Tensor, entro
                              grad_entropy: Tensor | None, temperature: float, ignore_index: int, vocab_group: str = "",
                              vocab_starts: list[int] | None = None) -> None:
     """The in-place backward: overwrites `logits` with their gradient (Liger-Kernel's convention)."""
-    kernel_backward(dispatch.backend_for(logits.device, logits.dtype), vocab_shard_from_op(vocab_group, vocab_starts),
-                    logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, True)
+    backend, shard = dispatch.backend_for(logits.device, logits.dtype), vocab_shard_from_op(vocab_group, vocab_starts)
+    kernel_backward(backend, shard, logits, targets, lse, entropy, grad_logp, grad_entropy, temperature,
+                    ignore_index, True)
 
 
 @token_logprobs_backward_.register_fake
-def _(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, vocab_group="", vocab_starts=None):
+def _(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, vocab_group="",
+      vocab_starts=None):
     return None
 
 
@@ -117,7 +122,8 @@ token_logprobs_forward.register_autograd(_token_backward, setup_context=_token_s
 @torch.library.custom_op("sppo_fast::linear_logprobs_forward", mutates_args=())
 def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                             temperature: float, ignore_index: int, compute_entropy: bool, chunk_size: int,
-                            vocab_group: str = "", vocab_starts: list[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                            vocab_group: str = "",
+                            vocab_starts: list[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     logp, entropy, lse = _row_outputs(hidden)
     backend, shard = dispatch.backend_for(hidden.device, hidden.dtype), vocab_shard_from_op(vocab_group, vocab_starts)
     for rows, _, logits in chunk_logits(hidden, weight, bias, row_slices(hidden.shape[0], chunk_size)):

@@ -1,4 +1,4 @@
-"""Scale-out as values (docs/api.md §10): a vocabulary shard of the lm_head over a process group, and a
+"""Scale-out as values (docs/api.md §11): a vocabulary shard of the lm_head over a process group, and a
 context split of every sequence over another. The public functions decide both once, at their entry,
 and hand them down: the shard to the chunk loop (its kernels combine a few floats per row over the
 group), the split to the batch layout (its grid is the whole sequences'). Nothing else branches on them.
@@ -30,12 +30,14 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
-
 from torch.distributed.tensor import DTensor
 
 from .backends import LSE_DTYPE
 
-DEBUG = os.environ.get("SPPO_FAST_DEBUG") == "1"  # also check that replicated inputs agree across ranks
+
+def debug_checks():
+    """SPPO_FAST_DEBUG=1: the entry also checks that replicated inputs agree across ranks (a checksum each)."""
+    return os.environ.get("SPPO_FAST_DEBUG") == "1"
 
 
 class VocabShard(NamedTuple):
