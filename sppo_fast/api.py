@@ -166,7 +166,8 @@ def _meet(local, anchor, vocab, context_group, targets=None, ignore_index=IGNORE
     """Runs local(checks) -> (result, layout or None): every check that needs no other rank, the value
     checks in one sync (`anchor`: the main tensor, checked there). A parallel call then meets its groups
     once (parallel.agree): the vocabulary shard is settled (sizes, targets against the whole V), the
-    layout of split sequences built, and any rank's error raised on every rank. Returns (result, layout, shard or None)."""
+    layout of split sequences built, and any rank's error raised on every rank. Returns (result, layout,
+    shard or None)."""
     vocab_group = None if vocab is None else vocab.group
     checks = ValueChecks()
     if vocab_group is None and context_group is None:

@@ -16,7 +16,8 @@ def _row_blocks(n_rows, vocab):
 def token_logprobs_forward(logits, targets, temperature, ignore_index, compute_entropy,
                            lse_dtype=torch.float32):
     n = logits.shape[0]
-    logp, entropy = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(2))
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32  # fp64: the oracle's precision
+    logp, entropy = (torch.empty(n, dtype=dtype, device=logits.device) for _ in range(2))
     lse = torch.empty(n, dtype=lse_dtype, device=logits.device)
     for a, b in _row_blocks(n, logits.shape[1]):
         lp, ent, ls = reference.logprobs_entropy_lse(logits[a:b], targets[a:b], temperature, ignore_index)
