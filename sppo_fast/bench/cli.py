@@ -1,5 +1,7 @@
-"""`sppo-fast bench` (registered in sppo_fast/cli.py): the ops benchmark (sppo_fast.bench.ops), or with
-`--long-cot` the whole-update-step benchmark (sppo_fast.bench.long_cot), each with its own options."""
+"""`sppo-fast bench` (registered in sppo_fast/cli.py): the ops benchmark (sppo_fast.bench.ops), with
+`--long-cot` the whole-update-step benchmark (sppo_fast.bench.long_cot), or with `--vocab-parallel` the
+scale-out benchmark of the vocabulary-parallel loss (sppo_fast.bench.vocab_parallel), each with its own
+options."""
 
 import sys
 
@@ -10,6 +12,10 @@ def main(argv=None):
         from sppo_fast.bench.long_cot import main as long_cot_main
 
         return long_cot_main([a for a in argv if a != "--long-cot"])
+    if "--vocab-parallel" in argv:  # so has the scale-out benchmark
+        from sppo_fast.bench.vocab_parallel import main as vocab_parallel_main
+
+        return vocab_parallel_main([a for a in argv if a != "--vocab-parallel"])
     from sppo_fast.bench.ops import main as ops_main
 
     return ops_main(argv)
