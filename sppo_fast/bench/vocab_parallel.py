@@ -649,7 +649,7 @@ def markdown(report):
         for t in tg:
             def yes(flag):
                 return "" if flag is None else (" yes" if flag else " **no**")
-            def mib(key):
+            def mib(key, t=t):
                 return f"{t[key]:.0f}" if key in t else "-"
             lines.append(f"| {t['dtype']} | {t['tokens']} | {t['hidden']} | {t['ranks']} | {t['vp_peak_mib']:.0f} | "
                          f"{mib('unsharded_peak_mib')} | {t.get('x_below_unsharded', '-')}"
