@@ -80,7 +80,8 @@ def policy_loss(logp, old_logp, advantages, mask, config, *, segment_ids=None, e
                                  split=context_parallel_group is not None)
         return rows, layout
 
-    rows, layout, _ = _meet(local, logp, None, context_parallel_group, per_sequence=(advantages, rollout_is_weights))
+    rows, layout, _ = _meet(local, logp, None, context_parallel_group, per_sequence=(advantages, rollout_is_weights),
+                            optional=(segment_ids, ref_logp, entropy))
     grid_logp = layout.to_grid(logp.reshape(layout.n_rows)) if layout.mapped else logp
     old_logp, advantages, mask, segment_ids, ref_logp, rollout_is_weights, entropy = layout.inputs_to_grid(rows)
     checks = ValueChecks()
@@ -115,7 +116,7 @@ def fused_policy_loss(logits, targets, old_logp, advantages, mask, config, *, se
 
     (temperature, logits_rows, kernel_targets, inputs), layout, shard = _meet(
         local, logits, vocab, context_parallel_group, targets, IGNORE_INDEX,
-        per_sequence=(advantages, rollout_is_weights))
+        per_sequence=(advantages, rollout_is_weights), optional=(segment_ids, ref_logp))
     if context_parallel_group is not None:
         inputs = _loss_inputs(layout, inputs, config, normalizer)
     keep = layout.to_rows(inputs.valid).reshape(-1)
@@ -150,7 +151,8 @@ def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask
         return (t, rows, target_rows, inputs), layout
 
     (temperature, hidden_rows, target_rows, inputs), layout, shard = _meet(
-        local, hidden, vocab, context_parallel_group, targets, IGNORE_INDEX, hidden, (advantages, rollout_is_weights))
+        local, hidden, vocab, context_parallel_group, targets, IGNORE_INDEX, hidden, (advantages, rollout_is_weights),
+        (segment_ids, ref_logp))
     if context_parallel_group is not None:
         inputs = _loss_inputs(layout, inputs, config, normalizer)
     plan = plan_linear_loss(layout, inputs.valid, token_local=config.token_local,
@@ -162,7 +164,7 @@ def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask
 
 
 def _meet(local, anchor, vocab, context_group, targets=None, ignore_index=IGNORE_INDEX, replicated=None,
-          per_sequence=()):
+          per_sequence=(), optional=()):
     """Runs local(checks) -> (result, layout or None): every check that needs no other rank, the value
     checks in one sync (`anchor`: the main tensor, checked there). A parallel call then meets its groups
     once (parallel.agree): the vocabulary shard is settled (sizes, targets against the whole V), the
@@ -182,7 +184,8 @@ def _meet(local, anchor, vocab, context_group, targets=None, ignore_index=IGNORE
         vocab_payload = None if vocab_group is None else (
             vocab.start, vocab.size, target_span(targets, ignore_index), checksum(replicated, targets) if debug else [])
         context_payload = None if context_group is None else (
-            sequence_lengths(layout), checksum(*per_sequence) if debug else [])
+            sequence_lengths(layout), checksum(*per_sequence) if debug else [],
+            [None if x is None else x.dim() for x in (*per_sequence, *optional)])
     except (TypeError, ValueError) as exc:
         error, vocab_payload, context_payload = exc, None, None
     met = agree([("process_group", vocab_group, vocab_payload, lambda every: vocab_shard(vocab_group, every)),

@@ -87,7 +87,7 @@ class BatchLayout(NamedTuple):
             if x is None:
                 continue
             checks.get(name, check_float)(name, x)
-            if name in ("advantages", "rollout_is_weights") and self._per_sequence(name, x):
+            if name in ("advantages", "rollout_is_weights") and self._per_sequence(name, x, split):
                 per_sequence[name] = x
             else:
                 rows[name] = self._row(name, x)
@@ -118,12 +118,13 @@ class BatchLayout(NamedTuple):
         check_shape(name, x, (self.n_seqs, self.n_rows // max(self.n_seqs, 1)), "this rank's slice (B, T)")
         return x.reshape(-1)
 
-    def _per_sequence(self, name, x):
-        """Whether a per-sequence-or-token input is per sequence: (S,) where that cannot mean (N,) rows."""
+    def _per_sequence(self, name, x, split):
+        """Whether a per-sequence-or-token input is per sequence: (S,) where that cannot mean (N,) rows.
+        Split sequences: (S,) always, as every rank must read it alike (per token is (B, T_rank) or (1, N))."""
         if x.dim() != 1 or x.shape[0] != self.n_seqs:
             return False
-        if not self.packed:
-            return True  # a split padded batch: per token is (B, T_rank)
+        if not self.packed or split:
+            return True
         if self.n_seqs != self.n_rows:
             return True
         if any(b - a != 1 for a, b in zip(self.cu, self.cu[1:])):

@@ -21,10 +21,10 @@ IGNORE_INDEX = -100  # the fused losses' ignore_index: masked rows are handed to
 
 
 def _row_outputs(like, n=None):
-    """Empty (logp, entropy, lse) for n rows: fp32, fp32 and LSE_DTYPE."""
+    """Empty (logp, entropy, lse) for n rows: fp32 (fp64 for fp64 input: the oracle's) and LSE_DTYPE."""
     n = like.shape[0] if n is None else n
-    return (like.new_empty(n, dtype=torch.float32), like.new_empty(n, dtype=torch.float32),
-            like.new_empty(n, dtype=LSE_DTYPE))
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return like.new_empty(n, dtype=dtype), like.new_empty(n, dtype=dtype), like.new_empty(n, dtype=LSE_DTYPE)
 
 
 def coefficients(grad_logp, grad_entropy, like, compute_entropy=True):

@@ -248,6 +248,11 @@ def context_lengths(every):
         raise ValueError(f"the per-sequence inputs (advantages, rollout_is_weights) of rank {r} of "
                          "context_parallel_group differ from rank 0's: they must be the same on every rank "
                          "(SPPO_FAST_DEBUG=1 check)")
+    if any(p[2] != every[0][2] for p in every):
+        r = next(r for r, p in enumerate(every) if p[2] != every[0][2])
+        raise ValueError(f"rank {r} of context_parallel_group passes other optional loss inputs than rank 0 "
+                         f"(advantages, rollout_is_weights, segment_ids, ref_logp, entropy: dims {every[r][2]} "
+                         f"against {every[0][2]}, None where absent): every rank must pass the same ones, alike")
     return [p[0] for p in every]
 
 

@@ -74,7 +74,8 @@ def _run(spec, pr, *, hidden, weight, bias, logits, targets, mask, old_logp, adv
                                           segment_ids=seg, temperature=temperature, cu_seqlens=cu_seqlens, **parallel)
         loss, logp, entropy, _ = out
     elif op == "policy_loss":
-        lp, ent = sppo_fast.token_logprobs(leaf("logits", logits), targets, return_entropy=True)
+        vocab = {k: parallel.pop(k) for k in ("process_group", "vocab_start") if k in parallel}
+        lp, ent = sppo_fast.token_logprobs(leaf("logits", logits), targets, return_entropy=True, **vocab)
         out = sppo_fast.policy_loss(lp, old_logp, advantages, mask, config, segment_ids=seg, entropy=ent,
                                     cu_seqlens=cu_seqlens, **parallel)
         loss, logp, entropy, _ = out
@@ -261,7 +262,9 @@ def bad_case(kind):
                 logp, old, m = torch.randn(3, 2), torch.randn(3, 2), torch.ones(3, 2, dtype=torch.bool)
             if kind == "cp_shape" and rank == 1:
                 old = torch.randn(2, 3)
-            sppo_fast.policy_loss(logp, old, torch.zeros(logp.shape[0]), m, config, context_parallel_group=group)
+            ref = torch.randn(2, 2) if kind == "cp_optional" and rank == 0 else None
+            sppo_fast.policy_loss(logp, old, torch.zeros(logp.shape[0]), m, config, ref_logp=ref,
+                                  context_parallel_group=group)
         else:
             sppo_fast.fused_linear_policy_loss(hidden, weight, targets, pr["old_logp"].float(),
                                                pr["advantages"].float(), mask, config, process_group=group,

@@ -126,6 +126,7 @@ def test_context_and_vocab_parallel_on_a_2x2_mesh(four, spec):
     ("hidden_differs", None, "differ from rank 0's"),
     ("cp_count", None, "holds 3 sequences"),
     ("cp_shape", 1, "old_logp must have shape"),
+    ("cp_optional", None, "passes other optional loss inputs"),
 ])
 def test_bad_input_raises_on_every_rank(two, kind, failing, text):
     results = two.run("bad_case", kind)
