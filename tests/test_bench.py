@@ -194,7 +194,8 @@ def test_the_floors_child_measures_a_small_matmul():
 
 # --- the import graph ------------------------------------------------------------------------------
 
-BENCH_LAYERS = ("harness", "floors", "ops_report", "ops", "long_cot", "vocab_parallel", "cli")  # each imports only those before
+# each imports only those before it
+BENCH_LAYERS = ("harness", "floors", "ops_report", "ops", "long_cot", "vocab_parallel", "cli")
 
 
 def _imports(path):

@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from spec_helpers import assert_spec_close
 
 import sppo_fast
 from sppo_fast.trainer.config import LOSS_IMPLS, TrainConfig
@@ -18,7 +19,6 @@ from sppo_fast.trainer.models import load_tokenizer, tiny_llama_config
 from sppo_fast.trainer.rollout import UNKNOWN_ID_TEXT, decode_responses, generate
 from sppo_fast.trainer.tasks import get_task
 from sppo_fast.trainer.tasks.long_arithmetic import LEVELS, solution_text, worked_steps
-from spec_helpers import assert_spec_close
 
 TINY = dict(hidden_size=32, num_layers=1, num_heads=2, critic_hidden_size=16, critic_layers=1, critic_heads=2,
             eval_examples=2, eval_every=100, progress=False, rollouts_per_step=2, mini_batches=1, threads=1,
