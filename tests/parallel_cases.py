@@ -19,6 +19,7 @@ def setup(world):
     """The groups of the cases: the world; on 4 ranks also a 2 x 2 mesh (context x vocabulary)."""
     GROUPS["world"] = dist.group.WORLD
     GROUPS["mesh"] = init_device_mesh("cpu", (world,))
+    GROUPS["other"] = dist.new_group(list(range(world)))  # the same ranks, not the mesh's group
     if world == 4:
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("cp", "tp"))
         GROUPS["tp"], GROUPS["cp"] = mesh.get_group("tp"), mesh.get_group("cp")
@@ -255,7 +256,11 @@ def bad_case(kind):
         os.environ["SPPO_FAST_DEBUG"] = "1"
         hidden = hidden + (rank == 1) * 1e-3
     try:
-        if kind.startswith("cp_"):
+        if kind == "mesh_mismatch":
+            sharded = distribute_tensor(pr["weight"].float(), GROUPS["mesh"], [Shard(0)])
+            sppo_fast.fused_linear_policy_loss(hidden, sharded, targets, pr["old_logp"].float(),
+                                               pr["advantages"].float(), mask, config, process_group=GROUPS["other"])
+        elif kind.startswith("cp_"):
             logp = torch.randn(2, 2)
             old, m = torch.randn(2, 2), torch.ones(2, 2, dtype=torch.bool)
             if kind == "cp_count" and rank == 1:

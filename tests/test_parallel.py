@@ -127,6 +127,7 @@ def test_context_and_vocab_parallel_on_a_2x2_mesh(four, spec):
     ("cp_count", None, "holds 3 sequences"),
     ("cp_shape", 1, "old_logp must have shape"),
     ("cp_optional", None, "passes other optional loss inputs"),
+    ("mesh_mismatch", None, "process_group does not match the device mesh"),
 ])
 def test_bad_input_raises_on_every_rank(two, kind, failing, text):
     results = two.run("bad_case", kind)
