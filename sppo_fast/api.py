@@ -104,21 +104,13 @@ def fused_policy_loss(logits, targets, old_logp, advantages, mask, config, *, se
     vocab = vocab_request("logits", logits, -1, process_group, vocab_start)
     logits = vocab.tensor
 
-    def local(checks):
-        t = check_logits_and_targets(checks, logits, targets, temperature, IGNORE_INDEX,
-                                     packed=cu_seqlens is not None, check_range=vocab.group is None)
-        (rows, target_rows, inputs), layout = _fused_rows("logits", logits, targets, cu_seqlens, old_logp, advantages,
-                                                          mask, segment_ids, ref_logp, rollout_is_weights,
-                                                          context_parallel_group is not None)
-        if context_parallel_group is None:  # no collective fills the grid: check it before the ranks meet
-            inputs = _loss_inputs(layout, inputs, config, normalizer)
-        return (t, rows, target_rows, inputs), layout
+    def check(checks):
+        return check_logits_and_targets(checks, logits, targets, temperature, IGNORE_INDEX,
+                                        packed=cu_seqlens is not None, check_range=vocab.group is None)
 
-    (temperature, logits_rows, kernel_targets, inputs), layout, shard = _meet(
-        local, logits, vocab, context_parallel_group, targets, IGNORE_INDEX,
-        per_sequence=(advantages, rollout_is_weights), optional=(segment_ids, ref_logp))
-    if context_parallel_group is not None:
-        inputs = _loss_inputs(layout, inputs, config, normalizer)
+    temperature, logits_rows, kernel_targets, inputs, layout, shard = _fused_entry(
+        check, "logits", logits, targets, cu_seqlens, old_logp, advantages, mask, config, segment_ids, ref_logp,
+        normalizer, rollout_is_weights, vocab, context_parallel_group)
     keep = layout.to_rows(inputs.valid).reshape(-1)
     if logits_rows.dtype == torch.float64 and shard is None:  # the eager oracle differentiates masked rows too
         logits_rows = torch.where(keep.unsqueeze(1), logits_rows, torch.zeros_like(logits_rows))
@@ -140,21 +132,13 @@ def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask
     vocab = vocab_request("weight", weight, 0, process_group, vocab_start, bias)
     weight, bias = vocab.tensor, vocab.bias
 
-    def local(checks):
-        t = check_linear(checks, hidden, weight, bias, targets, temperature, IGNORE_INDEX, chunk_size,
-                         packed=cu_seqlens is not None, check_range=vocab.group is None)
-        (rows, target_rows, inputs), layout = _fused_rows("hidden", hidden, targets, cu_seqlens, old_logp, advantages,
-                                                          mask, segment_ids, ref_logp, rollout_is_weights,
-                                                          context_parallel_group is not None)
-        if context_parallel_group is None:  # no collective fills the grid: check it before the ranks meet
-            inputs = _loss_inputs(layout, inputs, config, normalizer)
-        return (t, rows, target_rows, inputs), layout
+    def check(checks):
+        return check_linear(checks, hidden, weight, bias, targets, temperature, IGNORE_INDEX, chunk_size,
+                            packed=cu_seqlens is not None, check_range=vocab.group is None)
 
-    (temperature, hidden_rows, target_rows, inputs), layout, shard = _meet(
-        local, hidden, vocab, context_parallel_group, targets, IGNORE_INDEX, hidden, (advantages, rollout_is_weights),
-        (segment_ids, ref_logp))
-    if context_parallel_group is not None:
-        inputs = _loss_inputs(layout, inputs, config, normalizer)
+    temperature, hidden_rows, target_rows, inputs, layout, shard = _fused_entry(
+        check, "hidden", hidden, targets, cu_seqlens, old_logp, advantages, mask, config, segment_ids, ref_logp,
+        normalizer, rollout_is_weights, vocab, context_parallel_group)
     plan = plan_linear_loss(layout, inputs.valid, token_local=config.token_local,
                             oracle=weight.dtype == torch.float64, vocab=weight.shape[0], chunk_size=chunk_size)
     compute_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
@@ -196,15 +180,30 @@ def _meet(local, anchor, vocab, context_group, targets=None, ignore_index=IGNORE
     return result, layout, met.get("process_group")
 
 
-def _fused_rows(name, x, targets, cu_seqlens, old_logp, advantages, mask, segment_ids, ref_logp, rollout_is_weights,
-                split):
-    """A fused op's rows: the (N, V|H) rows and (N,) targets of the vocabulary-sized work and the loss
-    inputs' rows (layout.input_rows), with the layout; no collective."""
-    check_same_device(**{name: x}, old_logp=old_logp)
-    layout = batch_layout(name, x, cu_seqlens, trailing=1)
-    rows, target_rows = layout.token_rows(x, targets)
-    inputs = layout.input_rows(old_logp, advantages, mask, segment_ids, ref_logp, rollout_is_weights, split=split)
-    return (rows, target_rows, inputs), layout
+def _fused_entry(check, name, x, targets, cu_seqlens, old_logp, advantages, mask, config, segment_ids, ref_logp,
+                 normalizer, rollout_is_weights, vocab, context_group):
+    """A fused op's entry after `check(checks)` (its kernel arguments' checks, returning the temperature):
+    the layout, the (N, V|H) rows and (N,) targets of the vocabulary-sized work, the loss stage's inputs
+    on the grid (checked) and the vocabulary shard. Returns (temperature, rows, targets, inputs, layout,
+    shard)."""
+    split = context_group is not None
+
+    def local(checks):
+        temperature = check(checks)
+        check_same_device(**{name: x}, old_logp=old_logp)
+        layout = batch_layout(name, x, cu_seqlens, trailing=1)
+        rows, target_rows = layout.token_rows(x, targets)
+        inputs = layout.input_rows(old_logp, advantages, mask, segment_ids, ref_logp, rollout_is_weights, split=split)
+        if not split:  # no collective fills the grid: check it before the ranks meet
+            inputs = _loss_inputs(layout, inputs, config, normalizer)
+        return (temperature, rows, target_rows, inputs), layout
+
+    (temperature, rows, target_rows, inputs), layout, shard = _meet(
+        local, x, vocab, context_group, targets, IGNORE_INDEX, x if name == "hidden" else None,
+        (advantages, rollout_is_weights), (segment_ids, ref_logp))
+    if split:
+        inputs = _loss_inputs(layout, inputs, config, normalizer)
+    return temperature, rows, target_rows, inputs, layout, shard
 
 
 def _loss_inputs(layout, rows, config, normalizer):
