@@ -66,6 +66,9 @@ setup_env() {  # $1: core | peers
         # verl's full dependency set does not resolve beside our pins; its loss module needs only these
         step "installing verl (its loss module only)" pip_install "$TORCH" --no-deps verl==0.9.1
         step "installing verl's imports" pip_install "$TORCH" packaging ray tensordict omegaconf codetiming orjson
+        # Megatron's vocab-parallel cross-entropy: a baseline of the vocab-parallel benchmark and what verl's
+        # Megatron log-prob functions call (tests/test_integration_verl.py runs them on gloo)
+        step "installing megatron-core" pip_install "$TORCH" megatron-core==0.16.1
     fi
     step "checking the install" "$VENV/bin/python" -c "import sppo_fast; sppo_fast.backend_info()"
     "$VENV/bin/python" -c "import sppo_fast; print('run.sh: ready:', '; '.join(f'{k}: {v}' for k, v in sppo_fast.backend_info().items()))" >&2 2>>"$LOG"

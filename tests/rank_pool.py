@@ -90,3 +90,33 @@ class RankPool:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
+
+
+def _report(target, rank, port, errors):
+    try:
+        target(rank, port)
+    except BaseException as exc:  # reported to the parent, then re-raised for the exit code
+        errors.put(f"rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        raise
+
+
+def spawn_ranks(target, world, timeout=WAIT_S * 2):
+    """Runs target(rank, port) (a module-level function) in `world` fresh processes, for tests that need
+    a process group of their own; fails with every rank's traceback, or when a rank hangs or dies."""
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_report, args=(target, r, port, errors)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for r in hung:
+        procs[r].kill()
+    messages = []
+    while not errors.empty():
+        messages.append(errors.get())
+    assert not hung, f"ranks {hung} did not finish in {timeout} s\n" + "\n".join(messages)
+    assert not messages and all(p.exitcode == 0 for p in procs), "\n".join(messages) or "a rank died"
+

@@ -5,13 +5,12 @@ gathered) and every parameter below it (embedding, decoder layers, final norm)."
 
 import datetime
 import os
-import socket
 import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from rank_pool import spawn_ranks
 
 WORLD = 2
 V, H, B, L, K = 97, 32, 3, 10, 5  # V odd: the shards are uneven (49 + 48)
@@ -59,23 +58,17 @@ def _run(model, batch):
 CASES = (("llama", True), ("qwen2", False))  # ColwiseParallel's logits as local shards, and as DTensors
 
 
-def _worker(rank, port, errors):
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-        torch.set_num_threads(1)
-        from torch.distributed.device_mesh import init_device_mesh
+def _worker(rank, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh("cpu", (WORLD,))
-        for kind, use_local_output in CASES:
-            _check(kind, use_local_output, mesh)
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        import traceback
-
-        errors.put(f"rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-        raise
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for kind, use_local_output in CASES:
+        _check(kind, use_local_output, mesh)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _check(kind, use_local_output, mesh):
@@ -102,29 +95,8 @@ def _check(kind, use_local_output, mesh):
         torch.testing.assert_close(grad, want[name].grad, **close, msg=f"{kind}: {name}")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_colwise_parallel_lm_head_equals_unsharded():
-    ctx = mp.get_context("spawn")
-    errors = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, errors)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            pytest.fail("a rank did not finish in 120 s")
-    messages = []
-    while not errors.empty():
-        messages.append(errors.get())
-    assert not messages and all(p.exitcode == 0 for p in procs), "\n".join(messages)
+    spawn_ranks(_worker, WORLD)
 
 
 def test_fsdp_managed_lm_head_is_still_refused():

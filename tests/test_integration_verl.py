@@ -8,6 +8,7 @@ import torch
 
 pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl is not installed (CI installs it with --no-deps)")
 
+from rank_pool import spawn_ranks  # noqa: E402
 from spec_helpers import assert_spec_close  # noqa: E402
 from test_peers_verl import LOSS_TOL, NO_DUAL_CLIP, actor_config, loss_inputs, run_verl  # noqa: E402
 from verl.trainer.ppo import core_algos  # noqa: E402
@@ -259,7 +260,7 @@ def test_patched_head_inside_verl_model_forward():
 # --- Megatron's vocabulary-parallel log-probs and entropy, on 2 gloo ranks --------------------------------
 
 
-def _megatron_tp_worker(rank, port, errors):
+def _megatron_tp_worker(rank, port):
     """verl's vocab_parallel_log_probs_from_logits / vocab_parallel_entropy (megatron's TP group of 2 ranks,
     initialised on CPU with gloo) against our stand-ins: with the group given, and defaulting to megatron's.
     verl's entropy runs a `torch.compile`d helper in its forward; Inductor on CPU compiles it in ~20 s, so
@@ -269,72 +270,46 @@ def _megatron_tp_worker(rank, port, errors):
 
     import torch.distributed as dist
 
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
-        torch.set_num_threads(1)
-        torch._dynamo.config.disable = True
-        from megatron.core import parallel_state as mpu
-        from verl.utils.megatron import tensor_parallel as verl_tp
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    torch._dynamo.config.disable = True
+    from megatron.core import parallel_state as mpu
+    from verl.utils.megatron import tensor_parallel as verl_tp
 
-        mpu.initialize_model_parallel(tensor_model_parallel_size=2)
-        group = mpu.get_tensor_model_parallel_group()
-        gen = torch.Generator().manual_seed(0)
-        V, P = 22, 2
-        logits = torch.randn(3, 5, V, generator=gen) * 3
-        labels = torch.randint(0, V, (3, 5), generator=gen)
-        g_logp, g_ent = torch.randn(3, 5, generator=gen), torch.randn(3, 5, generator=gen)
-        mine = logits[..., rank * V // P:(rank + 1) * V // P]
+    mpu.initialize_model_parallel(tensor_model_parallel_size=2)
+    group = mpu.get_tensor_model_parallel_group()
+    gen = torch.Generator().manual_seed(0)
+    V, P = 22, 2
+    logits = torch.randn(3, 5, V, generator=gen) * 3
+    labels = torch.randint(0, V, (3, 5), generator=gen)
+    g_logp, g_ent = torch.randn(3, 5, generator=gen), torch.randn(3, 5, generator=gen)
+    mine = logits[..., rank * V // P:(rank + 1) * V // P]
 
-        def run(logp_fn, entropy_fn):
-            a, b = mine.clone().requires_grad_(), mine.clone().requires_grad_()
-            logp, entropy = logp_fn(a, labels), entropy_fn(b)
-            (logp * g_logp).sum().backward()
-            (entropy * g_ent).sum().backward()
-            return logp, entropy, a.grad, b.grad
+    def run(logp_fn, entropy_fn):
+        a, b = mine.clone().requires_grad_(), mine.clone().requires_grad_()
+        logp, entropy = logp_fn(a, labels), entropy_fn(b)
+        (logp * g_logp).sum().backward()
+        (entropy * g_ent).sum().backward()
+        return logp, entropy, a.grad, b.grad
 
-        theirs = run(verl_tp.vocab_parallel_log_probs_from_logits, verl_tp.vocab_parallel_entropy)
-        for kwargs in ({"process_group": group}, {}):
-            ours = run(lambda x, y, kw=kwargs: sf_verl.vocab_parallel_log_probs_from_logits(x, y, **kw),
-                       lambda x, kw=kwargs: sf_verl.vocab_parallel_entropy(x, **kw))
-            for name, a, b in zip(("logp", "entropy", "logp grad", "entropy grad"), ours, theirs):
-                assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype, a.shape, b.shape)
-                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
-        full = torch.log_softmax(logits, -1)
-        torch.testing.assert_close(ours[0], full.gather(-1, labels[..., None])[..., 0], rtol=1e-5, atol=1e-5)
-        dist.barrier()
-        mpu.destroy_model_parallel()
-        dist.destroy_process_group()
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        import traceback
-
-        errors.put(f"rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-        raise
+    theirs = run(verl_tp.vocab_parallel_log_probs_from_logits, verl_tp.vocab_parallel_entropy)
+    for kwargs in ({"process_group": group}, {}):
+        ours = run(lambda x, y, kw=kwargs: sf_verl.vocab_parallel_log_probs_from_logits(x, y, **kw),
+                   lambda x, kw=kwargs: sf_verl.vocab_parallel_entropy(x, **kw))
+        for name, a, b in zip(("logp", "entropy", "logp grad", "entropy grad"), ours, theirs):
+            assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype, a.shape, b.shape)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    full = torch.log_softmax(logits, -1)
+    torch.testing.assert_close(ours[0], full.gather(-1, labels[..., None])[..., 0], rtol=1e-5, atol=1e-5)
+    dist.barrier()
+    mpu.destroy_model_parallel()
+    dist.destroy_process_group()
 
 
 def test_megatron_vocab_parallel_stand_ins_equal_verls():
     pytest.importorskip("megatron.core.parallel_state", reason="megatron-core is not installed")
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    errors = ctx.Queue()
-    procs = [ctx.Process(target=_megatron_tp_worker, args=(r, port, errors)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    messages = []
-    while not errors.empty():
-        messages.append(errors.get())
-    assert not messages and all(p.exitcode == 0 for p in procs), "\n".join(messages) or "a rank hung or died"
+    spawn_ranks(_megatron_tp_worker, 2)
 
 
 def test_megatron_stand_ins_need_a_group_without_megatron_state():
