@@ -72,7 +72,8 @@ def _run(spec, pr, *, hidden, weight, bias, logits, targets, mask, old_logp, adv
         loss, logp, entropy, _ = out
     elif op == "logits":
         out = sppo_fast.fused_policy_loss(leaf("logits", logits), targets, old_logp, advantages, mask, config,
-                                          segment_ids=seg, temperature=temperature, cu_seqlens=cu_seqlens, **parallel)
+                                          segment_ids=seg, temperature=temperature, cu_seqlens=cu_seqlens,
+                                          inplace_backward=spec.get("inplace", False), **parallel)
         loss, logp, entropy, _ = out
     elif op == "policy_loss":
         vocab = {k: parallel.pop(k) for k in ("process_group", "vocab_start") if k in parallel}

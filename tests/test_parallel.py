@@ -43,7 +43,8 @@ def vocab_specs(draw, P, ops=("linear", "logits", "linear_logprobs", "token_logp
                 chunk=draw(st.sampled_from([None, 2])), bias=draw(st.booleans()),
                 masked=draw(st.sampled_from([0.0, 0.3, 1.0])), all_masked_row=draw(st.booleans()),
                 temperature=draw(st.sampled_from([1.0, 0.7])), give_start=draw(st.booleans()),
-                entropy_coef=draw(st.sampled_from([0.0, 0.01])), scale=draw(st.sampled_from([1.0, 30.0])))
+                entropy_coef=draw(st.sampled_from([0.0, 0.01])), scale=draw(st.sampled_from([1.0, 30.0])),
+                inplace=draw(st.booleans()))
 
 
 def _check_vocab(results, spec):
