@@ -12,11 +12,22 @@ once per seed before the runs, shared by every algorithm) nor the held-out evalu
 `--time cpu`, the sum of the steps' CPU time in their process (`step_cpu_time`), which on a machine shared
 with other jobs counts each run's own work only (every run uses one thread, so on an idle machine the two
 agree).
+
+Equal tuning (`--sweep KEY=V1,V2,...`, repeatable): every algorithm first runs the same grid (the product
+of the sweeps) on the tuning seeds (`--tune-seeds`); each algorithm's best setting by final held-out
+accuracy (mean over the tuning seeds; ties: the faster in RL time) is then run on the fresh `--seeds`, which
+must take no part in tuning. A clip-range sweep (clip_low, clip_high) applies to the algorithms whose clip
+range is on the token scale (around 0.2); GSPO's sequence-level range (3e-4 / 4e-4) is skipped, and said so,
+unless swept for it alone (`--sweep gspo.clip_high=...`). Likewise a critic's settings are skipped for the
+algorithms without one. The tuning runs live in OUT/tune/runs/, the fresh ones in OUT/runs/; `--reuse`
+keeps the finished runs of both.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import math
 import os
@@ -26,10 +37,20 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from sppo_fast.trainer.config import ALGOS, GROUP_ALGOS, TrainConfig, UserError, coerce_field, field_types
+from sppo_fast.trainer.config import (
+    ALGORITHMS,
+    ALGOS,
+    GROUP_ALGOS,
+    TrainConfig,
+    UserError,
+    coerce_field,
+    field_types,
+)
 
 DEFAULT_ALGOS = ("sppo", "grpo")
 DEFAULT_SEEDS = (0, 1, 2)
+# Tuning seeds of a sweep: apart from the fresh seeds' default range, so that the defaults never overlap.
+DEFAULT_TUNE_SEEDS = (100,)
 DEFAULT_PROMPTS_PER_STEP = 32
 
 # Hyper-parameters per algorithm, on top of the `sppo-fast train` defaults (lr, clipping, mini-batches,
@@ -40,10 +61,11 @@ DEFAULT_PROMPTS_PER_STEP = 32
 # Group algorithms: 8 samples per prompt; the group's own mean (GRPO, DAPO: and std) is the baseline.
 #   Their steps cost 8x the rollouts of SPPO's and their gradients are less noisy, which is their side of
 #   the trade; they keep the preset's clipping and aggregation (docs/api.md §4).
-# PPO: one sample per prompt and a token critic.
+# PPO (and its ppo_bce ablation): one sample per prompt and a token critic.
+# ReMax: one sample per prompt plus one greedy response (its baseline), so 2x SPPO's decodes per prompt.
 ALGO_SETTINGS: dict[str, dict] = {
+    **{algo: {"samples_per_prompt": 1, "eval_every": 20} for algo in ALGOS if algo not in GROUP_ALGOS},
     "sppo": {"samples_per_prompt": 1, "eval_every": 20, "lr": 1e-4},
-    "ppo": {"samples_per_prompt": 1, "eval_every": 20},
     **{algo: {"samples_per_prompt": 8, "eval_every": 10} for algo in GROUP_ALGOS},
 }
 # Shared by every run of a comparison. Evaluations often enough in time for a curve (a one-sample step is
@@ -101,16 +123,188 @@ def run_configs(algos, seeds, out_dir, *, steps=None, prompts_per_step=DEFAULT_P
     configs = []
     for seed in seeds:
         for algo in algos:
-            values = {**COMMON_SETTINGS, **ALGO_SETTINGS[algo], **({"steps": steps} if steps is not None else {}),
-                      **(common or {}), **(per_algo or {}).get(algo, {})}
-            group = values.get("samples_per_prompt") or (8 if algo in GROUP_ALGOS else 1)
-            values.update(algo=algo, seed=seed, rollouts_per_step=prompts_per_step * group,
-                          out=os.path.join(out_dir, "runs", f"{algo}-seed{seed}"))
-            try:
-                configs.append(TrainConfig(**values))
-            except (TypeError, ValueError) as error:
-                raise ValueError(f"{algo} seed {seed}: {error}") from None
+            configs.append(one_config(algo, seed, os.path.join(out_dir, "runs", f"{algo}-seed{seed}"), steps=steps,
+                                      prompts_per_step=prompts_per_step, common=common, per_algo=per_algo))
     return configs
+
+
+def one_config(algo, seed, out, *, steps=None, prompts_per_step=DEFAULT_PROMPTS_PER_STEP, common=None,
+               per_algo=None, setting=None, what="") -> TrainConfig:
+    """The validated TrainConfig of one run: the comparison's settings < the algorithm's (ALGO_SETTINGS) <
+    --steps < --set < --set ALGO. < a sweep's `setting`."""
+    values = {**COMMON_SETTINGS, **ALGO_SETTINGS[algo], **({"steps": steps} if steps is not None else {}),
+              **(common or {}), **(per_algo or {}).get(algo, {}), **(setting or {})}
+    group = values.get("samples_per_prompt") or (8 if algo in GROUP_ALGOS else 1)
+    values.update(algo=algo, seed=seed, rollouts_per_step=prompts_per_step * group, out=out)
+    try:
+        return TrainConfig(**values)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{algo}{what} seed {seed}: {error}") from None
+
+
+# --- equal tuning (--sweep) ------------------------------------------------------------------------
+
+CLIP_KEYS = ("clip_low", "clip_high")
+CRITIC_KEYS = ("critic_lr", "critic_hidden_size", "critic_layers", "critic_heads", "critic_warmup_steps")
+GAE_KEYS = ("gamma", "lam")
+
+
+def parse_sweeps(items: list[str]) -> tuple[dict[str, list], dict[str, dict[str, list]]]:
+    """`key=v1,v2,...` (every algorithm) and `algo.key=v1,...` (one), each value typed and checked like
+    `--set`'s. Returns ({key: values}, {algo: {key: values}}) in the order given."""
+    types = field_types()
+    common, per_algo = {}, {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--sweep: expected key=v1,v2,... or algo.key=v1,v2,..., got {item!r}")
+        key, text = item.split("=", 1)
+        algo, _, name = key.rpartition(".")
+        if algo and algo not in ALGOS:
+            raise ValueError(f"--sweep {item}: unknown algorithm {algo!r}; choose one of {', '.join(ALGOS)}")
+        if name not in types or name in ("algo", "seed", "out", "steps", "samples_per_prompt", "rollouts_per_step"):
+            raise ValueError(f"--sweep {item}: {name!r} is not a field a sweep may vary (seeds, steps and the "
+                             "samples per prompt are the comparison's own)")
+        texts = [t.strip() for t in text.split(",") if t.strip()]
+        if not texts:
+            raise ValueError(f"--sweep {item}: give at least one value")
+        try:
+            values = [coerce_field(name, t) for t in texts]
+        except ValueError as error:
+            raise UserError(f"--sweep {item}: {error}") from None
+        if len(set(map(repr, values))) != len(values):
+            raise ValueError(f"--sweep {item}: each value once, got {texts}")
+        scope = per_algo.setdefault(algo, {}) if algo else common
+        if name in scope:
+            raise ValueError(f"--sweep {item}: {key} is swept twice; give all its values in one --sweep")
+        scope[name] = values
+    return common, per_algo
+
+
+def sweep_skip_reason(algo: str, key: str, *, for_this_algo: bool = False) -> str | None:
+    """Why a swept `key` does not apply to `algo` (None: it does)."""
+    spec = ALGORITHMS[algo]
+    if key in CLIP_KEYS:
+        if spec.clip is None:
+            return "has no clip range"
+        if spec.clip != "token" and not for_this_algo:
+            return (f"has a {spec.clip}-level clip range on another scale (its preset's); sweep it for it alone "
+                    f"with `--sweep {algo}.{key}=V1,V2`")
+    if key in CRITIC_KEYS and spec.critic is None:
+        return "has no critic"
+    if key in GAE_KEYS and spec.critic != "token":
+        return "does not use GAE"
+    return None
+
+
+def sweep_grid(algo: str, common: dict[str, list], per_algo: dict[str, dict[str, list]]
+               ) -> tuple[list[dict], list[str]]:
+    """The settings `algo` is tuned over (the product of the sweeps that apply to it, in the order given;
+    one empty setting when none does) and a note for each sweep skipped."""
+    keys, skipped = {}, []
+    for key, values in common.items():
+        reason = sweep_skip_reason(algo, key)
+        if reason:
+            skipped.append(f"{key}: {algo} {reason}")
+        else:
+            keys[key] = values
+    for key, values in per_algo.get(algo, {}).items():
+        reason = sweep_skip_reason(algo, key, for_this_algo=True)
+        if reason:
+            raise ValueError(f"--sweep {algo}.{key}: {algo} {reason}")
+        keys[key] = values  # the algorithm's own sweep replaces the common one
+        skipped = [note for note in skipped if not note.startswith(f"{key}:")]
+    names = list(keys)
+    return [dict(zip(names, combo)) for combo in itertools.product(*(keys[k] for k in names))], skipped
+
+
+def setting_label(setting: dict) -> str:
+    """`lr=0.0001, clip_high=0.28` ("defaults" for the empty setting)."""
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items()) or "defaults"
+
+
+def setting_slug(setting: dict) -> str:
+    """A directory name for a setting: `lr1e-04_clip_high0.28`."""
+    parts = [f"{k}{format(v, '.3g') if isinstance(v, float) else v}" for k, v in setting.items()]
+    text = "_".join(parts) or "defaults"
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in text)
+
+
+def check_seeds_apart(seeds, tune_seeds):
+    if not tune_seeds:
+        raise ValueError("tune_seeds: give at least one tuning seed")
+    if len(set(tune_seeds)) != len(tune_seeds):
+        raise ValueError(f"tune_seeds: each seed once, got {list(tune_seeds)}")
+    both = sorted(set(seeds) & set(tune_seeds))
+    if both:
+        raise ValueError(f"seeds: {', '.join(map(str, both))} also tune the settings (--tune-seeds "
+                         f"{','.join(map(str, tune_seeds))}); the fresh seeds must take no part in tuning: give "
+                         "--seeds and --tune-seeds apart")
+
+
+def tuning_configs(algos, tune_seeds, out_dir, grids, *, steps=None, prompts_per_step=DEFAULT_PROMPTS_PER_STEP,
+                   common=None, per_algo=None) -> tuple[list[TrainConfig], dict[str, dict]]:
+    """The tuning runs (seeds outermost, then algorithms, then settings) in OUT/tune/runs/, and the setting of
+    each run directory."""
+    configs, setting_of = [], {}
+    for seed in tune_seeds:
+        for algo in algos:
+            for setting in grids[algo]:
+                out = os.path.join(out_dir, "tune", "runs", f"{algo}-{setting_slug(setting)}-seed{seed}")
+                configs.append(one_config(algo, seed, out, steps=steps, prompts_per_step=prompts_per_step,
+                                          common=common, per_algo=per_algo, setting=setting,
+                                          what=f" ({setting_label(setting)})"))
+                setting_of[out] = setting
+    return configs, setting_of
+
+
+def choose_best(records: list[dict], algos: list[str], grids: dict[str, list[dict]],
+                time_key: str = "rl_seconds") -> dict[str, dict]:
+    """Per algorithm, its settings ranked by final held-out accuracy (mean over the tuning seeds), ties (equal
+    to 1e-9) broken by the lower mean RL time, then by the grid's order. A setting ranks only when every one
+    of its tuning runs finished. Each record carries its "setting". Returns {algo: {"best", "best_accuracy",
+    "runner_up", "margin" (best - runner-up accuracy, None alone), "settings": [...] (best first; failed
+    ones last)}}; "best" is None when no setting finished."""
+    out = {}
+    for algo in algos:
+        rows = []
+        for index, setting in enumerate(grids[algo]):
+            runs = [r for r in records if r["algo"] == algo and r.get("setting") == setting]
+            ok = [r for r in runs if r["status"] == "ok"]
+            complete = bool(runs) and len(ok) == len(runs)
+            finals = [r["summary"]["eval_accuracy_after"] for r in ok]
+            times = [r["curve"][-1][time_key] for r in ok if r.get("curve")]
+            rows.append({"setting": setting, "label": setting_label(setting), "index": index,
+                         "runs": len(ok), "failed": len(runs) - len(ok), "complete": complete,
+                         "final_accuracy": mean_std(finals), "accuracy_before": mean_std(
+                             [r["summary"]["eval_accuracy_before"] for r in ok]),
+                         time_key: mean_std(times), "seeds": [r["seed"] for r in ok],
+                         "errors": [r.get("error") for r in runs if r["status"] != "ok"]})
+        ranked = sorted((r for r in rows if r["complete"]), key=functools.cmp_to_key(
+            lambda a, b: _rank(a, b, time_key)))
+        failed = [r for r in rows if not r["complete"]]
+        for r in ranked:
+            r["behind_best"] = ranked[0]["final_accuracy"][0] - r["final_accuracy"][0]
+        best = ranked[0] if ranked else None
+        out[algo] = {
+            "best": best["setting"] if best else None, "best_label": best["label"] if best else None,
+            "best_accuracy": best["final_accuracy"][0] if best else None,
+            "runner_up": ranked[1]["setting"] if len(ranked) > 1 else None,
+            "runner_up_label": ranked[1]["label"] if len(ranked) > 1 else None,
+            "margin": (best["final_accuracy"][0] - ranked[1]["final_accuracy"][0]) if len(ranked) > 1 else None,
+            "time_key": time_key, "settings": ranked + failed,
+        }
+    return out
+
+
+def _rank(a: dict, b: dict, time_key: str) -> int:
+    acc_a, acc_b = a["final_accuracy"][0], b["final_accuracy"][0]
+    if abs(acc_a - acc_b) > 1e-9:
+        return -1 if acc_a > acc_b else 1
+    ta, tb = a[time_key][0], b[time_key][0]
+    ta, tb = (math.inf if math.isnan(ta) else ta), (math.inf if math.isnan(tb) else tb)
+    if ta != tb:
+        return -1 if ta < tb else 1
+    return a["index"] - b["index"]
 
 
 _LIVE: set = set()  # runs in flight, stopped by `_stop_live` if the comparison itself is interrupted
@@ -183,6 +377,7 @@ def finished_record(cfg: TrainConfig, record: dict | None = None) -> dict:
     with open(os.path.join(cfg.out, "summary.json")) as f:
         record["summary"] = json.load(f)
     record["curve"] = accuracy_curve(cfg.out)
+    record["trace"] = step_trace(cfg.out)
     record["status"] = "ok"
     return record
 
@@ -213,6 +408,26 @@ def accuracy_curve(run_dir: str) -> list[dict]:
             points.append({"step": row["step"], "rl_seconds": seconds, "rl_cpu_seconds": cpu,
                            "accuracy": row["eval_accuracy"]})
     return points
+
+
+# Per-step signals kept in compare.json for every run (plots of clipping and entropy over training).
+TRACE_KEYS = ("reward", "entropy", "clipfrac", "dual_clipfrac", "approx_kl", "response_length", "truncated_frac",
+              "greedy_reward", "critic_loss", "critic_explained_variance", "loss", "grad_norm", "step_time",
+              "step_cpu_time")
+
+
+def step_trace(run_dir: str) -> dict[str, list]:
+    """The RL steps' signals of metrics.jsonl as columns: {"step": [1, 2, ...], "entropy": [...], ...}; a key
+    none of the steps has is left out, a step without it (a critic warm-up step has no policy update, so no
+    entropy or clip fraction) holds None."""
+    from sppo_fast.trainer.plots import read_metrics
+
+    rows = [r for r in read_metrics(run_dir) if r.get("step", 0) >= 1 and "step_time" in r]
+    trace = {"step": [r["step"] for r in rows]}
+    for key in TRACE_KEYS:
+        if any(r.get(key) is not None for r in rows):
+            trace[key] = [r.get(key) for r in rows]
+    return trace
 
 
 def prepare_warm_starts(configs: list[TrainConfig], jobs: int, out_dir: str, log=print) -> dict[int, str]:
@@ -286,6 +501,11 @@ def time_to_reach(curve: list[dict], target: float, time_key: str = "rl_seconds"
     return None
 
 
+def _greedy(algo: str) -> bool:
+    spec = ALGORITHMS.get(algo)
+    return bool(spec and spec.greedy_baseline)
+
+
 def aggregate(records: list[dict], algos: list[str], reference: str | None, time_key: str = "rl_seconds"
               ) -> dict:
     """Per algorithm: final accuracy, gain, wall-clock, rollouts, and the time to reach the reference
@@ -305,7 +525,10 @@ def aggregate(records: list[dict], algos: list[str], reference: str | None, time
             "rl_cpu_seconds": mean_std([r["curve"][-1].get("rl_cpu_seconds", float("nan"))
                                         for r in runs if r["curve"]]),
             "wall_seconds": mean_std([r["summary"]["wall_seconds"] for r in runs]),
-            "rollouts": mean_std([r["summary"]["steps"] * r["summary"]["rollouts_per_step"] for r in runs]),
+            # ReMax decodes one greedy response per prompt on top of its samples: counted as rollouts too
+            "rollouts": mean_std([r["summary"]["steps"] * r["summary"]["rollouts_per_step"]
+                                  * (1 + 1 / r["summary"]["samples_per_prompt"] if _greedy(algo) else 1)
+                                  for r in runs]),
             "samples_per_prompt": runs[0]["summary"]["samples_per_prompt"] if runs else None,
         }
     target = None
@@ -349,7 +572,12 @@ def markdown(result: dict) -> str:
              f"both); time to reach is measured in {'RL CPU' if agg['time_key'] == 'rl_cpu_seconds' else 'RL'} "
              f"seconds, first on the mean curve over seeds (against {ref}'s mean final accuracy), then per seed "
              f"(against {ref}'s final accuracy with the same seed and warm start; - : not reached). "
-             "Mean +- sample std over the runs that finished.", ""]
+             "Mean +- sample std over the runs that finished."
+             + (" ReMax's rollouts count its greedy responses (one per prompt) too."
+                if any(_greedy(a) for a in settings["algos"]) else ""), ""]
+    if result.get("sweep"):
+        lines += sweep_markdown(result["sweep"], settings["algos"], settings["seeds"])
+        lines += [f"## Each algorithm at its best setting, on fresh seeds {settings['seeds']}", ""]
     unit = "RL CPU seconds" if agg["time_key"] == "rl_cpu_seconds" else "RL seconds"
     header = ["algorithm", "samples/prompt", "runs", "accuracy before RL", "final accuracy", "gain (points)",
               "RL seconds", "RL CPU seconds", "wall-clock (all)", "rollouts"]
@@ -392,6 +620,48 @@ def markdown(result: dict) -> str:
     lines += [f"- {algo}: `{json.dumps(settings['per_algo_settings'][algo], sort_keys=True)}`"
               for algo in settings["algos"]]
     return "\n".join(lines) + "\n"
+
+
+def sweep_markdown(sweep: dict, algos: list[str], seeds: list[int]) -> list[str]:
+    """The tuning section of compare.md: the grid, the winner per algorithm and by how much, then each
+    algorithm's sweep table."""
+    key = next(iter(sweep["algorithms"].values()))["time_key"] if sweep["algorithms"] else "rl_seconds"
+    unit = "RL CPU seconds" if key == "rl_cpu_seconds" else "RL seconds"
+    grid = ["; ".join(f"{k} in {{{', '.join(map(str, v))}}}" for k, v in sweep["grid"].items())]
+    grid += [f"{a} only: " + "; ".join(f"{k} in {{{', '.join(map(str, v))}}}" for k, v in g.items())
+             for a, g in sweep["per_algo_grid"].items()]
+    lines = ["## Tuning: the same grid for every algorithm", "",
+             f"Grid: {' / '.join(x for x in grid if x) or 'none'}; tuning seeds {sweep['tune_seeds']} (the fresh "
+             f"seeds {seeds} took no part). The best setting of each algorithm is the one with the highest final "
+             f"held-out accuracy, mean over the tuning seeds (ties: the lower {unit}); it alone runs on the fresh "
+             "seeds below. Tuning runs: `tune/runs/`.", ""]
+    notes = [note for a in algos for note in sweep["skipped"].get(a, [])]
+    if notes:
+        lines += ["Sweeps that do not apply (skipped for that algorithm): " + "; ".join(notes) + ".", ""]
+    lines += ["| algorithm | settings tried | best setting | its final accuracy | runner-up | margin (points) |",
+              "|---|---|---|---|---|---|"]
+    for algo in algos:
+        r = sweep["algorithms"][algo]
+        if r["best"] is None:
+            lines.append(f"| {algo} | {len(r['settings'])} | none finished | | | |")
+            continue
+        margin = "only setting" if r["margin"] is None else f"{100 * r['margin']:+.1f}"
+        lines.append(f"| {algo} | {len(r['settings'])} | `{r['best_label']}` | {100 * r['best_accuracy']:.1f}% | "
+                     f"{'`' + r['runner_up_label'] + '`' if r['runner_up_label'] else '-'} | {margin} |")
+    for algo in algos:
+        r = sweep["algorithms"][algo]
+        lines += ["", f"### {algo}", "", f"| setting | runs | before | final accuracy | behind the best (points) | "
+                  f"{unit} |", "|---|---|---|---|---|---|"]
+        for row in r["settings"]:
+            if not row["complete"]:
+                error = "; ".join(e for e in row["errors"] if e) or "not run"
+                lines.append(f"| `{row['label']}` | {row['runs']} ok, {row['failed']} failed | | failed: "
+                             f"`{error.replace('|', '/')[:200]}` | | |")
+                continue
+            lines.append(f"| `{row['label']}`{' (best)' if row['setting'] == r['best'] else ''} | {row['runs']} | "
+                         f"{_pct(row['accuracy_before'])} | {_pct(row['final_accuracy'])} | "
+                         f"{100 * row['behind_best']:.1f} | {_sec(row[key])} |")
+    return lines + [""]
 
 
 def mean_curve(curves: list[list[dict]], key: str = "rl_seconds") -> list[tuple[float, float]]:
@@ -492,15 +762,37 @@ def _run_all(configs, jobs, out_dir, log, reuse=False) -> list[dict]:
 
 def compare(algos=DEFAULT_ALGOS, seeds=DEFAULT_SEEDS, out_dir="compare", *, steps=None,
             prompts_per_step=DEFAULT_PROMPTS_PER_STEP, jobs=None, overrides=(), reference="grpo",
-            time_axis="wall", reuse=False, overwrite=False, log=print) -> dict:
-    """Run every (algorithm, seed), write compare.{md,json} and accuracy_vs_time.png; returns the result.
+            time_axis="wall", reuse=False, overwrite=False, sweeps=(), tune_seeds=None, log=print) -> dict:
+    """Run every (algorithm, seed), write compare.{md,json}, accuracy_vs_time.png and clip_entropy.png;
+    returns the result. With `sweeps` (`--sweep` items), every algorithm first runs its grid on `tune_seeds`
+    (default DEFAULT_TUNE_SEEDS) in OUT/tune/, and the runs on `seeds` use each algorithm's best setting.
     An `out_dir` that holds a comparison is refused unless `reuse` (keep its finished runs, train the others
-    again) or `overwrite` (train every run again)."""
+    again) or `overwrite` (train every run again). Bad input raises ValueError before anything runs."""
     if time_axis not in TIME_KEYS:
         raise ValueError(f"time_axis must be one of {', '.join(TIME_KEYS)}, got {time_axis!r}")
+    time_key = TIME_KEYS[time_axis]
     common, per_algo = parse_overrides(list(overrides))
     configs = run_configs(algos, seeds, out_dir, steps=steps, prompts_per_step=prompts_per_step,
                           common=common, per_algo=per_algo)
+    algos = list(algos)
+    sweep_common, sweep_per_algo = parse_sweeps(list(sweeps))
+    if tune_seeds is not None and not sweeps:
+        raise ValueError("tune_seeds: only a sweep (--sweep) has tuning seeds")
+    tune_configs, setting_of, grids, skipped = [], {}, {}, {}
+    if sweeps:
+        tune_seeds = list(DEFAULT_TUNE_SEEDS if tune_seeds is None else tune_seeds)
+        check_seeds_apart(seeds, tune_seeds)
+        for algo in sweep_per_algo:
+            if algo not in algos:
+                raise ValueError(f"--sweep {algo}.: {algo} is not one of --algos ({', '.join(algos)})")
+        for algo in algos:
+            grids[algo], skipped[algo] = sweep_grid(algo, sweep_common, sweep_per_algo)
+            for key in grids[algo][0]:
+                if key in common or key in per_algo.get(algo, {}):
+                    raise ValueError(f"--sweep {key} and --set {key} both set {key} for {algo}: give one of them")
+        tune_configs, setting_of = tuning_configs(algos, tune_seeds, out_dir, grids, steps=steps,
+                                                  prompts_per_step=prompts_per_step, common=common,
+                                                  per_algo=per_algo)
     jobs = jobs or default_jobs()
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
@@ -510,39 +802,75 @@ def compare(algos=DEFAULT_ALGOS, seeds=DEFAULT_SEEDS, out_dir="compare", *, step
     except OSError as error:
         raise UserError(f"out: cannot create {out_dir}: {error.strerror or error}") from None
     start = time.time()
+    sweep = None
+    best_settings = {}
     try:
-        records = _run_all(configs, jobs, out_dir, log, reuse=reuse)
+        if sweeps:
+            sizes = ", ".join(f"{a}: {len(grids[a])} settings" for a in algos)
+            log(f"compare: tuning {len(tune_configs)} runs ({sizes} x tuning seeds {tune_seeds})")
+            tune_records = _run_all(tune_configs, jobs, os.path.join(out_dir, "tune"), log, reuse=reuse)
+            for record in tune_records:
+                record["setting"] = setting_of[record["run_dir"]]
+            order = {c.out: i for i, c in enumerate(tune_configs)}
+            tune_records.sort(key=lambda r: order[r["run_dir"]])
+            ranking = choose_best(tune_records, algos, grids, time_key)
+            best_settings = {a: r["best"] for a, r in ranking.items() if r["best"] is not None}
+            for algo, r in ranking.items():
+                log(f"compare: {algo}: best {r['best_label'] or 'none (every setting failed)'}"
+                    + (f", {100 * r['margin']:+.1f} points over {r['runner_up_label']}" if r["margin"] is not None
+                       else ""))
+            sweep = {"grid": sweep_common, "per_algo_grid": sweep_per_algo, "tune_seeds": tune_seeds,
+                     "skipped": skipped, "grids": grids, "algorithms": ranking, "runs": tune_records,
+                     "seconds": time.time() - start}
+            per_algo = {a: {**per_algo.get(a, {}), **best_settings.get(a, {})} for a in algos}
+            configs = run_configs(algos, seeds, out_dir, steps=steps, prompts_per_step=prompts_per_step,
+                                  common=common, per_algo=per_algo)
+        untuned = [c for c in configs if sweeps and c.algo not in best_settings]
+        configs = [c for c in configs if c not in untuned]
+        records = _run_all(configs, jobs, out_dir, log, reuse=reuse) if configs else []
+        records += [{"algo": c.algo, "seed": c.seed, "run_dir": c.out, "status": "failed",
+                     "error": "not run: every setting of its sweep failed"} for c in untuned]
     except BaseException:  # Ctrl-C: leave no run behind
         _stop_live()
         raise
-    order = {(c.algo, c.seed): i for i, c in enumerate(configs)}
+    order = {(c.algo, c.seed): i for i, c in enumerate(configs + untuned)}
     records.sort(key=lambda r: order[(r["algo"], r["seed"])])
-    algos = list(algos)
-    steps_by_algo = {c.algo: c.steps for c in configs}
+    steps_by_algo = {c.algo: c.steps for c in configs + untuned}
     result = {
         "out_dir": out_dir,
         "settings": {
             "algos": algos, "seeds": list(seeds), "prompts_per_step": prompts_per_step, "jobs": jobs,
-            "steps": steps_by_algo, "eval_examples": configs[0].eval_examples,
+            "steps": steps_by_algo, "eval_examples": (configs + untuned)[0].eval_examples,
             "steps_note": ", ".join(f"{a} {n} steps" for a, n in steps_by_algo.items()),
-            "cpu": cpu_name(), "cores": default_jobs(), "overrides": list(overrides),
+            "cpu": cpu_name(), "cores": default_jobs(), "overrides": list(overrides), "sweeps": list(sweeps),
             "per_algo_settings": {c.algo: {**ALGO_SETTINGS[c.algo], **common, **per_algo.get(c.algo, {})}
-                                  for c in configs},
+                                  for c in configs + untuned},
             "total_seconds": time.time() - start,
         },
         "runs": records,
-        "aggregate": aggregate(records, algos, reference if reference in algos else None, TIME_KEYS[time_axis]),
+        "aggregate": aggregate(records, algos, reference if reference in algos else None, time_key),
     }
+    if sweep is not None:
+        result["sweep"] = sweep
     with open(os.path.join(out_dir, "compare.json"), "w") as f:
         json.dump(_json_safe(result), f, indent=2)
     with open(os.path.join(out_dir, "compare.md"), "w") as f:
         f.write(markdown(result))
-    try:
-        plot(result, os.path.join(out_dir, "accuracy_vs_time.png"))
-    except Exception as error:  # a plot must never lose the table
-        log(f"compare: plotting failed: {error!r}")
-    log(f"compare: wrote {out_dir}/compare.md, compare.json, accuracy_vs_time.png")
+    written = ["compare.md", "compare.json"]
+    for name, draw in (("accuracy_vs_time.png", plot), ("clip_entropy.png", _plot_signals)):
+        try:
+            draw(result, os.path.join(out_dir, name))
+            written.append(name)
+        except Exception as error:  # a plot must never lose the table
+            log(f"compare: plotting {name} failed: {error!r}")
+    log(f"compare: wrote {out_dir}/{', '.join(written)}")
     return result
+
+
+def _plot_signals(result: dict, path: str) -> str:
+    from sppo_fast.trainer.plots import plot_training_signals
+
+    return plot_training_signals(result["runs"], path, algos=result["settings"]["algos"])
 
 
 def check_out_dir(out_dir: str, *, reuse: bool, overwrite: bool):
@@ -552,9 +880,10 @@ def check_out_dir(out_dir: str, *, reuse: bool, overwrite: bool):
     if reuse or overwrite or not os.path.isdir(out_dir):
         return
     held = [name for name in ("compare.json", "compare.md") if os.path.exists(os.path.join(out_dir, name))]
-    runs = os.path.join(out_dir, "runs")
-    if os.path.isdir(runs) and os.listdir(runs):
-        held.append("runs/")
+    for sub in ("runs", "tune"):
+        runs = os.path.join(out_dir, sub)
+        if os.path.isdir(runs) and os.listdir(runs):
+            held.append(f"{sub}/")
     if held:
         raise UserError(f"out: {out_dir} already holds a comparison ({', '.join(held)}); pass --reuse to keep its "
                         "finished runs, --overwrite to train every run again, or another --out")
@@ -586,13 +915,15 @@ def parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog=PROG,
         description="Train every algorithm of --algos with every seed of --seeds (one process per run, --jobs "
-                    "at a time), at the same number of prompts per step, and write compare.md, compare.json "
-                    "and accuracy_vs_time.png into --out. A run that fails is reported with its error; the "
-                    "others are kept. An --out that holds a comparison is refused unless --reuse or --overwrite "
-                    "is given. Bad input exits 2 with one line naming what is wrong (--debug: with a "
-                    "traceback).")
+                    "at a time), at the same number of prompts per step, and write compare.md, compare.json, "
+                    "accuracy_vs_time.png and clip_entropy.png into --out; with --sweep, tune every algorithm on "
+                    "the same grid first (on --tune-seeds) and run each at its best setting. A run that fails is "
+                    "reported with its error; the others are kept. An --out that holds a comparison is refused "
+                    "unless --reuse or --overwrite is given. Bad input exits 2 with one line naming what is "
+                    "wrong (--debug: with a traceback).")
     p.add_argument("--algos", default=",".join(DEFAULT_ALGOS),
-                   help=f"comma-separated algorithms from {', '.join(ALGOS)} (default: %(default)s)")
+                   help=f"comma-separated algorithms from {', '.join(ALGOS)} (default: %(default)s). "
+                        + "; ".join(f"{a}: {ALGORITHMS[a].about}" for a in ("remax", "ppo_bce", "sspo_noadapt")))
     p.add_argument("--seeds", type=_int_list, default=list(DEFAULT_SEEDS),
                    help="comma-separated seeds (default: 0,1,2)")
     p.add_argument("--steps", type=int, default=None, help="RL steps of every run (default: train's default)")
@@ -601,6 +932,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None, help="runs at a time (default: usable cores)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="[ALGO.]KEY=VALUE",
                    help="override a `sppo-fast train` field for every algorithm, or for ALGO only; repeatable")
+    p.add_argument("--sweep", dest="sweeps", action="append", default=[], metavar="[ALGO.]KEY=V1,V2,...",
+                   help="tune first: every algorithm runs the same grid (the product of the sweeps; repeatable) on "
+                        "--tune-seeds, then each runs at its best setting (final held-out accuracy, ties: the "
+                        "faster) on --seeds. A clip_low/clip_high sweep skips algorithms whose clip range is on "
+                        "another scale (gspo) unless given as ALGO.KEY; the report says what was skipped")
+    p.add_argument("--tune-seeds", "--tune_seeds", dest="tune_seeds", type=_int_list, default=None,
+                   help="comma-separated tuning seeds of --sweep, apart from --seeds "
+                        f"(default: {','.join(map(str, DEFAULT_TUNE_SEEDS))})")
     p.add_argument("--reference", default="grpo",
                    help="algorithm whose mean final accuracy the others must reach (default: %(default)s)")
     p.add_argument("--time", dest="time_axis", choices=sorted(TIME_KEYS), default="wall",
@@ -635,6 +974,7 @@ def main(argv=None) -> int:
         result = compare(algos, args.seeds, out, steps=args.steps, prompts_per_step=args.prompts_per_step,
                          jobs=args.jobs, overrides=args.overrides, reference=args.reference,
                          time_axis=args.time_axis, reuse=args.reuse, overwrite=args.overwrite,
+                         sweeps=args.sweeps, tune_seeds=args.tune_seeds,
                          log=lambda m: print(m, file=sys.stderr, flush=True))
     except ValueError as error:  # compare() raises ValueError (UserError among them) for bad input only
         if debug:

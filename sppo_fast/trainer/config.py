@@ -13,9 +13,46 @@ import time
 import typing
 from dataclasses import dataclass, field
 
-ALGOS = ("sppo", "grpo", "dapo", "dr_grpo", "rloo", "gspo", "sspo", "ppo")
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One `--algo`: the library's loss preset it uses (docs/api.md §4) and what the trainer adds around it.
+    Plain data (no torch), so that `--help` stays fast; sppo_fast/trainer/algorithms.py reads it."""
+
+    preset: str                     # loss preset of docs/api.md §4
+    about: str = ""                 # one line for --help and the compare report
+    group: bool = False             # the advantage needs several samples per prompt (8 by default)
+    advantage: str | None = None    # the trainer's advantage estimator (algorithms.py); None: the preset's
+    critic: str | None = None       # None, "prompt" (SPPO's prompt critic) or "token" (PPO's token critic)
+    critic_loss: str | None = None  # "bce": sigmoid(z) against the final 0/1 reward; "mse": against GAE returns
+    greedy_baseline: bool = False   # also decode one greedy response per prompt, scored as a baseline (ReMax)
+    loss_overrides: tuple = ()      # (field, value) pairs applied on top of the preset
+    clip: str | None = "token"      # scale of the clip range: "token" (around 0.2), "sequence" (GSPO, ~1e-4)
+
+
+# The one table of algorithms (like verl's core_algos registries): a new algorithm or ablation is a row here,
+# plus an advantage estimator in algorithms.py if it needs a new one.
+ALGORITHMS: dict[str, Algorithm] = {
+    "sppo": Algorithm("sppo", "one sample per prompt; A = R - sigmoid(z) of a prompt critic trained with BCE",
+                      critic="prompt", critic_loss="bce"),
+    "grpo": Algorithm("grpo", "group baseline (R - mean) / std", group=True),
+    "dapo": Algorithm("dapo", "GRPO's advantage, clip-higher 0.28, token-mean", group=True),
+    "dr_grpo": Algorithm("dr_grpo", "group baseline R - mean, constant length norm", group=True),
+    "rloo": Algorithm("rloo", "leave-one-out group baseline", group=True),
+    "gspo": Algorithm("gspo", "sequence-level ratio and clip (3e-4 / 4e-4)", group=True, clip="sequence"),
+    "sspo": Algorithm("sspo", "segment-level ratio, entropy-adaptive clip", group=True),
+    "ppo": Algorithm("ppo", "token critic regressed on GAE returns", critic="token", critic_loss="mse"),
+    "remax": Algorithm("rloo", "one sample per prompt; A = R - R(greedy response to the same prompt); RLOO's "
+                               "loss (token-level PPO clip, token-mean)", advantage="remax", greedy_baseline=True),
+    "ppo_bce": Algorithm("ppo", "ablation: PPO whose token critic is trained with SPPO's BCE on the final reward "
+                                "(V = sigmoid(z)) instead of regressing the GAE returns", critic="token",
+                         critic_loss="bce"),
+    "sspo_noadapt": Algorithm("sspo", "ablation: SSPO without entropy-adaptive clipping (entropy_adaptive=None)",
+                              group=True, loss_overrides=(("entropy_adaptive", None),)),
+}
+ALGOS = tuple(ALGORITHMS)
 # Algorithms whose advantage needs several samples of the same prompt.
-GROUP_ALGOS = ("grpo", "dapo", "dr_grpo", "rloo", "gspo", "sspo")
+GROUP_ALGOS = tuple(name for name, a in ALGORITHMS.items() if a.group)
 LOSS_IMPLS = ("fused_linear", "fused", "eager", "compile", "torch_lce")
 TASKS = ("arithmetic", "countdown", "long_arithmetic", "jsonl")
 # Levels of the tasks that have them (tests/test_cli_bad_input.py checks them against the tasks' own).
@@ -41,8 +78,10 @@ TASK_DEFAULT_DIFFICULTY = {"arithmetic": 3, "long_arithmetic": 2}
 @dataclass
 class TrainConfig:
     # --- what to train ---
-    algo: str = _f("sppo", "RL algorithm: " + ", ".join(ALGOS) + ". Its loss preset follows docs/api.md §4.",
-                   choices=ALGOS)
+    algo: str = _f("sppo", "RL algorithm: " + ", ".join(ALGOS) + ". Its loss preset follows docs/api.md §4; "
+                           "remax (greedy-response baseline, rloo's loss), ppo_bce (PPO with a BCE-trained token "
+                           "critic) and sspo_noadapt (SSPO without entropy-adaptive clipping) are the trainer's "
+                           "own, on the rloo, ppo and sspo presets", choices=ALGOS)
     task: str = _f("arithmetic", "task: arithmetic, countdown, long_arithmetic (worked solutions of hundreds "
                                  "to thousands of tokens), or jsonl (with --task_path)", choices=TASKS)
     task_difficulty: int = _f(0, "difficulty level of arithmetic (1-3) or long_arithmetic (1-3); 0: the task's "
@@ -86,8 +125,8 @@ class TrainConfig:
                         "run's gain comes in the first 20 (accuracy at steps 20 and 40 within 0-5 points on "
                         "five seeds, docs/default-run/), at 1.5-1.7 s a step on 2 cores", min=1)
     rollouts_per_step: int = _f(256, "responses sampled per step over all ranks (prompts x samples)", min=1)
-    samples_per_prompt: int = _f(0, "responses per prompt (0: 1 for sppo and ppo, 8 for the group "
-                                    "algorithms)", min=0)
+    samples_per_prompt: int = _f(0, "responses per prompt (0: 1 for sppo, ppo, ppo_bce and remax, 8 for "
+                                    "the group algorithms)", min=0)
     critic_warmup_steps: int = _f(5, "first RL steps that train only the critic (the policy waits), so that the "
                                      "first advantages are not taken against an untrained critic", min=0)
     ppo_epochs: int = _f(1, "passes over each rollout batch", min=1)

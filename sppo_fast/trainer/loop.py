@@ -54,7 +54,7 @@ from sppo_fast.trainer.models import (
     lm_head_of,
     load_tokenizer,
 )
-from sppo_fast.trainer.rollout import Rollout, check_positions, encode_prompts, generate
+from sppo_fast.trainer.rollout import Rollout, check_positions, encode_prompts, generate, generate_greedy_baseline
 from sppo_fast.trainer.signals import RunInterrupted, StopRequest
 
 EVAL_BATCH = 256
@@ -217,9 +217,11 @@ class Trainer:
             check_loss_impl(cfg.loss_impl, device)
         with user_errors(f"model: cannot load {cfg.model}: " if cfg.model else ""):
             self.lm = build_policy(cfg, self.tokenizer, device)
-            self.critic = build_critic(cfg, self.tokenizer, device)
+            critic_cfg = algos.critic_config(cfg)  # the algorithm's critic kind, or None
+            self.critic = None if critic_cfg is None else build_critic(critic_cfg, self.tokenizer, device)
         with user_errors():
             self.check_lengths()
+        self.algo = algos.spec(cfg)
         self.loss_cfg = algos.loss_config(cfg)
         self.estimator = algos.estimator_name(cfg, self.loss_cfg)
         self.ref = None
@@ -263,29 +265,41 @@ class Trainer:
                                                 weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
 
     def rollout(self, step):
-        """Sample this rank's share of the step's prompts, `group_size` responses each, and score them."""
+        """Sample this rank's share of the step's prompts, `group_size` responses each, and score them.
+        ReMax (`greedy_baseline`) also decodes one greedy response per prompt with the same policy and keeps
+        its reward, repeated for each sample of the prompt, as `rollout.baseline_rewards`."""
         from sppo_fast.trainer.tasks import score_responses
 
         cfg = self.cfg
-        examples = self.d.shard(step_examples(self.task, cfg, step))
-        examples = [ex for ex in examples for _ in range(cfg.group_size)]
+        prompts_here = self.d.shard(step_examples(self.task, cfg, step))
+        examples = [ex for ex in prompts_here for _ in range(cfg.group_size)]
         rollout = generate(self.lm, self.tokenizer, [ex.prompt for ex in examples],
                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                            device=self.device, autocast=autocast_for(self.device),
                            logprobs=self.sampler_logprobs)
-        rewards, counts = score_responses(self.task, rollout.texts, examples)
+        if not self.algo.greedy_baseline:
+            rewards, counts = score_responses(self.task, rollout.texts, examples)
+        else:
+            greedy = generate_greedy_baseline(self.lm, self.tokenizer, [ex.prompt for ex in prompts_here],
+                                              max_new_tokens=cfg.max_new_tokens, device=self.device,
+                                              autocast=autocast_for(self.device))
+            # one verifier call for both: the sampled responses, then the greedy ones
+            both, counts = score_responses(self.task, rollout.texts + greedy.texts, examples + prompts_here)
+            rewards, baseline = both[:len(examples)], both[len(examples):]
+            rollout.baseline_rewards = torch.tensor(baseline, dtype=torch.float32, device=self.device
+                                                    ).repeat_interleave(cfg.group_size)
         return rollout, torch.tensor(rewards, dtype=torch.float32, device=self.device), counts
 
     @torch.no_grad()
     def critic_values(self, rollout):
         """SPPO: the prompt critic's logits; PPO: token values over the response. Taken before the
         critic's update (docs/api.md §3.7)."""
-        if self.cfg.algo == "sppo":
+        if self.algo.critic == "prompt":
             return self.critic(rollout.prompt_ids, rollout.prompt_mask), None
-        if self.cfg.algo == "ppo":
+        if self.algo.critic == "token":
             with maybe_autocast(self.device):
                 values = self.critic(rollout.input_ids, rollout.attention_mask)
-            return None, rollout.response_slice(values).float()
+            return None, algos.token_values(self.algo, rollout.response_slice(values))
         return None, None
 
     def policy_update(self, mb: Rollout, old_logp, advantages, ref_logp, segments):
@@ -312,7 +326,7 @@ class Trainer:
 
     def critic_update(self, mb: Rollout, rewards, returns):
         with maybe_autocast(self.device):
-            loss = algos.critic_loss(self.cfg.algo, self.critic_ddp, mb, rewards, returns)
+            loss = algos.critic_loss(self.algo, self.critic_ddp, mb, rewards, returns)
         self.critic_opt.zero_grad(set_to_none=True)
         loss.backward()
         clip(self.critic.parameters(), self.cfg.grad_clip)
@@ -337,7 +351,7 @@ class Trainer:
         critic_logits, values = self.critic_values(rollout)
         advantages, returns = algos.compute_advantages(self.estimator, algos.AdvantageInputs(
             rewards=rewards, response_mask=mask, group_size=cfg.group_size, critic_logits=critic_logits,
-            values=values, gamma=cfg.gamma, lam=cfg.lam))
+            values=values, gamma=cfg.gamma, lam=cfg.lam, baseline_rewards=rollout.baseline_rewards))
         segments = algos.segment_ids_for(cfg, self.loss_cfg, self.tokenizer, rollout.response_ids, mask)
 
         policy_metrics, critic_losses = [], []
@@ -365,6 +379,9 @@ class Trainer:
         # This process's own CPU time for the step: on a shared machine the wall-clock also counts the
         # others' work, this does not.
         m["step_cpu_time"] = time.process_time() - cpu0
+        if rollout.baseline_rewards is not None:  # ReMax: the greedy responses' mean reward (the baseline)
+            base = rollout.baseline_rewards
+            m["greedy_reward"] = float(self.d.all_sum(float(base.sum()))) / float(self.d.all_sum(float(base.numel())))
         return m
 
     def step_metrics(self, step, rollout, rewards, counts, critic_logits, values, returns,

@@ -1,5 +1,6 @@
 """PNG plots of one or more runs, overlaid: held-out accuracy and training reward, against the RL step
-and against wall-clock seconds."""
+and against wall-clock seconds; and, for a comparison, the clip fraction and policy entropy per step of
+each algorithm (`plot_training_signals`)."""
 
 from __future__ import annotations
 
@@ -75,3 +76,43 @@ def plot_runs(run_dirs: list[str], out_dir: str) -> list[str]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def plot_training_signals(records: list[dict], path: str, keys=("clipfrac", "entropy"), algos=None) -> str:
+    """One panel per key of the per-step traces that `sppo-fast compare` keeps (compare.json's
+    runs[i]["trace"]; by default the clip fraction and the policy entropy in nats per token) against the RL
+    step: each run thin, each algorithm's mean over its runs thick. Steps without the key (critic warm-up)
+    are gaps. `algos` fixes the order and colours (default: as the records come)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in records if r.get("status") == "ok" and r.get("trace")]
+    order = list(algos) if algos else list(dict.fromkeys(r["algo"] for r in runs))
+    titles = {"clipfrac": "clip fraction (tokens whose ratio was clipped)", "entropy": "policy entropy (nats/token)"}
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for i, algo in enumerate(order):
+            traces = [r["trace"] for r in runs if r["algo"] == algo and r["trace"].get(key)]
+            if not traces:
+                continue
+            color = f"C{i % 10}"
+            by_step: dict[int, list[float]] = {}
+            for trace in traces:
+                pts = [(s, v) for s, v in zip(trace["step"], trace[key]) if v is not None]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, alpha=0.25, linewidth=0.8)
+                for s, v in pts:
+                    by_step.setdefault(s, []).append(v)
+            steps = sorted(by_step)
+            ax.plot(steps, [sum(by_step[s]) / len(by_step[s]) for s in steps], color=color, linewidth=2,
+                    label=f"{algo} ({len(traces)} runs)")
+        ax.set_xlabel("RL step")
+        ax.set_ylabel(titles.get(key, key))
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -18,6 +18,9 @@ class Rollout:
     # (B, R) fp32: log-prob of each response token under the sampling policy at the sampling temperature,
     # from the logits the sampler drew it from (0 past the mask); None unless asked for
     logprobs: torch.Tensor | None = None
+    # (B,) fp32 ReMax: the reward of the greedy response to each row's prompt (the baseline); None otherwise.
+    # Per step, not per mini-batch: `select` leaves it out.
+    baseline_rewards: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -91,6 +94,15 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempe
     if logprobs:
         token_logprobs = sampled_logprobs(logits, response_ids, mask, temperature)
     return Rollout(prompt_ids, prompt_mask, response_ids, mask, texts, truncated, token_logprobs)
+
+
+def generate_greedy_baseline(model, tokenizer, prompts: list[str], *, max_new_tokens: int, device,
+                             autocast=None) -> Rollout:
+    """ReMax's baseline: one greedy (argmax) response per prompt, decoded with the KV cache by the policy
+    that sampled the step's responses, before its update. It draws nothing from the random generator, so the
+    sampled responses of this and later steps are the ones they would be without it."""
+    return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0, device=device,
+                    autocast=autocast)
 
 
 def sampled_logprobs(step_logits, response_ids, mask, temperature: float) -> torch.Tensor:
