@@ -60,7 +60,8 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
     temperature, _, shard = _meet(local, hidden, vocab, None, targets, ignore_index, hidden)
     logp, entropy = linear_logprobs_rows(flat_rows(hidden), weight, bias, flat_targets(targets), temperature,
                                          ignore_index, bool(return_entropy),
-                                         chunk_size or default_chunk_size(weight.shape[0]), shard)
+                                         chunk_size or default_chunk_size(*weight.shape, targets.numel(),
+                                                                           weight.dtype), shard)
     logp = logp.reshape(targets.shape)
     return (logp, entropy.reshape(targets.shape)) if return_entropy else logp
 
@@ -140,7 +141,8 @@ def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask
         check, "hidden", hidden, targets, cu_seqlens, old_logp, advantages, mask, config, segment_ids, ref_logp,
         normalizer, rollout_is_weights, vocab, context_parallel_group)
     plan = plan_linear_loss(layout, inputs.valid, token_local=config.token_local,
-                            oracle=weight.dtype == torch.float64, vocab=weight.shape[0], chunk_size=chunk_size)
+                            oracle=weight.dtype == torch.float64, vocab=weight.shape[0], hidden=weight.shape[1],
+                            dtype=weight.dtype, chunk_size=chunk_size)
     compute_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     out = linear_policy_loss(plan, layout, hidden_rows, weight, bias, target_rows, inputs, config,
                              temperature=temperature, normalizer=normalizer, compute_grad=compute_grad, shard=shard)

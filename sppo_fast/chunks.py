@@ -45,18 +45,21 @@ def chunk_logits(hidden, weight, bias, chunks):
 class LinearGrads:
     """The gradients of hidden, weight and bias of `logits = hidden @ weight.T + bias`, accumulated chunk
     by chunk. By default weight and bias accumulate in fp32 buffers of their own; the weight's is never
-    zeroed, the first chunk's matmul writes it (beta=0), which saves a pass over V x H. With `into`
+    zeroed, the first chunk's matmul writes it (beta=0), which saves a pass over V x H; with
+`single_chunk` they are written in the weight's dtype directly. With `into`
     ((weight_grad, bias_grad), either None to skip it) they are added into those tensors instead (the
     parameters' `.grad`, see integrations.grad_accumulation). Rows no chunk visits get a zero gradient."""
 
-    def __init__(self, hidden, weight, bias, into=None, shard=None):
+    def __init__(self, hidden, weight, bias, into=None, shard=None, single_chunk=False):
         self.lm_head, self.shard = weight, shard
         self.hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
         self.into = into is not None
         if self.into:
             self.weight, self.bias = into
         else:
-            wide = torch.promote_types(weight.dtype, torch.float32)
+            # one chunk: one matmul, which accumulates in fp32 and rounds once, straight into the weight's
+            # dtype (no accumulator; plan.default_chunk_size); several: an fp32 accumulator
+            wide = weight.dtype if single_chunk else torch.promote_types(weight.dtype, torch.float32)
             self.weight = torch.empty(weight.shape, dtype=wide, device=weight.device)
             self.bias = None if bias is None else torch.zeros(bias.shape, dtype=wide, device=bias.device)
         self.chunks = 0

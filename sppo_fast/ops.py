@@ -159,8 +159,9 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
     """(grad_hidden, grad_weight, grad_bias); the chunk's logits are recomputed, never stored. On a
     vocabulary shard: the hidden states' gradient summed over the group, the weight's and bias' local."""
     shard = vocab_shard_from_op(vocab_group, vocab_starts)
-    grads = linear_backward_into(LinearGrads(hidden, weight, bias, shard=shard), hidden, weight, bias, targets,
-                                 lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, chunk_size, shard)
+    grads = LinearGrads(hidden, weight, bias, shard=shard, single_chunk=hidden.shape[0] <= chunk_size)
+    grads = linear_backward_into(grads, hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy,
+                                 temperature, ignore_index, chunk_size, shard)
     grad_hidden, grad_weight, grad_bias = grads.result()
     return grad_hidden, grad_weight, weight.new_zeros(0) if grad_bias is None else grad_bias
 

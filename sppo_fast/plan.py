@@ -20,11 +20,20 @@ import torch
 SEQUENCES, TOKENS, TWO_PASS = "sequences", "tokens", "two_pass"
 
 
-def default_chunk_size(vocab):
+def default_chunk_size(vocab, hidden=0, rows=0, dtype=torch.float32):
     """Rows per chunk: about 2**24 logits (64 MiB in fp32), at least 256 rows. Each chunk also reads and
     writes the whole (V, H) weight gradient; at V = 151936, H = 512 that update dominated 128-row chunks
-    (one step of 1024 tokens: 7.3 s of CPU at 128 rows, 6.4 s at 256, 2-core AMD EPYC)."""
-    return max(256, (1 << 24) // max(vocab, 1))
+    (one step of 1024 tokens: 7.3 s of CPU at 128 rows, 6.4 s at 256, 2-core AMD EPYC).
+
+    A bf16/fp16 head takes all `rows` in one chunk when that holds no more memory than several chunks
+    would: several keep an fp32 weight-gradient accumulator (4 bytes a weight) and then its copy in the
+    weight's dtype, which one chunk writes directly (chunks.LinearGrads). With 2-byte logits one chunk is
+    the smaller when rows <= size + 2 * hidden (e.g. 512 tokens at H = 4096: 78 MiB of logits per 76k
+    vocabulary rows against 1.9 GiB of accumulator and copy)."""
+    size = max(256, (1 << 24) // max(vocab, 1))
+    if dtype in (torch.bfloat16, torch.float16) and rows <= size + 2 * hidden:
+        return max(rows, 1)
+    return size
 
 
 class Chunk(NamedTuple):
@@ -54,13 +63,13 @@ class ChunkPlan(NamedTuple):
         return x.new_zeros(shape[0] * shape[1]).index_copy(0, self.cells, x.reshape(-1)).view(shape)
 
 
-def plan_linear_loss(layout, valid, *, token_local, oracle, vocab, chunk_size=None):
-    """The plan for a loss over `valid` ((S, T) bool) positions of a batch laid out as `layout`; `oracle`:
-    fp64 inputs, which take the eager reference in two passes."""
-    size = chunk_size or default_chunk_size(vocab)
+def plan_linear_loss(layout, valid, *, token_local, oracle, vocab, hidden=0, dtype=torch.float32, chunk_size=None):
+    """The plan for a loss over `valid` ((S, T) bool) positions of a batch laid out as `layout`, with a
+    (vocab, hidden) head of `dtype`; `oracle`: fp64 inputs, which take the eager reference in two passes."""
     if torch.compiler.is_compiling():
-        return ChunkPlan(TWO_PASS, size, None, None, [])
+        return ChunkPlan(TWO_PASS, chunk_size or default_chunk_size(vocab), None, None, [])
     rows = layout.to_rows(valid).reshape(-1).nonzero().squeeze(1)
+    size = chunk_size or default_chunk_size(vocab, hidden, len(rows), dtype)
     cells = rows if not layout.mapped else layout.cell_of_row.index_select(0, rows)
     if oracle:
         return ChunkPlan(TWO_PASS, size, rows, cells, [])

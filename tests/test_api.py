@@ -153,3 +153,54 @@ def test_torch_compile_fullgraph_has_no_graph_break():
     torch.testing.assert_close(got, expected)
     for g, t in zip(grads, (logits, hidden, weight)):
         torch.testing.assert_close(g, t.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_low_precision_head_takes_one_chunk_when_that_holds_less_memory(monkeypatch, dtype):
+    """plan.default_chunk_size: a bf16/fp16 head takes every valid row in one chunk while rows <= size + 2H
+    (several chunks would hold an fp32 weight-gradient accumulator and its copy); the one chunk writes the
+    weight gradient straight in the weight's dtype. fp32 heads keep chunks of `size`. Values and gradients
+    meet §5 against fp64, as the chunked call does."""
+    import sppo_fast.api as api
+    import sppo_fast.chunks as chunks
+    from sppo_fast.plan import default_chunk_size
+
+    V, H, B, T = 70000, 64, 3, 100  # size = 256 rows; 300 tokens <= 256 + 2 * 64
+    assert default_chunk_size(V) == 256
+    assert default_chunk_size(V, H, 300, torch.bfloat16) == 300
+    assert default_chunk_size(V, H, 400, torch.bfloat16) == 256
+    assert default_chunk_size(V, H, 300, torch.float32) == 256
+    plans, accumulators = [], []
+    real_plan, real_grads = api.plan_linear_loss, chunks.LinearGrads.__init__
+    monkeypatch.setattr(api, "plan_linear_loss", lambda *a, **k: plans.append(real_plan(*a, **k)) or plans[-1])
+
+    def spy(self, *a, **k):
+        real_grads(self, *a, **k)
+        accumulators.append(self.weight.dtype)
+
+    monkeypatch.setattr(chunks.LinearGrads, "__init__", spy)
+    g = torch.Generator().manual_seed(0)
+    hidden64 = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    weight64 = torch.randn(V, H, generator=g, dtype=torch.float64) / H ** 0.5
+    targets = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    old = sf.linear_logprobs(hidden64, weight64, targets).float() + 0.1 * torch.randn(B, T, generator=g)
+    adv = torch.randn(B, generator=g)
+    config = sf.PolicyLossConfig.preset("dapo")
+
+    def run(x, w, **kw):
+        x, w = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
+        out = sf.fused_linear_policy_loss(x, w, targets, old.to(x.dtype), adv.to(x.dtype), mask, config, **kw)
+        return (out.loss, *torch.autograd.grad(out.loss, [x, w]))
+
+    ours = run(hidden64.to(dtype), weight64.to(dtype))
+    one = dtype == torch.bfloat16
+    assert len(plans[-1].chunks) == (1 if one else 2)
+    assert accumulators[-1] == (torch.bfloat16 if one else torch.float32)
+    chunked = run(hidden64.to(dtype), weight64.to(dtype), chunk_size=128)
+    assert len(plans[-1].chunks) == 3 and accumulators[-1] == torch.float32
+    oracle = run(hidden64, weight64)
+    tol = 1e-2 if one else 1e-5
+    for a, b, ref in zip(ours, chunked, oracle):
+        error = (a.double() - ref).abs().max()
+        assert error <= (b.double() - ref).abs().max() + tol * max(1.0, float(ref.abs().max()))
