@@ -58,10 +58,10 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
         return t, None
 
     temperature, _, shard = _meet(local, hidden, vocab, None, targets, ignore_index, hidden)
+    size = chunk_size or default_chunk_size(_whole_vocab(weight, shard), weight.shape[1], targets.numel(),
+                                            weight.dtype)
     logp, entropy = linear_logprobs_rows(flat_rows(hidden), weight, bias, flat_targets(targets), temperature,
-                                         ignore_index, bool(return_entropy),
-                                         chunk_size or default_chunk_size(*weight.shape, targets.numel(),
-                                                                           weight.dtype), shard)
+                                         ignore_index, bool(return_entropy), size, shard)
     logp = logp.reshape(targets.shape)
     return (logp, entropy.reshape(targets.shape)) if return_entropy else logp
 
@@ -141,8 +141,8 @@ def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask
         check, "hidden", hidden, targets, cu_seqlens, old_logp, advantages, mask, config, segment_ids, ref_logp,
         normalizer, rollout_is_weights, vocab, context_parallel_group)
     plan = plan_linear_loss(layout, inputs.valid, token_local=config.token_local,
-                            oracle=weight.dtype == torch.float64, vocab=weight.shape[0], hidden=weight.shape[1],
-                            dtype=weight.dtype, chunk_size=chunk_size)
+                            oracle=weight.dtype == torch.float64, vocab=_whole_vocab(weight, shard),
+                            hidden=weight.shape[1], dtype=weight.dtype, chunk_size=chunk_size)
     compute_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     out = linear_policy_loss(plan, layout, hidden_rows, weight, bias, target_rows, inputs, config,
                              temperature=temperature, normalizer=normalizer, compute_grad=compute_grad, shard=shard)
@@ -217,6 +217,13 @@ def _loss_inputs(layout, rows, config, normalizer):
                                rollout_is_weights=rollout_is_weights, logp_name="targets", computes_entropy=True)
     checks.run()
     return inputs
+
+
+def _whole_vocab(weight, shard):
+    """The V that sizes the chunks: the whole vocabulary's, also on a shard, so that a rank's chunk buffer
+    shrinks with its shard (the weight-gradient traffic per chunk, V_r x H against rows x V_r x H of
+    matmul, does not depend on V_r)."""
+    return weight.shape[0] if shard is None else shard.vocab
 
 
 def _to_caller(out, layout, shape):
