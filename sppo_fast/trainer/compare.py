@@ -81,19 +81,27 @@ def default_jobs() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _scoped_item(flag, item, shape, fixed, why):
+    """(algo or "", field name, value text) of a `--set`/`--sweep` item `[algo.]key=...`; a ValueError names
+    the flag when the item has no `=`, names an unknown algorithm, or a field outside `sppo-fast train`'s
+    table or among `fixed` (`why` says why those)."""
+    if "=" not in item:
+        raise ValueError(f"{flag}: expected {shape} or algo.{shape}, got {item!r}")
+    key, text = item.split("=", 1)
+    algo, _, name = key.rpartition(".")
+    if algo and algo not in ALGOS:
+        raise ValueError(f"{flag} {item}: unknown algorithm {algo!r}; choose one of {', '.join(ALGOS)}")
+    if name not in field_types() or name in fixed:
+        raise ValueError(f"{flag} {item}: {name!r} {why}")
+    return algo, name, text
+
+
 def parse_overrides(items: list[str]) -> tuple[dict, dict[str, dict]]:
     """`key=value` (every algorithm) and `algo.key=value` (one), values typed by the config's fields."""
-    types = field_types()
     common, per_algo = {}, {}
     for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set: expected key=value or algo.key=value, got {item!r}")
-        key, text = item.split("=", 1)
-        algo, _, name = key.rpartition(".")
-        if algo and algo not in ALGOS:
-            raise ValueError(f"--set {item}: unknown algorithm {algo!r}; choose one of {', '.join(ALGOS)}")
-        if name not in types or name in ("algo", "seed", "out"):
-            raise ValueError(f"--set {item}: {name!r} is not a settable field of `sppo-fast train`")
+        algo, name, text = _scoped_item("--set", item, "key=value", ("algo", "seed", "out"),
+                                        "is not a settable field of `sppo-fast train`")
         try:
             value = coerce_field(name, text)  # the table of `sppo-fast train`: same types, ranges, messages
         except ValueError as error:
@@ -152,18 +160,13 @@ GAE_KEYS = ("gamma", "lam")
 def parse_sweeps(items: list[str]) -> tuple[dict[str, list], dict[str, dict[str, list]]]:
     """`key=v1,v2,...` (every algorithm) and `algo.key=v1,...` (one), each value typed and checked like
     `--set`'s. Returns ({key: values}, {algo: {key: values}}) in the order given."""
-    types = field_types()
     common, per_algo = {}, {}
     for item in items:
-        if "=" not in item:
-            raise ValueError(f"--sweep: expected key=v1,v2,... or algo.key=v1,v2,..., got {item!r}")
-        key, text = item.split("=", 1)
-        algo, _, name = key.rpartition(".")
-        if algo and algo not in ALGOS:
-            raise ValueError(f"--sweep {item}: unknown algorithm {algo!r}; choose one of {', '.join(ALGOS)}")
-        if name not in types or name in ("algo", "seed", "out", "steps", "samples_per_prompt", "rollouts_per_step"):
-            raise ValueError(f"--sweep {item}: {name!r} is not a field a sweep may vary (seeds, steps and the "
-                             "samples per prompt are the comparison's own)")
+        algo, name, text = _scoped_item(
+            "--sweep", item, "key=v1,v2,...", ("algo", "seed", "out", "steps", "samples_per_prompt",
+                                               "rollouts_per_step"),
+            "is not a field a sweep may vary (seeds, steps and the samples per prompt are the comparison's own)")
+        key = item.split("=", 1)[0]
         texts = [t.strip() for t in text.split(",") if t.strip()]
         if not texts:
             raise ValueError(f"--sweep {item}: give at least one value")
