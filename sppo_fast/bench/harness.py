@@ -211,6 +211,17 @@ def run_in_child(module, payload, row, timeout, load=None):
     return row
 
 
+def report_result(measure, case_json, why=lambda exc: str(exc)[:300]):
+    """The child's side of run_in_child: prints `RESULT {json}`, measure(case) with status "ok", or the
+    error that stopped it (`why`: its text), as one row of the table, never fatal to the whole run."""
+    try:
+        out = dict(measure(json.loads(case_json)), status="ok")
+    except Exception as exc:  # reported in the table
+        out = {"status": f"error: {type(exc).__name__}: {why(exc)}"}
+    print("RESULT " + json.dumps(out), flush=True)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------
 # The machine
 

@@ -215,13 +215,7 @@ def run_child(case):
 
 
 def child_main(case_json):
-    case = json.loads(case_json)
-    try:
-        out = dict(run_child(case), status="ok")
-    except Exception as exc:  # one row of the table, never fatal to the run
-        out = {"status": f"error: {type(exc).__name__}: {str(exc)[:300]}"}
-    print("RESULT " + json.dumps(out), flush=True)
-    return 0
+    return harness.report_result(run_child, case_json)
 
 
 # ----------------------------------------------------------------------------------------------------

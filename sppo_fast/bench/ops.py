@@ -477,13 +477,7 @@ def run_child(case):
 
 
 def child_main(case_json):
-    case = json.loads(case_json)
-    try:
-        out = dict(run_child(case), status="ok")
-    except Exception as exc:  # reported in the table, never fatal to the whole run
-        out = {"status": f"error: {type(exc).__name__}: {str(exc)[:300]}"}
-    print("RESULT " + json.dumps(out), flush=True)
-    return 0
+    return harness.report_result(run_child, case_json)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -462,13 +462,7 @@ def summarise_ranks(ranks):
 
 
 def child_main(case_json):
-    case = json.loads(case_json)
-    try:
-        out = dict(run_case_ranks(case), status="ok")
-    except Exception as exc:  # one row of the table, never fatal to the run
-        out = {"status": f"error: {type(exc).__name__}: {_last_line(exc)[:400]}"}
-    print("RESULT " + json.dumps(out), flush=True)
-    return 0
+    return harness.report_result(run_case_ranks, case_json, lambda exc: _last_line(exc)[:400])
 
 
 def _last_line(exc):
