@@ -40,21 +40,13 @@ class BatchLayout(NamedTuple):
         """Rows land in the grid through cell_of_row (packed, or a slice of each sequence)."""
         return self.cell_of_row is not None
 
-    def to_grid(self, x, fill=0):
-        """(N, ...) rows -> (S, T, ...) grid, `fill` where no row lands; differentiable in x. When the
-        sequences are split, every rank's rows land: the grid is summed over the group (sum_over_ranks)."""
+    def to_grid(self, x):
+        """(N, ...) rows -> (S, T, ...) grid, 0 where no row lands; differentiable in x. When the sequences
+        are split, every rank's rows land: the grid is summed over the group (sum_over_ranks)."""
         if not self.mapped:
             return x.reshape(self.n_seqs, self.width, *x.shape[1:])
         out = x.new_zeros((self.n_seqs * self.width, *x.shape[1:])).index_copy(0, self.cell_of_row, x)
-        out = sum_over_ranks(out, self.context)
-        if fill != 0:
-            out = torch.where(self.covered(), out, torch.full_like(out, fill))
-        return out.reshape(self.n_seqs, self.width, *x.shape[1:])
-
-    def covered(self):
-        """(S * T,) bool: the cells that some rank's row lands in."""
-        ones = torch.ones(self.n_rows, dtype=torch.float32, device=self.cell_of_row.device)
-        return self.to_grid(ones).reshape(-1) > 0
+        return sum_over_ranks(out, self.context).reshape(self.n_seqs, self.width, *x.shape[1:])
 
     def to_rows(self, y):
         """(S, T, ...) grid -> (N, ...) rows (this rank's)."""
