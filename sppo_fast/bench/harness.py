@@ -222,6 +222,18 @@ def report_result(measure, case_json, why=lambda exc: str(exc)[:300]):
     return 0
 
 
+def save_report(report, out, markdown):
+    """Writes `report` as JSON at `out` and markdown(report) beside it (.md); returns the path without
+    its extension, for whatever else goes beside them."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+    stem = os.path.splitext(out)[0]
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(report))
+    return stem
+
+
 # ----------------------------------------------------------------------------------------------------
 # The machine
 

@@ -463,12 +463,7 @@ def plot(report, path):
 def write_reports(report, out, with_plot=True):
     s = report["settings"]
     report["targets"] = targets(report["results"], s["budget_gib"], s["lengths"], s["impls"])
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=1)
-    stem = os.path.splitext(out)[0]
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(report))
+    stem = harness.save_report(report, out, markdown)
     if with_plot:
         plot(report, stem + ".png")
     print(f"wrote {out}, {stem}.md" + (f", {stem}.png" if with_plot else ""))

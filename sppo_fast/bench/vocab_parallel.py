@@ -676,13 +676,8 @@ def markdown(report):
 def write_reports(report, out):
     report["targets"] = targets(report["results"])
     report["agreement"] = agreement(report["results"])
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=1)
-    md = os.path.splitext(out)[0] + ".md"
-    with open(md, "w") as f:
-        f.write(markdown(report))
-    print(f"wrote {out}, {md}")
+    stem = harness.save_report(report, out, markdown)
+    print(f"wrote {out}, {stem}.md")
 
 
 def run(args):
