@@ -1,0 +1,601 @@
+"""`sppo-fast trl-job`: the bundled job (task, tiny policy, char tokenizer, warm start, reward) run through
+TRL 1.16: its own `trl.GRPOTrainer` ("trl"), `sppo_fast.integrations.trl.SppoFastGRPOTrainer` ("sppo_fast",
+one import changed) and `SPPOTrainer` ("sppo", one sample per prompt, a `PromptCritic` baseline).
+
+What is the same as `sppo-fast train` (the defaults of TrainConfig, --algo grpo for the group variants and
+--algo sppo for sppo): the task and its verifier, the policy (built, warm-started from the same cache, then
+saved with `save_pretrained` and reloaded as a local Hugging Face model directory), the prompts of every
+RL step (`loop.step_examples`, in order: the dataset is those prompts with TRL's shuffling off), rollouts
+per step (256: 32 prompts x 8 for grpo, 256 x 1 for sppo), two optimizer steps per rollout batch (TRL's
+`steps_per_generation=2` for the trainer's `mini_batches=2`), lr, AdamW eps, gradient clipping, sampling
+temperature (top-k / top-p off), max completion length, beta 0, clip 0.2 (dual clip 3 for sppo), critic
+size and lr, the critic warm-up (the policy's gradients dropped for the first 5 rollout batches), and the
+held-out evaluation (`loop.evaluate`: 512 test prompts, sampled at temperature 1 from its own fixed seed).
+What differs: TRL's loss aggregation per micro-batch (grpo: seq-mean-token-mean; sppo: bnpo = token-mean),
+TRL recomputes the old log-probs by a forward pass, and SPPOTrainer updates its critic once per rollout.
+
+Each run (variant x seed) is a child process (its own peak RSS), one after the other, with one torch
+thread. The report (`report.md`, `report.json`, `accuracy_vs_time.png` in --out) puts trl and sppo_fast
+side by side step by step (loss, entropy, clip ratio), gives their first-step relative loss difference per
+seed, final accuracy mean +- std, peak memory and step time. A step's loss is the exact value
+`compute_loss` returned (the Trainer's logged "loss" is the same number, averaged over the logging window);
+entropy and clip ratio are TRL's logged metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+VARIANTS = ("trl", "sppo_fast", "sppo")
+ALGO_OF = {"trl": "grpo", "sppo_fast": "grpo", "sppo": "sppo"}
+LOSS_TYPE = {"grpo": "grpo", "sppo": "bnpo"}  # TRL's loss_type matching the trainer's preset aggregation
+# Tiny sizes of the smoke test (`--tiny`): seconds per run.
+TINY = dict(hidden_size=16, num_layers=1, num_heads=2, critic_hidden_size=16, critic_layers=1, critic_heads=2,
+            warm_start=False, rollouts_per_step=16, max_new_tokens=8, eval_examples=16, critic_warmup_steps=1)
+MINI_BATCHES = 2
+FIRST_STEP_TARGET = 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------
+# One run
+
+
+def train_config(variant, seed, overrides):
+    from sppo_fast.trainer.config import TrainConfig
+
+    return TrainConfig(**dict(overrides, algo=ALGO_OF[variant], seed=seed, threads=1, progress=False,
+                              mini_batches=MINI_BATCHES))
+
+
+def prepare_model_dir(cfg, model_dir, log=print, wait_s=3600):
+    """The policy exactly as `sppo-fast train` builds it (same seed, same config, same warm-start cache
+    file), written with save_pretrained next to its tokenizer. A warm start that another process is making
+    right now (its `.partial` progress exists) is waited for, never made twice."""
+    import torch
+
+    from sppo_fast.trainer.loop import make_task, seed_everything
+    from sppo_fast.trainer.models import build_policy, load_tokenizer
+
+    if os.path.exists(os.path.join(model_dir, "config.json")):
+        return model_dir
+    device = torch.device("cpu")
+    tokenizer = load_tokenizer(cfg)
+    task = make_task(cfg)
+    seed_everything(cfg.seed)
+    lm = build_policy(cfg, tokenizer, device)
+    if cfg.warm_start:
+        from sppo_fast.trainer import warmstart
+
+        path = warmstart.cache_path(cfg, lm, tokenizer)
+        start = time.time()
+        while (not os.path.exists(path) and os.path.exists(warmstart.partial_path(path))
+               and time.time() - start < wait_s):
+            log(f"warm start for seed {cfg.seed} is being made by another process ({path}); waiting")
+            time.sleep(30)
+        warmstart.warm_start(cfg, lm, tokenizer, task, device, log=log, progress=False)
+    tmp = f"{model_dir}.tmp-{os.getpid()}"
+    lm.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, model_dir)
+    return model_dir
+
+
+def load_local_model(model_dir):
+    """The policy and tokenizer back from the local directory (offline), fp32, sdpa."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+def prompt_dataset(task, cfg, steps):
+    """The prompts of RL steps 1..steps in order, as `sppo-fast train` draws them (loop.step_examples)."""
+    from datasets import Dataset
+
+    from sppo_fast.trainer.loop import step_examples
+
+    rows = [{"prompt": ex.prompt, "answer": ex.answer, "solution": ex.solution}
+            for step in range(1, steps + 1) for ex in step_examples(task, cfg, step)]
+    return Dataset.from_list(rows)
+
+
+def reward_function(task, seen):
+    """The task's verifier as a TRL reward function (parses the completion, never evaluates it). `seen`
+    collects a fingerprint of each generation batch (its prompts and completion ids)."""
+    from sppo_fast.trainer.tasks import Example, score_responses
+
+    def task_reward(prompts, completions, completion_ids, answer, solution, **_):
+        examples = [Example(p, a, s) for p, a, s in zip(prompts, answer, solution)]
+        rewards, _counts = score_responses(task, list(completions), examples)
+        digest = hashlib.sha256(json.dumps([list(prompts), [list(map(int, c)) for c in completion_ids]])
+                                .encode()).hexdigest()[:16]
+        seen.append({"prompts": sorted(set(prompts)), "completions": digest, "reward": sum(rewards) / len(rewards)})
+        return rewards
+
+    task_reward.__name__ = f"{task.name}_reward"
+    return task_reward
+
+
+def grpo_args(variant, cfg, out_dir, steps):
+    common = dict(
+        output_dir=out_dir, max_steps=steps * MINI_BATCHES, per_device_train_batch_size=cfg.rollouts_per_step
+        // MINI_BATCHES, steps_per_generation=MINI_BATCHES, gradient_accumulation_steps=1,
+        learning_rate=cfg.lr, lr_scheduler_type="constant", warmup_steps=0, adam_epsilon=cfg.adam_eps,
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip, beta=0.0, temperature=cfg.temperature,
+        top_k=0, top_p=1.0, max_completion_length=cfg.max_new_tokens, loss_type=LOSS_TYPE[cfg.algo],
+        epsilon=0.2, shuffle_dataset=False, logging_steps=1, save_strategy="no", report_to="none",
+        seed=cfg.seed, use_cpu=True, bf16=False, disable_tqdm=True, dataloader_num_workers=0)
+    if variant == "sppo":
+        from sppo_fast.integrations.trl import sppo_config
+
+        return sppo_config(**common, delta=3.0)  # the sppo preset's dual clip
+    from trl import GRPOConfig
+
+    return GRPOConfig(**common, num_generations=cfg.group_size)
+
+
+def run_one(variant, seed, steps, overrides, model_root, out_dir, eval_every, log=print):
+    """Train one variant on one seed; returns its record (per-step metrics, evaluations, times, memory)."""
+    import torch
+
+    torch.set_num_threads(1)
+    from transformers import TrainerCallback
+
+    from sppo_fast.bench.harness import _status_kib, reset_peak
+    from sppo_fast.trainer.distributed import Dist
+    from sppo_fast.trainer.loop import evaluate, make_task, seed_everything
+
+    cfg = train_config(variant, seed, overrides)
+    model_dir = prepare_model_dir(cfg, os.path.join(model_root, f"seed{seed}"), log=log)
+    model, tokenizer = load_local_model(model_dir)
+    task = make_task(cfg)
+    dataset = prompt_dataset(task, cfg, steps)
+    seen = []
+    test_examples = task.examples("test", cfg.eval_examples, seed=cfg.seed + 1)
+    args = grpo_args(variant, cfg, os.path.join(out_dir, f"{variant}-seed{seed}"), steps)
+    kwargs = dict(model=model, reward_funcs=[reward_function(task, seen)], args=args, train_dataset=dataset,
+                  processing_class=tokenizer)
+    if variant == "trl":
+        from trl import GRPOTrainer as Trainer
+    elif variant == "sppo_fast":
+        from sppo_fast.integrations.trl import SppoFastGRPOTrainer as Trainer
+    else:
+        from sppo_fast.integrations.trl import SPPOTrainer as Trainer
+        from sppo_fast.trainer.models import build_critic
+
+        seed_everything(cfg.seed)
+        kwargs.update(critic=build_critic(cfg, tokenizer, torch.device("cpu")), critic_learning_rate=cfg.critic_lr)
+    trainer = Trainer(**kwargs)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # the report keeps the logs; no dict per step on stdout
+    if variant == "sppo":
+        for group in trainer.critic_optimizer.param_groups:
+            group["eps"] = cfg.adam_eps  # the trainer's critic AdamW
+
+    losses = []
+    plain_compute_loss = trainer.compute_loss
+
+    def compute_loss(*a, **kw):
+        loss = plain_compute_loss(*a, **kw)
+        losses.append(float((loss[0] if isinstance(loss, tuple) else loss).detach()))
+        return loss
+
+    trainer.compute_loss = compute_loss
+    record = {"variant": variant, "seed": seed, "algo": cfg.algo, "loss_type": args.loss_type,
+              "steps": steps, "optimizer_steps": steps * MINI_BATCHES, "rows": [], "evals": []}
+    clock = {"train": 0.0, "cpu": 0.0}
+
+    def run_eval(step):
+        t = time.time()
+        acc = evaluate(trainer.model, tokenizer, task, test_examples, cfg, torch.device("cpu"), Dist())
+        record["evals"].append({"rl_step": step, "accuracy": acc, "train_seconds": clock["train"],
+                                "train_cpu_seconds": clock["cpu"], "eval_seconds": time.time() - t})
+        log(f"[{variant} seed {seed}] RL step {step}: held-out accuracy {acc:.3f} "
+            f"(train {clock['train']:.0f}s)")
+
+    warmup = cfg.critic_warmup_steps * MINI_BATCHES if variant == "sppo" else 0
+
+    class Recorder(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t, self.c = time.time(), time.process_time()
+
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            if state.global_step < warmup:  # SPPO's critic warm-up: the policy waits
+                for p in trainer.model.parameters():
+                    p.grad = None
+
+        def on_step_end(self, args, state, control, **kw):
+            dt, dc = time.time() - self.t, time.process_time() - self.c
+            clock["train"] += dt
+            clock["cpu"] += dc
+            record["rows"].append({"step": state.global_step, "step_seconds": dt, "step_cpu_seconds": dc,
+                                   "loss": losses[-1] if losses else None})
+            if state.global_step % MINI_BATCHES == 0:
+                rl_step = state.global_step // MINI_BATCHES
+                if rl_step % eval_every == 0 or rl_step == steps:
+                    run_eval(rl_step)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and record["rows"] and record["rows"][-1]["step"] == state.global_step:
+                row = record["rows"][-1]
+                for key in ("entropy", "clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                            "reward", "loss", "grad_norm", "completions/mean_length", "sppo/critic_loss"):
+                    if key in logs:
+                        row["logged_loss" if key == "loss" else key] = logs[key]
+
+    trainer.add_callback(Recorder())
+    run_eval(0)
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    base = _status_kib("VmRSS")
+    reset_peak()
+    t0, c0 = time.time(), time.process_time()
+    trainer.train()
+    record.update(
+        wall_seconds=time.time() - t0, cpu_seconds=time.process_time() - c0, train_seconds=clock["train"],
+        train_cpu_seconds=clock["cpu"], peak_rss_mib=_status_kib("VmHWM") / 1024, base_rss_mib=base / 1024,
+        median_step_seconds=statistics.median(r["step_seconds"] for r in record["rows"]),
+        median_step_cpu_seconds=statistics.median(r["step_cpu_seconds"] for r in record["rows"]),
+        generations=seen, final_accuracy=record["evals"][-1]["accuracy"],
+        expected_prompts=[sorted({ex["prompt"] for ex in dataset.select(range(i, i + cfg.prompts_per_step))})
+                          for i in range(0, len(dataset), cfg.prompts_per_step)])
+    record["prompts_match_train"] = [g["prompts"] for g in seen] == record["expected_prompts"]
+    del record["expected_prompts"]
+    for g in seen:
+        del g["prompts"]
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------
+# Several runs, one process each
+
+
+def child_main(payload_path):
+    with open(payload_path) as f:
+        p = json.load(f)
+    record = run_one(p["variant"], p["seed"], p["steps"], p["overrides"], p["model_root"], p["out"],
+                     p["eval_every"], log=lambda m: print(m, file=sys.stderr, flush=True))
+    with open(p["result"], "w") as f:
+        json.dump(record, f)
+    return 0
+
+
+def run_all(variants, seeds, steps, overrides, out, eval_every, in_process=False, log=print, timeout=3600):
+    model_root = os.path.join(out, "models")
+    os.makedirs(model_root, exist_ok=True)
+    records = []
+    for seed in seeds:
+        for variant in variants:
+            if in_process:
+                records.append(run_one(variant, seed, steps, overrides, model_root, out, eval_every, log=log))
+                continue
+            payload = os.path.join(out, f"{variant}-seed{seed}.payload.json")
+            result = os.path.join(out, f"{variant}-seed{seed}.result.json")
+            with open(payload, "w") as f:
+                json.dump(dict(variant=variant, seed=seed, steps=steps, overrides=overrides, model_root=model_root,
+                               out=out, eval_every=eval_every, result=result), f)
+            env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+            log(f"run {variant} seed {seed} ({steps} RL steps)")
+            t = time.time()
+            proc = subprocess.run([sys.executable, "-m", "sppo_fast.trainer.trl_job", "--child", payload], env=env,
+                                  timeout=timeout)
+            if proc.returncode != 0:
+                raise RuntimeError(f"run {variant} seed {seed} failed (exit {proc.returncode})")
+            with open(result) as f:
+                rec = json.load(f)
+            rec["process_wall_seconds"] = time.time() - t
+            records.append(rec)
+            os.remove(payload)
+            os.remove(result)
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------
+# Report
+
+
+def rel_diff(a, b):
+    if a is None or b is None:
+        return None
+    scale = max(abs(a), abs(b))
+    return 0.0 if scale == 0 else abs(a - b) / scale
+
+
+def first_divergence(a, b):
+    """The first RL step whose rollouts differ between two runs (None: identical throughout)."""
+    for i, (x, y) in enumerate(zip(a["generations"], b["generations"])):
+        if x["completions"] != y["completions"]:
+            return i + 1
+    return None
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(records, meta):
+    by = {(r["variant"], r["seed"]): r for r in records}
+    seeds = sorted({r["seed"] for r in records})
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in records)]
+    pairs = []
+    for seed in seeds:
+        a, b = by.get(("trl", seed)), by.get(("sppo_fast", seed))
+        if a is None or b is None:
+            continue
+        rows = []
+        for ra, rb in zip(a["rows"], b["rows"]):
+            rows.append({"step": ra["step"], "loss_trl": ra["loss"], "loss_sppo_fast": rb["loss"],
+                         "loss_rel_diff": rel_diff(ra["loss"], rb["loss"]),
+                         "entropy_trl": ra.get("entropy"), "entropy_sppo_fast": rb.get("entropy"),
+                         "clip_trl": ra.get("clip_ratio/region_mean"),
+                         "clip_sppo_fast": rb.get("clip_ratio/region_mean"),
+                         "reward_trl": ra.get("reward"), "reward_sppo_fast": rb.get("reward")})
+        pairs.append({"seed": seed, "rows": rows, "first_step_loss_rel_diff": rows[0]["loss_rel_diff"],
+                      "first_step_entropy_rel_diff": rel_diff(rows[0]["entropy_trl"], rows[0]["entropy_sppo_fast"]),
+                      "first_step_within_target": rows[0]["loss_rel_diff"] is not None
+                      and rows[0]["loss_rel_diff"] <= FIRST_STEP_TARGET,
+                      "rollouts_differ_from_rl_step": first_divergence(a, b)})
+    table = {}
+    for v in variants:
+        rs = [r for r in records if r["variant"] == v]
+        acc0 = mean_std([r["evals"][0]["accuracy"] for r in rs])
+        acc = mean_std([r["final_accuracy"] for r in rs])
+        table[v] = {"runs": len(rs), "accuracy_before": acc0, "final_accuracy": acc,
+                    "final_accuracy_per_seed": {r["seed"]: r["final_accuracy"] for r in rs},
+                    "median_step_seconds": statistics.median(r["median_step_seconds"] for r in rs),
+                    "median_step_cpu_seconds": statistics.median(r["median_step_cpu_seconds"] for r in rs),
+                    "peak_rss_mib": max(r["peak_rss_mib"] for r in rs),
+                    "peak_rss_above_base_mib": max(r["peak_rss_mib"] - r["base_rss_mib"] for r in rs),
+                    "train_seconds": sum(r["train_seconds"] for r in rs),
+                    "train_cpu_seconds": sum(r["train_cpu_seconds"] for r in rs),
+                    "prompts_match_train": all(r["prompts_match_train"] for r in rs)}
+    return {"meta": meta, "summary": table, "trl_vs_sppo_fast": pairs, "runs": records}
+
+
+def fmt(x, spec=".4f"):
+    return "-" if x is None else format(x, spec)
+
+
+def pm(pair, spec=".3f"):
+    m, s = pair
+    return "-" if m is None else f"{m:{spec}} ± {s:{spec}}"
+
+
+def train_reference(path, seeds):
+    """`sppo-fast train`'s final accuracy per algo for these seeds, from a compare.json (optional)."""
+    if not path:
+        return None
+    with open(path) as f:
+        data = json.load(f)
+    runs = data.get("runs", data if isinstance(data, list) else [])
+    out = {}
+    for algo in ("grpo", "sppo"):
+        accs = [r.get("eval_accuracy_after") for r in runs if r.get("algo") == algo and r.get("seed") in seeds
+                and r.get("status", "ok") == "ok"]
+        accs = [a for a in accs if a is not None]
+        if accs:
+            out[algo] = {"n": len(accs), "final_accuracy": mean_std(accs)}
+    return out
+
+
+def write_report(report, out):
+    meta, table, pairs = report["meta"], report["summary"], report["trl_vs_sppo_fast"]
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    plot = plot_accuracy(report["runs"], os.path.join(out, "accuracy_vs_time.png"))
+    lines = ["# Through TRL: the same job with trl.GRPOTrainer, SppoFastGRPOTrainer and SPPOTrainer", "",
+             "```", meta["command"], "```", "",
+             f"Machine: {meta['cpu']}, {meta['cores']} cores, 1 torch thread per run, runs one after the other. "
+             f"{meta['note']}", "",
+             f"TRL {meta['versions']['trl']}, transformers {meta['versions']['transformers']}, torch "
+             f"{meta['versions']['torch']}. {meta['steps']} RL steps (rollout batches of "
+             f"{meta['rollouts_per_step']} completions, {MINI_BATCHES} optimizer steps each), seeds "
+             f"{', '.join(map(str, meta['seeds']))}; held-out accuracy = `sppo-fast train`'s evaluation "
+             f"(`loop.evaluate`, {meta['eval_examples']} test prompts, sampled at temperature 1) every "
+             f"{meta['eval_every']} RL steps. Step time and accuracy-vs-time exclude the evaluations. "
+             f"Total: {meta['total_wall_seconds']:.0f} s wall-clock, {meta['total_cpu_seconds']:.0f} s CPU of "
+             "the children.", "",
+             "## Summary", "",
+             "| variant | runs | accuracy before | final accuracy (mean ± std) | per seed | median step s (wall / CPU) "
+             "| peak RSS MiB (above base) | train s (wall / CPU, all seeds) | prompts = train's |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for v, t in table.items():
+        per = ", ".join(f"{s}: {a:.3f}" for s, a in t["final_accuracy_per_seed"].items())
+        lines.append(f"| {v} | {t['runs']} | {pm(t['accuracy_before'])} | {pm(t['final_accuracy'])} | {per} | "
+                     f"{t['median_step_seconds']:.2f} / {t['median_step_cpu_seconds']:.2f} | "
+                     f"{t['peak_rss_mib']:.0f} ({t['peak_rss_above_base_mib']:.0f}) | "
+                     f"{t['train_seconds']:.0f} / {t['train_cpu_seconds']:.0f} | {t['prompts_match_train']} |")
+    ref = meta.get("train_reference")
+    lines += [""]
+    if ref:
+        lines.append("`sppo-fast train` on the same seeds (from " + meta["train_results"] + "): " + "; ".join(
+            f"{algo} {pm(v['final_accuracy'])} ({v['n']} runs)" for algo, v in ref.items()))
+    else:
+        lines.append("The `sppo-fast train` runs of the same job are in `docs/compare/` (compare.md).")
+    lines += ["", "## First step: trl vs sppo_fast (same rollouts, same parameters)", "",
+              f"Target: relative loss difference <= {FIRST_STEP_TARGET:g}.", "",
+              "| seed | loss trl | loss sppo_fast | rel. diff | entropy rel. diff | within target | rollouts differ from "
+              "RL step |", "|---|---|---|---|---|---|---|"]
+    for p in pairs:
+        r = p["rows"][0]
+        lines.append(f"| {p['seed']} | {fmt(r['loss_trl'], '.8g')} | {fmt(r['loss_sppo_fast'], '.8g')} | "
+                     f"{fmt(p['first_step_loss_rel_diff'], '.2e')} | {fmt(p['first_step_entropy_rel_diff'], '.2e')} | "
+                     f"{p['first_step_within_target']} | {p['rollouts_differ_from_rl_step'] or 'never'} |")
+    lines += ["", "Once the rollouts differ (the two losses round differently, so the parameters drift apart "
+              "by rounding and a sampled token eventually flips) the rows are two runs of the same job, no longer "
+              "the same computation.", ""]
+    for p in pairs:
+        lines += [f"### seed {p['seed']}: per optimizer step", "",
+                  "| step | loss trl | loss sppo_fast | rel. diff | entropy trl | entropy sppo_fast | clip trl | "
+                  "clip sppo_fast | reward trl | reward sppo_fast |", "|---|---|---|---|---|---|---|---|---|---|"]
+        div = p["rollouts_differ_from_rl_step"]
+        for r in p["rows"]:
+            mark = " *" if div is not None and (r["step"] + MINI_BATCHES - 1) // MINI_BATCHES >= div else ""
+            lines.append(f"| {r['step']}{mark} | {fmt(r['loss_trl'], '.6f')} | {fmt(r['loss_sppo_fast'], '.6f')} | "
+                         f"{fmt(r['loss_rel_diff'], '.1e')} | {fmt(r['entropy_trl'])} | {fmt(r['entropy_sppo_fast'])} | "
+                         f"{fmt(r['clip_trl'])} | {fmt(r['clip_sppo_fast'])} | {fmt(r['reward_trl'], '.3f')} | "
+                         f"{fmt(r['reward_sppo_fast'], '.3f')} |")
+        lines += ["", "(* rollouts no longer identical)" if div else "(rollouts identical at every step)", ""]
+    lines += ["## Accuracy against training time", "", f"![accuracy vs time]({os.path.basename(plot)})", ""]
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return ["report.md", "report.json", os.path.basename(plot)]
+
+
+def plot_accuracy(records, path):
+    """Held-out accuracy against training seconds (evaluations excluded), each run thin, the plots.py style."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, v in enumerate(VARIANTS):
+        color = f"C{i}"
+        first = True
+        for r in records:
+            if r["variant"] != v:
+                continue
+            for ax, x in zip(axes, ("train_seconds", "train_cpu_seconds")):
+                ax.plot([e[x] for e in r["evals"]], [e["accuracy"] for e in r["evals"]], marker="o", markersize=3,
+                        color=color, alpha=0.8, label=v if first else None)
+            first = False
+    axes[0].set_xlabel("training wall-clock seconds (evaluations excluded)")
+    axes[1].set_xlabel("training CPU seconds")
+    for ax in axes:
+        ax.set_ylabel("held-out accuracy (sampled)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("held-out accuracy through TRL (one line per seed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+
+
+def parser():
+    p = argparse.ArgumentParser(
+        prog="sppo-fast trl-job",
+        description="Run the bundled job (task, tiny policy, tokenizer, warm start, reward of `sppo-fast train`) "
+                    "through TRL 1.16: trl.GRPOTrainer (trl), sppo_fast's SppoFastGRPOTrainer (sppo_fast: the "
+                    "same GRPO loss computed by sppo-fast) and SPPOTrainer (sppo: one sample per prompt, a "
+                    "prompt critic). The policy is warm-started from the trainer's cache, saved as a local "
+                    "Hugging Face model directory and loaded from it. Each run is a child process with one "
+                    "torch thread, one after the other. Writes report.md, report.json and accuracy_vs_time.png "
+                    "to --out: trl vs sppo_fast step by step (loss, entropy, clip ratio), their first-step "
+                    "relative loss difference per seed (target 1e-4), final held-out accuracy mean ± std, peak "
+                    "RSS and median step time.")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (each uses the warm start of its seed)")
+    p.add_argument("--steps", type=int, default=40, help="RL steps (rollout batches) per run; each is two "
+                                                         "optimizer steps, as the trainer's mini_batches=2")
+    p.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every this many RL steps "
+                                                                "(and before and after); default 10, 1 with --tiny")
+    p.add_argument("--out", default="trl-job", help="output directory")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a TrainConfig field for every run (e.g. --set eval_examples=256)")
+    p.add_argument("--tiny", action="store_true", help="tiny sizes, no warm start (the smoke test's)")
+    p.add_argument("--train-results", default=None, metavar="COMPARE_JSON",
+                   help="a `sppo-fast compare` compare.json to quote `sppo-fast train`'s accuracy for the same "
+                        "seeds (grpo, sppo) in the report")
+    p.add_argument("--in-process", action="store_true", help="run everything in this process (no separate "
+                                                             "peak memory per run; for tests)")
+    p.add_argument("--note", default="", help="a sentence for the report (e.g. what else ran on the machine)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_overrides(items, tiny):
+    from sppo_fast.trainer.config import coerce_field
+
+    overrides = dict(TINY) if tiny else {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"sppo-fast trl-job: --set takes FIELD=VALUE, got {item!r}")
+        overrides[key] = coerce_field(key, value)
+    return overrides
+
+
+def machine():
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return cpu, os.cpu_count()
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(argv)
+    if args.child:
+        return child_main(args.child)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    variants = [v for v in args.variants.split(",") if v]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise SystemExit(f"sppo-fast trl-job: unknown variant(s) {bad}; choose from {list(VARIANTS)}")
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    overrides = parse_overrides(args.set, args.tiny)
+    if args.eval_every is None:
+        args.eval_every = 1 if args.tiny else 10
+    t0, c0 = time.time(), _children_cpu()
+    records = run_all(variants, seeds, args.steps, overrides, args.out, args.eval_every, in_process=args.in_process)
+    import torch
+    import transformers
+    import trl
+
+    cpu, cores = machine()
+    cfg = train_config(variants[0], seeds[0], overrides)
+    meta = {"command": "sppo-fast trl-job " + " ".join(argv), "cpu": cpu, "cores": cores, "note": args.note,
+            "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
+            "steps": args.steps, "seeds": seeds, "variants": variants, "overrides": overrides,
+            "rollouts_per_step": cfg.rollouts_per_step, "eval_examples": cfg.eval_examples,
+            "eval_every": args.eval_every, "total_wall_seconds": time.time() - t0,
+            "total_cpu_seconds": (_children_cpu() - c0) if not args.in_process else time.process_time(),
+            "train_results": args.train_results,
+            "train_reference": train_reference(args.train_results, seeds)}
+    report = summarize(records, meta)
+    written = write_report(report, args.out)
+    print("wrote " + ", ".join(os.path.join(args.out, w) for w in written))
+    for p in report["trl_vs_sppo_fast"]:
+        print(f"seed {p['seed']}: first-step loss rel. diff {fmt(p['first_step_loss_rel_diff'], '.2e')} "
+              f"(target {FIRST_STEP_TARGET:g})")
+    return 0
+
+
+def _children_cpu():
+    t = os.times()
+    return t.children_user + t.children_system
+
+
+if __name__ == "__main__":
+    sys.exit(main())
