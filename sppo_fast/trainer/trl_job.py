@@ -2,15 +2,16 @@
 TRL 1.16: its own `trl.GRPOTrainer` ("trl"), `sppo_fast.integrations.trl.SppoFastGRPOTrainer` ("sppo_fast",
 one import changed) and `SPPOTrainer` ("sppo", one sample per prompt, a `PromptCritic` baseline).
 
-What is the same as `sppo-fast train` (the defaults of TrainConfig, --algo grpo for the group variants and
---algo sppo for sppo): the task and its verifier, the policy (built, warm-started from the same cache, then
-saved with `save_pretrained` and reloaded as a local Hugging Face model directory), the prompts of every
-RL step (`loop.step_examples`, in order: the dataset is those prompts with TRL's shuffling off), rollouts
-per step (256: 32 prompts x 8 for grpo, 256 x 1 for sppo), two optimizer steps per rollout batch (TRL's
-`steps_per_generation=2` for the trainer's `mini_batches=2`), lr, AdamW eps, gradient clipping, sampling
+What is the same as `sppo-fast train` under `sppo-fast compare` (docs/compare/; its TrainConfig, --algo grpo
+for the group variants and --algo sppo for sppo): the task and its verifier, the policy (built,
+warm-started from the same cache, then saved with `save_pretrained` and reloaded as a local Hugging Face
+model directory), the prompts of every RL step (`loop.step_examples`, in order: the dataset is those
+prompts with TRL's shuffling off), 32 prompts per step (x 8 samples for grpo, x 1 for sppo), two optimizer
+steps per rollout batch (TRL's `steps_per_generation=2` for the trainer's `mini_batches=2`), lr (grpo
+3e-4, sppo 1e-4), AdamW eps, gradient clipping, sampling
 temperature (top-k / top-p off), max completion length, beta 0, clip 0.2 (dual clip 3 for sppo), critic
 size and lr, the critic warm-up (the policy's gradients dropped for the first 5 rollout batches), and the
-held-out evaluation (`loop.evaluate`: 512 test prompts, sampled at temperature 1 from its own fixed seed).
+held-out evaluation (`loop.evaluate`: 256 test prompts, sampled at temperature 1 from its own fixed seed).
 What differs: TRL's loss aggregation per micro-batch (grpo: seq-mean-token-mean; sppo: bnpo = token-mean),
 TRL recomputes the old log-probs by a forward pass, and SPPOTrainer updates its critic once per rollout.
 
@@ -38,7 +39,7 @@ ALGO_OF = {"trl": "grpo", "sppo_fast": "grpo", "sppo": "sppo"}
 LOSS_TYPE = {"grpo": "grpo", "sppo": "bnpo"}  # TRL's loss_type matching the trainer's preset aggregation
 # Tiny sizes of the smoke test (`--tiny`): seconds per run.
 TINY = dict(hidden_size=16, num_layers=1, num_heads=2, critic_hidden_size=16, critic_layers=1, critic_heads=2,
-            warm_start=False, rollouts_per_step=16, max_new_tokens=8, eval_examples=16, critic_warmup_steps=1)
+            warm_start=False, max_new_tokens=8, eval_examples=16, critic_warmup_steps=1)
 MINI_BATCHES = 2
 FIRST_STEP_TARGET = 1e-4
 
@@ -47,11 +48,14 @@ FIRST_STEP_TARGET = 1e-4
 # One run
 
 
-def train_config(variant, seed, overrides):
-    from sppo_fast.trainer.config import TrainConfig
+def train_config(variant, seed, overrides, prompts_per_step=32):
+    """The TrainConfig `sppo-fast compare` gives this algorithm (docs/compare/: 32 prompts per step, 8 samples
+    for grpo and 1 for sppo, grpo at the trainer's lr 3e-4, sppo at 1e-4, 256 held-out prompts), plus
+    `overrides`."""
+    from sppo_fast.trainer.compare import one_config
 
-    return TrainConfig(**dict(overrides, algo=ALGO_OF[variant], seed=seed, threads=1, progress=False,
-                              mini_batches=MINI_BATCHES))
+    return one_config(ALGO_OF[variant], seed, "unused", prompts_per_step=prompts_per_step,
+                      common=dict(overrides, threads=1, progress=False, mini_batches=MINI_BATCHES))
 
 
 def prepare_model_dir(cfg, model_dir, log=print, wait_s=3600):
@@ -145,7 +149,7 @@ def grpo_args(variant, cfg, out_dir, steps):
     return GRPOConfig(**common, num_generations=cfg.group_size)
 
 
-def run_one(variant, seed, steps, overrides, model_root, out_dir, eval_every, log=print):
+def run_one(variant, seed, steps, overrides, model_root, out_dir, evals, prompts_per_step=32, log=print):
     """Train one variant on one seed; returns its record (per-step metrics, evaluations, times, memory)."""
     import torch
 
@@ -156,8 +160,11 @@ def run_one(variant, seed, steps, overrides, model_root, out_dir, eval_every, lo
     from sppo_fast.trainer.distributed import Dist
     from sppo_fast.trainer.loop import evaluate, make_task, seed_everything
 
-    cfg = train_config(variant, seed, overrides)
+    cfg = train_config(variant, seed, overrides, prompts_per_step)
+    eval_every = max(1, steps // evals)
+    t_prep, c_prep = time.time(), time.process_time()
     model_dir = prepare_model_dir(cfg, os.path.join(model_root, f"seed{seed}"), log=log)
+    prepare = {"prepare_seconds": time.time() - t_prep, "prepare_cpu_seconds": time.process_time() - c_prep}
     model, tokenizer = load_local_model(model_dir)
     task = make_task(cfg)
     dataset = prompt_dataset(task, cfg, steps)
@@ -194,7 +201,7 @@ def run_one(variant, seed, steps, overrides, model_root, out_dir, eval_every, lo
 
     trainer.compute_loss = compute_loss
     record = {"variant": variant, "seed": seed, "algo": cfg.algo, "loss_type": args.loss_type,
-              "steps": steps, "optimizer_steps": steps * MINI_BATCHES, "rows": [], "evals": []}
+              "steps": steps, "optimizer_steps": steps * MINI_BATCHES, "rows": [], "evals": [], **prepare}
     clock = {"train": 0.0, "cpu": 0.0}
 
     def run_eval(step):
@@ -269,39 +276,55 @@ def child_main(payload_path):
     with open(payload_path) as f:
         p = json.load(f)
     record = run_one(p["variant"], p["seed"], p["steps"], p["overrides"], p["model_root"], p["out"],
-                     p["eval_every"], log=lambda m: print(m, file=sys.stderr, flush=True))
+                     p["evals"], p["prompts_per_step"], log=lambda m: print(m, file=sys.stderr, flush=True))
     with open(p["result"], "w") as f:
         json.dump(record, f)
     return 0
 
 
-def run_all(variants, seeds, steps, overrides, out, eval_every, in_process=False, log=print, timeout=3600):
+def run_all(variants, seeds, steps, overrides, out, evals, prompts_per_step=32, in_process=False, log=print,
+            timeout=3600, reuse=False):
+    """`steps`: {variant: RL steps}. Each run's record is kept in OUT/records/ as soon as it ends; with
+    `reuse`, a run whose record is there (same steps) is not run again."""
     model_root = os.path.join(out, "models")
     os.makedirs(model_root, exist_ok=True)
+    os.makedirs(os.path.join(out, "records"), exist_ok=True)
     records = []
     for seed in seeds:
         for variant in variants:
+            result = os.path.join(out, "records", f"{variant}-seed{seed}.json")
+            if reuse and os.path.exists(result):
+                with open(result) as f:
+                    rec = json.load(f)
+                if rec["steps"] == steps[variant] and rec.get("overrides") == overrides:
+                    log(f"reusing {result}")
+                    records.append(rec)
+                    continue
             if in_process:
-                records.append(run_one(variant, seed, steps, overrides, model_root, out, eval_every, log=log))
-                continue
-            payload = os.path.join(out, f"{variant}-seed{seed}.payload.json")
-            result = os.path.join(out, f"{variant}-seed{seed}.result.json")
-            with open(payload, "w") as f:
-                json.dump(dict(variant=variant, seed=seed, steps=steps, overrides=overrides, model_root=model_root,
-                               out=out, eval_every=eval_every, result=result), f)
-            env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-            log(f"run {variant} seed {seed} ({steps} RL steps)")
-            t = time.time()
-            proc = subprocess.run([sys.executable, "-m", "sppo_fast.trainer.trl_job", "--child", payload], env=env,
-                                  timeout=timeout)
-            if proc.returncode != 0:
-                raise RuntimeError(f"run {variant} seed {seed} failed (exit {proc.returncode})")
-            with open(result) as f:
-                rec = json.load(f)
-            rec["process_wall_seconds"] = time.time() - t
+                rec = run_one(variant, seed, steps[variant], overrides, model_root, out, evals, prompts_per_step,
+                              log=log)
+            else:
+                payload = result + ".payload"
+                with open(payload, "w") as f:
+                    json.dump(dict(variant=variant, seed=seed, steps=steps[variant], overrides=overrides,
+                                   model_root=model_root, out=out, evals=evals, prompts_per_step=prompts_per_step,
+                                   result=result + ".tmp"), f)
+                env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+                log(f"run {variant} seed {seed} ({steps[variant]} RL steps)")
+                t, c = time.time(), _children_cpu()
+                proc = subprocess.run([sys.executable, "-m", "sppo_fast.trainer.trl_job", "--child", payload],
+                                      env=env, timeout=timeout)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"run {variant} seed {seed} failed (exit {proc.returncode})")
+                with open(result + ".tmp") as f:
+                    rec = json.load(f)
+                rec["process_wall_seconds"], rec["process_cpu_seconds"] = time.time() - t, _children_cpu() - c
+                os.remove(payload)
+                os.remove(result + ".tmp")
+            rec["overrides"] = overrides
+            with open(result, "w") as f:
+                json.dump(rec, f)
             records.append(rec)
-            os.remove(payload)
-            os.remove(result)
     return records
 
 
@@ -407,13 +430,16 @@ def write_report(report, out):
              f"Machine: {meta['cpu']}, {meta['cores']} cores, 1 torch thread per run, runs one after the other. "
              f"{meta['note']}", "",
              f"TRL {meta['versions']['trl']}, transformers {meta['versions']['transformers']}, torch "
-             f"{meta['versions']['torch']}. {meta['steps']} RL steps (rollout batches of "
-             f"{meta['rollouts_per_step']} completions, {MINI_BATCHES} optimizer steps each), seeds "
-             f"{', '.join(map(str, meta['seeds']))}; held-out accuracy = `sppo-fast train`'s evaluation "
-             f"(`loop.evaluate`, {meta['eval_examples']} test prompts, sampled at temperature 1) every "
-             f"{meta['eval_every']} RL steps. Step time and accuracy-vs-time exclude the evaluations. "
-             f"Total: {meta['total_wall_seconds']:.0f} s wall-clock, {meta['total_cpu_seconds']:.0f} s CPU of "
-             "the children.", "",
+             f"{meta['versions']['torch']}. RL steps per run: "
+             + ", ".join(f"{v} {n}" for v, n in meta["steps"].items() if v in meta["variants"])
+             + f"; {meta['prompts_per_step']} prompts per RL step (8 samples each for trl and sppo_fast, 1 for "
+             f"sppo), {MINI_BATCHES} optimizer steps per RL step; seeds {', '.join(map(str, meta['seeds']))}. "
+             f"Held-out accuracy is `sppo-fast train`'s evaluation (`loop.evaluate`: {meta['eval_examples']} test "
+             f"prompts, sampled at temperature 1, its own fixed seed) before RL and {meta['evals']} times during "
+             "it. Step times and the time axis of the plot exclude the evaluations. "
+             f"The runs' processes took {meta['total_run_wall_seconds']:.0f} s wall-clock and "
+             f"{meta['total_cpu_seconds']:.0f} s CPU in all (warm starts made by these runs, imports and "
+             "evaluations included).", "",
              "## Summary", "",
              "| variant | runs | accuracy before | final accuracy (mean ± std) | per seed | median step s (wall / CPU) "
              "| peak RSS MiB (above base) | train s (wall / CPU, all seeds) | prompts = train's |",
@@ -510,10 +536,15 @@ def parser():
                     "RSS and median step time.")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
     p.add_argument("--seeds", default="0", help="comma-separated seeds (each uses the warm start of its seed)")
-    p.add_argument("--steps", type=int, default=40, help="RL steps (rollout batches) per run; each is two "
-                                                         "optimizer steps, as the trainer's mini_batches=2")
-    p.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every this many RL steps "
-                                                                "(and before and after); default 10, 1 with --tiny")
+    p.add_argument("--steps", type=int, default=40, help="RL steps (rollout batches) of the group variants (trl, "
+                                                         "sppo_fast); each is two optimizer steps, as the "
+                                                         "trainer's mini_batches=2")
+    p.add_argument("--sppo-steps", type=int, default=None, help="RL steps of sppo (default 3 x --steps, as "
+                                                                "docs/compare/ ran 300 against 100)")
+    p.add_argument("--prompts-per-step", type=int, default=None, help="prompts per RL step (default 32 as "
+                                                                      "`sppo-fast compare`, 2 with --tiny)")
+    p.add_argument("--evals", type=int, default=4, help="held-out evaluations per run besides the one before "
+                                                        "RL (every steps/evals RL steps, and at the end)")
     p.add_argument("--out", default="trl-job", help="output directory")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a TrainConfig field for every run (e.g. --set eval_examples=256)")
@@ -523,6 +554,8 @@ def parser():
                         "seeds (grpo, sppo) in the report")
     p.add_argument("--in-process", action="store_true", help="run everything in this process (no separate "
                                                              "peak memory per run; for tests)")
+    p.add_argument("--reuse", action="store_true", help="keep the runs already recorded in OUT/records/ (same "
+                                                        "steps and settings) and run only the others")
     p.add_argument("--note", default="", help="a sentence for the report (e.g. what else ran on the machine)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p
@@ -565,22 +598,24 @@ def main(argv=None):
         raise SystemExit(f"sppo-fast trl-job: unknown variant(s) {bad}; choose from {list(VARIANTS)}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
     overrides = parse_overrides(args.set, args.tiny)
-    if args.eval_every is None:
-        args.eval_every = 1 if args.tiny else 10
+    prompts = args.prompts_per_step or (2 if args.tiny else 32)
+    steps = {"trl": args.steps, "sppo_fast": args.steps, "sppo": args.sppo_steps or 3 * args.steps}
     t0, c0 = time.time(), _children_cpu()
-    records = run_all(variants, seeds, args.steps, overrides, args.out, args.eval_every, in_process=args.in_process)
+    records = run_all(variants, seeds, steps, overrides, args.out, args.evals, prompts, in_process=args.in_process,
+                      reuse=args.reuse)
     import torch
     import transformers
     import trl
 
     cpu, cores = machine()
-    cfg = train_config(variants[0], seeds[0], overrides)
+    cfg = train_config(variants[0], seeds[0], overrides, prompts)
     meta = {"command": "sppo-fast trl-job " + " ".join(argv), "cpu": cpu, "cores": cores, "note": args.note,
             "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
-            "steps": args.steps, "seeds": seeds, "variants": variants, "overrides": overrides,
+            "steps": steps, "seeds": seeds, "prompts_per_step": prompts, "variants": variants, "overrides": overrides,
             "rollouts_per_step": cfg.rollouts_per_step, "eval_examples": cfg.eval_examples,
-            "eval_every": args.eval_every, "total_wall_seconds": time.time() - t0,
-            "total_cpu_seconds": (_children_cpu() - c0) if not args.in_process else time.process_time(),
+            "evals": args.evals, "total_wall_seconds": time.time() - t0,
+            "total_cpu_seconds": sum(r.get("process_cpu_seconds", r["cpu_seconds"]) for r in records),
+            "total_run_wall_seconds": sum(r.get("process_wall_seconds", r["wall_seconds"]) for r in records),
             "train_results": args.train_results,
             "train_reference": train_reference(args.train_results, seeds)}
     report = summarize(records, meta)
