@@ -1,5 +1,7 @@
 """Advantages, segments, backend_info, torch.compile and opcheck."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -204,3 +206,38 @@ def test_a_low_precision_head_takes_one_chunk_when_that_holds_less_memory(monkey
     for a, b, ref in zip(ours, chunked, oracle):
         error = (a.double() - ref).abs().max()
         assert error <= (b.double() - ref).abs().max() + tol * max(1.0, float(ref.abs().max()))
+
+
+def test_a_bf16_heads_fp32_weight_gradient_takes_bf16_products_where_the_cpu_has_them(monkeypatch):
+    """chunks.bf16_products: the chunked weight gradient of a bf16 head accumulates in fp32 through
+    oneDNN's bf16 units (its operands are bf16 values, so narrowing them is exact): the same gradient as
+    plain fp32 products, the process-wide flag restored after the call, and nothing changed for fp32."""
+    import sppo_fast.chunks as chunks
+
+    g = torch.Generator().manual_seed(1)
+    B, T, H, V = 2, 300, 64, 3001
+    hidden = torch.randn(B, T, H, generator=g).bfloat16()
+    weight = (torch.randn(V, H, generator=g) / H ** 0.5).bfloat16()
+    targets = torch.randint(0, V, (B, T), generator=g)
+    old, adv, mask = -8 + 0.1 * torch.randn(B, T, generator=g), torch.randn(B, generator=g), torch.ones(B, T)
+    config = sf.PolicyLossConfig.preset("dapo")
+    seen = []
+    real = chunks.bf16_products
+    monkeypatch.setattr(chunks, "bf16_products", lambda w, acc: seen.append(torch.backends.mkldnn.matmul.fp32_precision)
+                        or real(w, acc))
+
+    def weight_grad(h, w):
+        w = w.detach().requires_grad_(True)
+        out = sf.fused_linear_policy_loss(h, w, targets, old, adv, mask, config, chunk_size=128)
+        return torch.autograd.grad(out.loss, w)[0]
+
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    fast = weight_grad(hidden, weight)
+    assert seen and torch.backends.mkldnn.matmul.fp32_precision == before
+    monkeypatch.setattr(chunks, "_cpu_has_bf16_dot", lambda: False)
+    plain = weight_grad(hidden, weight)
+    ulp = plain.float().abs() * 2.0 ** -7
+    assert ((fast.float() - plain.float()).abs() <= ulp).all()
+    assert ((fast != plain).float().mean() < 0.01)
+    w32 = weight.float()
+    assert isinstance(chunks.bf16_products(w32, torch.empty(1)), contextlib.nullcontext)
