@@ -371,11 +371,15 @@ def summarize(records, meta):
                          "clip_trl": ra.get("clip_ratio/region_mean"),
                          "clip_sppo_fast": rb.get("clip_ratio/region_mean"),
                          "reward_trl": ra.get("reward"), "reward_sppo_fast": rb.get("reward")})
+        div = first_divergence(a, b)
+        same = [r["loss_rel_diff"] for r in rows if r["loss_rel_diff"] is not None
+                and (div is None or (r["step"] + MINI_BATCHES - 1) // MINI_BATCHES < div)]
         pairs.append({"seed": seed, "rows": rows, "first_step_loss_rel_diff": rows[0]["loss_rel_diff"],
+                      "max_loss_rel_diff_same_rollouts": max(same) if same else None,
                       "first_step_entropy_rel_diff": rel_diff(rows[0]["entropy_trl"], rows[0]["entropy_sppo_fast"]),
                       "first_step_within_target": rows[0]["loss_rel_diff"] is not None
                       and rows[0]["loss_rel_diff"] <= FIRST_STEP_TARGET,
-                      "rollouts_differ_from_rl_step": first_divergence(a, b)})
+                      "rollouts_differ_from_rl_step": div})
     table = {}
     for v in variants:
         rs = [r for r in records if r["variant"] == v]
@@ -402,20 +406,35 @@ def pm(pair, spec=".3f"):
     return "-" if m is None else f"{m:{spec}} ± {s:{spec}}"
 
 
-def train_reference(path, seeds):
-    """`sppo-fast train`'s final accuracy per algo for these seeds, from a compare.json (optional)."""
+def train_reference(path, seeds, steps):
+    """`sppo-fast train`'s held-out accuracy (runs of a `sppo-fast compare`, its compare.json) for these seeds:
+    per algo (grpo, sppo) and seed, before RL, at the RL step these runs stop at (`steps[algo]`, its RL
+    seconds too) and at the compare run's own end."""
     if not path:
         return None
     with open(path) as f:
         data = json.load(f)
-    runs = data.get("runs", data if isinstance(data, list) else [])
     out = {}
     for algo in ("grpo", "sppo"):
-        accs = [r.get("eval_accuracy_after") for r in runs if r.get("algo") == algo and r.get("seed") in seeds
-                and r.get("status", "ok") == "ok"]
-        accs = [a for a in accs if a is not None]
-        if accs:
-            out[algo] = {"n": len(accs), "final_accuracy": mean_std(accs)}
+        rows = {}
+        for r in data.get("runs", []):
+            if r.get("algo") != algo or r.get("seed") not in seeds or r.get("status") != "ok":
+                continue
+            curve = r.get("curve") or []
+            at = [c for c in curve if c["step"] <= steps[algo]]
+            rows[r["seed"]] = {"before": curve[0]["accuracy"] if curve else None,
+                               "at_step": at[-1]["step"] if at else None,
+                               "accuracy_at_step": at[-1]["accuracy"] if at else None,
+                               "rl_seconds_at_step": at[-1].get("rl_seconds") if at else None,
+                               "rl_cpu_seconds_at_step": at[-1].get("rl_cpu_seconds") if at else None,
+                               "final_step": r["summary"].get("steps"),
+                               "final_accuracy": r["summary"].get("eval_accuracy_after"),
+                               "curve": at}
+        if rows:
+            out[algo] = {"per_seed": rows,
+                         "accuracy_at_step": mean_std([v["accuracy_at_step"] for v in rows.values()]),
+                         "final_accuracy": mean_std([v["final_accuracy"] for v in rows.values()]),
+                         "rl_cpu_seconds_at_step": mean_std([v["rl_cpu_seconds_at_step"] for v in rows.values()])}
     return out
 
 
@@ -424,7 +443,7 @@ def write_report(report, out):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
-    plot = plot_accuracy(report["runs"], os.path.join(out, "accuracy_vs_time.png"))
+    plot = plot_accuracy(report["runs"], os.path.join(out, "accuracy_vs_time.png"), meta.get("train_reference"))
     lines = ["# Through TRL: the same job with trl.GRPOTrainer, SppoFastGRPOTrainer and SPPOTrainer", "",
              "```", meta["command"], "```", "",
              f"Machine: {meta['cpu']}, {meta['cores']} cores, 1 torch thread per run, runs one after the other. "
@@ -453,19 +472,32 @@ def write_report(report, out):
     ref = meta.get("train_reference")
     lines += [""]
     if ref:
-        lines.append("`sppo-fast train` on the same seeds (from " + meta["train_results"] + "): " + "; ".join(
-            f"{algo} {pm(v['final_accuracy'])} ({v['n']} runs)" for algo, v in ref.items()))
+        lines += [f"`sppo-fast train` on the same seeds and warm starts (`sppo-fast compare` runs, "
+                  f"{meta['train_results']}), read at the same RL step:", "",
+                  "| algo (through TRL as) | accuracy before, per seed | accuracy at the step, per seed | mean ± std "
+                  "| RL CPU s to that step (mean) | at the compare's own end |", "|---|---|---|---|---|---|"]
+        for algo, v in ref.items():
+            per = v["per_seed"]
+            seeds_ = sorted(per)
+            step = per[seeds_[0]]["at_step"]
+            lines.append(
+                f"| {algo} ({'trl, sppo_fast' if algo == 'grpo' else 'sppo'}) | "
+                + ", ".join(f"{s_}: {fmt(per[s_]['before'], '.3f')}" for s_ in seeds_) + " | "
+                + ", ".join(f"{s_}: {fmt(per[s_]['accuracy_at_step'], '.3f')}" for s_ in seeds_)
+                + f" (step {step}) | {pm(v['accuracy_at_step'])} | {fmt(v['rl_cpu_seconds_at_step'][0], '.0f')} | "
+                f"{pm(v['final_accuracy'])} (step {per[seeds_[0]]['final_step']}) |")
     else:
         lines.append("The `sppo-fast train` runs of the same job are in `docs/compare/` (compare.md).")
     lines += ["", "## First step: trl vs sppo_fast (same rollouts, same parameters)", "",
               f"Target: relative loss difference <= {FIRST_STEP_TARGET:g}.", "",
               "| seed | loss trl | loss sppo_fast | rel. diff | entropy rel. diff | within target | rollouts differ from "
-              "RL step |", "|---|---|---|---|---|---|---|"]
+              "RL step | max loss rel. diff while the rollouts are the same |", "|---|---|---|---|---|---|---|---|"]
     for p in pairs:
         r = p["rows"][0]
         lines.append(f"| {p['seed']} | {fmt(r['loss_trl'], '.8g')} | {fmt(r['loss_sppo_fast'], '.8g')} | "
                      f"{fmt(p['first_step_loss_rel_diff'], '.2e')} | {fmt(p['first_step_entropy_rel_diff'], '.2e')} | "
-                     f"{p['first_step_within_target']} | {p['rollouts_differ_from_rl_step'] or 'never'} |")
+                     f"{p['first_step_within_target']} | {p['rollouts_differ_from_rl_step'] or 'never'} | "
+                     f"{fmt(p['max_loss_rel_diff_same_rollouts'], '.2e')} |")
     lines += ["", "Once the rollouts differ (the two losses round differently, so the parameters drift apart "
               "by rounding and a sampled token eventually flips) the rows are two runs of the same job, no longer "
               "the same computation.", ""]
@@ -487,8 +519,9 @@ def write_report(report, out):
     return ["report.md", "report.json", os.path.basename(plot)]
 
 
-def plot_accuracy(records, path):
-    """Held-out accuracy against training seconds (evaluations excluded), each run thin, the plots.py style."""
+def plot_accuracy(records, path, reference=None):
+    """Held-out accuracy against training seconds (evaluations excluded), one line per run, the plots.py
+    style; `reference` (train_reference's): `sppo-fast train`'s curves of the same seeds, dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -504,6 +537,14 @@ def plot_accuracy(records, path):
             for ax, x in zip(axes, ("train_seconds", "train_cpu_seconds")):
                 ax.plot([e[x] for e in r["evals"]], [e["accuracy"] for e in r["evals"]], marker="o", markersize=3,
                         color=color, alpha=0.8, label=v if first else None)
+            first = False
+    for j, (algo, v) in enumerate((reference or {}).items()):
+        first = True
+        for row in v["per_seed"].values():
+            for ax, x in zip(axes, ("rl_seconds", "rl_cpu_seconds")):
+                ax.plot([c[x] for c in row["curve"]], [c["accuracy"] for c in row["curve"]], linestyle="--",
+                        marker="s", markersize=3, color=f"C{3 + j}", alpha=0.8,
+                        label=f"sppo-fast train {algo}" if first else None)
             first = False
     axes[0].set_xlabel("training wall-clock seconds (evaluations excluded)")
     axes[1].set_xlabel("training CPU seconds")
@@ -617,7 +658,8 @@ def main(argv=None):
             "total_cpu_seconds": sum(r.get("process_cpu_seconds", r["cpu_seconds"]) for r in records),
             "total_run_wall_seconds": sum(r.get("process_wall_seconds", r["wall_seconds"]) for r in records),
             "train_results": args.train_results,
-            "train_reference": train_reference(args.train_results, seeds)}
+            "train_reference": train_reference(args.train_results, seeds,
+                                                 {"grpo": steps["trl"], "sppo": steps["sppo"]})}
     report = summarize(records, meta)
     written = write_report(report, args.out)
     print("wrote " + ", ".join(os.path.join(args.out, w) for w in written))
