@@ -65,6 +65,7 @@ class LinearGrads:
             self.weight = torch.empty(weight.shape, dtype=wide, device=weight.device)
             self.bias = None if bias is None else torch.zeros(bias.shape, dtype=wide, device=bias.device)
         self.chunks = 0
+        self._wide = None
 
     def add_chunk(self, grad_logits, h, rows):
         """grad_logits (n, V) of the chunk whose hidden rows are `rows` (a slice or index tensor), h (n, H)."""
@@ -75,10 +76,20 @@ class LinearGrads:
         if self.weight is not None:
             beta = 1 if self.chunks or self.into else 0
             with bf16_products(self.lm_head, self.weight):
-                self.weight.addmm_(grad_logits.T.to(self.weight.dtype), h.to(self.weight.dtype), beta=beta)
+                self.weight.addmm_(self._widened(grad_logits).T, h.to(self.weight.dtype), beta=beta)
         if self.bias is not None:
             self.bias += grad_logits.sum(0, dtype=torch.float32).to(self.bias.dtype)
         self.chunks += 1
+
+    def _widened(self, grad_logits):
+        """grad_logits in the accumulator's dtype, copied into one buffer kept across the chunks: a fresh
+        (n, V) fp32 tensor per chunk would pay its page faults every time (see the module docstring)."""
+        if grad_logits.dtype == self.weight.dtype:
+            return grad_logits
+        n = grad_logits.shape[0]
+        if self._wide is None or self._wide.shape[0] < n:
+            self._wide = torch.empty(grad_logits.shape, dtype=self.weight.dtype, device=grad_logits.device)
+        return self._wide[:n].copy_(grad_logits)
 
     def result(self):
         """(grad_hidden, grad_weight, grad_bias or None), weight and bias in the weight's dtype. On a
