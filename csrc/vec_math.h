@@ -45,10 +45,18 @@ inline Vec exp_nonpositive(const Vec& d) {
   p = at::vec::fmadd(p, r, Vec(1.6666665459e-1f));
   p = at::vec::fmadd(p, r, Vec(5.0000001201e-1f));
   p = at::vec::fmadd(p, r * r, r + Vec(1.0f));
+#if defined(CPU_CAPABILITY_AVX512)
+  // p * 2^n in one vscalefps (n >= -126 after the clamp: exactly the product below), zeroed where
+  // d < kExpLowest; NaN compares "not less" (unordered), so it keeps its NaN. Four instructions fewer
+  // per element than the generic form, in the sweep that bounds both kernels.
+  const __mmask16 keep = _mm512_cmp_ps_mask(d, Vec(kExpLowest), _CMP_NLT_UQ);
+  return _mm512_maskz_scalef_ps(keep, p, n);
+#else
   // 2^n from its exponent bits; n >= -126 after the clamp, so the result is a normal float.
   const VecI bits = (at::vec::convert_to_int_of_same_size(n) + VecI(127)) << VecI(23);
   const Vec y = p * at::vec::cast<float>(bits);
   return Vec::blendv(y, Vec(0.0f), d < Vec(kExpLowest));
+#endif
 }
 
 // Loads kBlock elements starting at `src` as two fp32 vectors.
