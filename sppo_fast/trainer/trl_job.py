@@ -387,6 +387,8 @@ def summarize(records, meta):
         acc = mean_std([r["final_accuracy"] for r in rs])
         table[v] = {"runs": len(rs), "accuracy_before": acc0, "final_accuracy": acc,
                     "final_accuracy_per_seed": {r["seed"]: r["final_accuracy"] for r in rs},
+                    "accuracy_before_per_seed": {r["seed"]: r["evals"][0]["accuracy"] for r in rs},
+                    "gain": mean_std([r["final_accuracy"] - r["evals"][0]["accuracy"] for r in rs]),
                     "median_step_seconds": statistics.median(r["median_step_seconds"] for r in rs),
                     "median_step_cpu_seconds": statistics.median(r["median_step_cpu_seconds"] for r in rs),
                     "peak_rss_mib": max(r["peak_rss_mib"] for r in rs),
@@ -460,22 +462,30 @@ def write_report(report, out):
              f"{meta['total_cpu_seconds']:.0f} s CPU in all (warm starts made by these runs, imports and "
              "evaluations included).", "",
              "## Summary", "",
-             "| variant | runs | accuracy before | final accuracy (mean ± std) | per seed | median step s (wall / CPU) "
-             "| peak RSS MiB (above base) | train s (wall / CPU, all seeds) | prompts = train's |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| variant | runs | accuracy before | final accuracy (mean ± std) | per seed | gain | median step s "
+             "(wall / CPU) | peak RSS MiB (above base) | train s (wall / CPU, all seeds) | prompts = train's |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for v, t in table.items():
         per = ", ".join(f"{s}: {a:.3f}" for s, a in t["final_accuracy_per_seed"].items())
         lines.append(f"| {v} | {t['runs']} | {pm(t['accuracy_before'])} | {pm(t['final_accuracy'])} | {per} | "
+                     f"{pm(t['gain'])} | "
                      f"{t['median_step_seconds']:.2f} / {t['median_step_cpu_seconds']:.2f} | "
                      f"{t['peak_rss_mib']:.0f} ({t['peak_rss_above_base_mib']:.0f}) | "
                      f"{t['train_seconds']:.0f} / {t['train_cpu_seconds']:.0f} | {t['prompts_match_train']} |")
     ref = meta.get("train_reference")
     lines += [""]
     if ref:
-        lines += [f"`sppo-fast train` on the same seeds and warm starts (`sppo-fast compare` runs, "
-                  f"{meta['train_results']}), read at the same RL step:", "",
+        mine = next(iter(table.values()))["accuracy_before_per_seed"]
+        theirs = {s_: row["before"] for v in ref.values() for s_, row in v["per_seed"].items()}
+        same = all(theirs.get(s_) == a for s_, a in mine.items())
+        lines += [f"`sppo-fast train` on the same seeds (`sppo-fast compare` runs, {meta['train_results']}), read "
+                  "at the same RL step. " + (
+                      "Same warm starts: the accuracy before RL is the same, seed by seed." if same else
+                      "NOT the same warm starts: the accuracy before RL differs (these runs: " + ", ".join(
+                          f"{s_}: {a:.3f}" for s_, a in mine.items()) + "), so those runs started from another "
+                      "warm-start recipe; compare gains, not levels."), "",
                   "| algo (through TRL as) | accuracy before, per seed | accuracy at the step, per seed | mean ± std "
-                  "| RL CPU s to that step (mean) | at the compare's own end |", "|---|---|---|---|---|---|"]
+                  "| gain | RL CPU s to that step (mean) | at the compare's own end |", "|---|---|---|---|---|---|---|"]
         for algo, v in ref.items():
             per = v["per_seed"]
             seeds_ = sorted(per)
@@ -484,7 +494,9 @@ def write_report(report, out):
                 f"| {algo} ({'trl, sppo_fast' if algo == 'grpo' else 'sppo'}) | "
                 + ", ".join(f"{s_}: {fmt(per[s_]['before'], '.3f')}" for s_ in seeds_) + " | "
                 + ", ".join(f"{s_}: {fmt(per[s_]['accuracy_at_step'], '.3f')}" for s_ in seeds_)
-                + f" (step {step}) | {pm(v['accuracy_at_step'])} | {fmt(v['rl_cpu_seconds_at_step'][0], '.0f')} | "
+                + f" (step {step}) | {pm(v['accuracy_at_step'])} | "
+                f"{pm(mean_std([per[s_]['accuracy_at_step'] - per[s_]['before'] for s_ in seeds_]))} | "
+                f"{fmt(v['rl_cpu_seconds_at_step'][0], '.0f')} | "
                 f"{pm(v['final_accuracy'])} (step {per[seeds_[0]]['final_step']}) |")
     else:
         lines.append("The `sppo-fast train` runs of the same job are in `docs/compare/` (compare.md).")
@@ -544,7 +556,7 @@ def plot_accuracy(records, path, reference=None):
             for ax, x in zip(axes, ("rl_seconds", "rl_cpu_seconds")):
                 ax.plot([c[x] for c in row["curve"]], [c["accuracy"] for c in row["curve"]], linestyle="--",
                         marker="s", markersize=3, color=f"C{3 + j}", alpha=0.8,
-                        label=f"sppo-fast train {algo}" if first else None)
+                        label=f"sppo-fast train {algo} (compare.json)" if first else None)
             first = False
     axes[0].set_xlabel("training wall-clock seconds (evaluations excluded)")
     axes[1].set_xlabel("training CPU seconds")
