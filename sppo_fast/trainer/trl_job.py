@@ -459,8 +459,10 @@ def write_report(report, out):
              f"prompts, sampled at temperature 1, its own fixed seed) before RL and {meta['evals']} times during "
              "it. Step times and the time axis of the plot exclude the evaluations. "
              f"The runs' processes took {meta['total_run_wall_seconds']:.0f} s wall-clock and "
-             f"{meta['total_cpu_seconds']:.0f} s CPU in all (warm starts made by these runs, imports and "
-             "evaluations included).", "",
+             f"{meta['total_cpu_seconds']:.0f} s CPU in all, of which {meta['prepare_cpu_seconds']:.0f} s CPU "
+             "made or loaded the warm starts (made here when not cached) and the rest is the imports, the "
+             "evaluations and the RL steps. With `--reuse`, the runs recorded in `records/` are read back, "
+             "not run again.", "",
              "## Summary", "",
              "| variant | runs | accuracy before | final accuracy (mean ± std) | per seed | gain | median step s "
              "(wall / CPU) | peak RSS MiB (above base) | train s (wall / CPU, all seeds) | prompts = train's |",
@@ -662,13 +664,16 @@ def main(argv=None):
 
     cpu, cores = machine()
     cfg = train_config(variants[0], seeds[0], overrides, prompts)
-    meta = {"command": "sppo-fast trl-job " + " ".join(argv), "cpu": cpu, "cores": cores, "note": args.note,
+    import shlex
+
+    meta = {"command": "sppo-fast trl-job " + shlex.join(argv), "cpu": cpu, "cores": cores, "note": args.note,
             "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
             "steps": steps, "seeds": seeds, "prompts_per_step": prompts, "variants": variants, "overrides": overrides,
             "rollouts_per_step": cfg.rollouts_per_step, "eval_examples": cfg.eval_examples,
             "evals": args.evals, "total_wall_seconds": time.time() - t0,
             "total_cpu_seconds": sum(r.get("process_cpu_seconds", r["cpu_seconds"]) for r in records),
             "total_run_wall_seconds": sum(r.get("process_wall_seconds", r["wall_seconds"]) for r in records),
+            "prepare_cpu_seconds": sum(r.get("prepare_cpu_seconds", 0.0) for r in records),
             "train_results": args.train_results,
             "train_reference": train_reference(args.train_results, seeds,
                                                  {"grpo": steps["trl"], "sppo": steps["sppo"]})}
