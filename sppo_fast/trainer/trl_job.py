@@ -390,6 +390,8 @@ def summarize(records, meta):
                     "accuracy_before_per_seed": {r["seed"]: r["evals"][0]["accuracy"] for r in rs},
                     "gain": mean_std([r["final_accuracy"] - r["evals"][0]["accuracy"] for r in rs]),
                     "median_step_seconds": statistics.median(r["median_step_seconds"] for r in rs),
+                    "rl_step_seconds": sum(r["train_seconds"] for r in rs) / sum(r["steps"] for r in rs),
+                    "rl_step_cpu_seconds": sum(r["train_cpu_seconds"] for r in rs) / sum(r["steps"] for r in rs),
                     "median_step_cpu_seconds": statistics.median(r["median_step_cpu_seconds"] for r in rs),
                     "peak_rss_mib": max(r["peak_rss_mib"] for r in rs),
                     "peak_rss_above_base_mib": max(r["peak_rss_mib"] - r["base_rss_mib"] for r in rs),
@@ -464,14 +466,15 @@ def write_report(report, out):
              "evaluations and the RL steps. With `--reuse`, the runs recorded in `records/` are read back, "
              "not run again.", "",
              "## Summary", "",
-             "| variant | runs | accuracy before | final accuracy (mean ± std) | per seed | gain | median step s "
-             "(wall / CPU) | peak RSS MiB (above base) | train s (wall / CPU, all seeds) | prompts = train's |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | runs | accuracy before | final accuracy (mean ± std) | per seed | gain | median "
+             "optimizer step s (wall / CPU) | mean RL step s (wall / CPU) | peak RSS MiB (above base) | train s (wall / CPU, all seeds) | prompts = train's |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for v, t in table.items():
         per = ", ".join(f"{s}: {a:.3f}" for s, a in t["final_accuracy_per_seed"].items())
         lines.append(f"| {v} | {t['runs']} | {pm(t['accuracy_before'])} | {pm(t['final_accuracy'])} | {per} | "
                      f"{pm(t['gain'])} | "
                      f"{t['median_step_seconds']:.2f} / {t['median_step_cpu_seconds']:.2f} | "
+                     f"{t['rl_step_seconds']:.2f} / {t['rl_step_cpu_seconds']:.2f} | "
                      f"{t['peak_rss_mib']:.0f} ({t['peak_rss_above_base_mib']:.0f}) | "
                      f"{t['train_seconds']:.0f} / {t['train_cpu_seconds']:.0f} | {t['prompts_match_train']} |")
     ref = meta.get("train_reference")
