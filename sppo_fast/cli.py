@@ -9,7 +9,7 @@ SUBCOMMANDS = {
     "train": ("sppo_fast.trainer.cli:train_main", "train a policy with SPPO or a baseline (the main job)"),
     "plot": ("sppo_fast.trainer.cli:plot_main", "plot accuracy and reward of one or more run directories"),
     "compare": ("sppo_fast.trainer.compare:main", "train algorithms x seeds side by side; table and plot"),
-    "trl-job": ("sppo_fast.trainer.cli:trl_job_main", "the same job through TRL: GRPOTrainer vs SppoFastGRPOTrainer "
+    "trl-job": ("sppo_fast.trainer.trl_job:main", "the same job through TRL: GRPOTrainer vs SppoFastGRPOTrainer "
                 "vs SPPOTrainer"),
     "demo": ("sppo_fast.demo:main", "run the fused policy loss on random data and compare with eager"),
     "bench": ("sppo_fast.bench.cli:main", "benchmark the fused ops against eager PyTorch, torch.compile and the floor"),

@@ -183,12 +183,5 @@ def plot_main(argv=None) -> int:
     return 0
 
 
-def trl_job_main(argv=None) -> int:
-    """`sppo-fast trl-job`: the bundled job through TRL 1.16 (sppo_fast/trainer/trl_job.py)."""
-    from sppo_fast.trainer.trl_job import main
-
-    return main(argv)
-
-
 if __name__ == "__main__":
     sys.exit(train_main())

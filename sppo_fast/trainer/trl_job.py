@@ -149,6 +149,12 @@ def grpo_args(variant, cfg, out_dir, steps):
     return GRPOConfig(**common, num_generations=cfg.group_size)
 
 
+def _proc_status_kib(field):
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM): the trainer does not import the benchmarks."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
 def run_one(variant, seed, steps, overrides, model_root, out_dir, evals, prompts_per_step=32, log=print):
     """Train one variant on one seed; returns its record (per-step metrics, evaluations, times, memory)."""
     import torch
@@ -156,7 +162,6 @@ def run_one(variant, seed, steps, overrides, model_root, out_dir, evals, prompts
     torch.set_num_threads(1)
     from transformers import TrainerCallback
 
-    from sppo_fast.bench.harness import _status_kib, reset_peak
     from sppo_fast.trainer.distributed import Dist
     from sppo_fast.trainer.loop import evaluate, make_task, seed_everything
 
@@ -249,13 +254,14 @@ def run_one(variant, seed, steps, overrides, model_root, out_dir, evals, prompts
 
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    base = _status_kib("VmRSS")
-    reset_peak()
+    base = _proc_status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # VmHWM restarts from the current resident set
+        f.write("5")
     t0, c0 = time.time(), time.process_time()
     trainer.train()
     record.update(
         wall_seconds=time.time() - t0, cpu_seconds=time.process_time() - c0, train_seconds=clock["train"],
-        train_cpu_seconds=clock["cpu"], peak_rss_mib=_status_kib("VmHWM") / 1024, base_rss_mib=base / 1024,
+        train_cpu_seconds=clock["cpu"], peak_rss_mib=_proc_status_kib("VmHWM") / 1024, base_rss_mib=base / 1024,
         median_step_seconds=statistics.median(r["step_seconds"] for r in record["rows"]),
         median_step_cpu_seconds=statistics.median(r["step_cpu_seconds"] for r in record["rows"]),
         generations=seen, final_accuracy=record["evals"][-1]["accuracy"],
@@ -467,7 +473,8 @@ def write_report(report, out):
              "not run again.", "",
              "## Summary", "",
              "| variant | runs | accuracy before | final accuracy (mean ± std) | per seed | gain | median "
-             "optimizer step s (wall / CPU) | mean RL step s (wall / CPU) | peak RSS MiB (above base) | train s (wall / CPU, all seeds) | prompts = train's |",
+             "optimizer step s (wall / CPU) | mean RL step s (wall / CPU) | peak RSS MiB (above base) | "
+             "train s (wall / CPU, all seeds) | prompts = train's |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for v, t in table.items():
         per = ", ".join(f"{s}: {a:.3f}" for s, a in t["final_accuracy_per_seed"].items())
@@ -507,8 +514,9 @@ def write_report(report, out):
         lines.append("The `sppo-fast train` runs of the same job are in `docs/compare/` (compare.md).")
     lines += ["", "## First step: trl vs sppo_fast (same rollouts, same parameters)", "",
               f"Target: relative loss difference <= {FIRST_STEP_TARGET:g}.", "",
-              "| seed | loss trl | loss sppo_fast | rel. diff | entropy rel. diff | within target | rollouts differ from "
-              "RL step | max loss rel. diff while the rollouts are the same |", "|---|---|---|---|---|---|---|---|"]
+              "| seed | loss trl | loss sppo_fast | rel. diff | entropy rel. diff | within target | rollouts differ "
+              "from RL step | max loss rel. diff while the rollouts are the same |",
+              "|---|---|---|---|---|---|---|---|"]
     for p in pairs:
         r = p["rows"][0]
         lines.append(f"| {p['seed']} | {fmt(r['loss_trl'], '.8g')} | {fmt(r['loss_sppo_fast'], '.8g')} | "
@@ -526,7 +534,8 @@ def write_report(report, out):
         for r in p["rows"]:
             mark = " *" if div is not None and (r["step"] + MINI_BATCHES - 1) // MINI_BATCHES >= div else ""
             lines.append(f"| {r['step']}{mark} | {fmt(r['loss_trl'], '.6f')} | {fmt(r['loss_sppo_fast'], '.6f')} | "
-                         f"{fmt(r['loss_rel_diff'], '.1e')} | {fmt(r['entropy_trl'])} | {fmt(r['entropy_sppo_fast'])} | "
+                         f"{fmt(r['loss_rel_diff'], '.1e')} | {fmt(r['entropy_trl'])} | "
+                         f"{fmt(r['entropy_sppo_fast'])} | "
                          f"{fmt(r['clip_trl'])} | {fmt(r['clip_sppo_fast'])} | {fmt(r['reward_trl'], '.3f')} | "
                          f"{fmt(r['reward_sppo_fast'], '.3f')} |")
         lines += ["", "(* rollouts no longer identical)" if div else "(rollouts identical at every step)", ""]
@@ -658,7 +667,7 @@ def main(argv=None):
     overrides = parse_overrides(args.set, args.tiny)
     prompts = args.prompts_per_step or (2 if args.tiny else 32)
     steps = {"trl": args.steps, "sppo_fast": args.steps, "sppo": args.sppo_steps or 3 * args.steps}
-    t0, c0 = time.time(), _children_cpu()
+    t0 = time.time()
     records = run_all(variants, seeds, steps, overrides, args.out, args.evals, prompts, in_process=args.in_process,
                       reuse=args.reuse)
     import torch
