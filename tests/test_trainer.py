@@ -478,6 +478,15 @@ def _same_run(a, b, names):
         assert [r.get(key) for r in rb] == [r.get(key) for r in ra], key
 
 
+@pytest.fixture
+def default_sigint():
+    """SIGINT at Python's default handler for the test: a suite launched in the background (`cmd &` from a
+    script) inherits SIGINT ignored, which the trainer rightly keeps ignored (sppo_fast/trainer/signals.py)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def _signal_at(monkeypatch, owner, attr, call, signum):
     """Make the `call`-th call of owner.attr deliver `signum` to this process (through the real handler)."""
     real = getattr(owner, attr)
@@ -494,7 +503,7 @@ def _signal_at(monkeypatch, owner, attr, call, signum):
 
 
 def test_sigint_in_rl_checkpoints_the_step_and_resume_equals_straight_run(tmp_path, monkeypatch,
-                                                                          alternating_rewards):
+                                                                          alternating_rewards, default_sigint):
     """Ctrl-C during step 2 of 4 (save_every 0: no checkpoint would exist before the end): the step is
     finished and checkpointed, the run stops with the resume command, and --resume gives the same weights
     and metrics as a run that was never interrupted."""
@@ -613,7 +622,7 @@ def test_killed_cli_run_resumes_to_the_straight_run(tmp_path, sig):
     _same_run(straight.out, str(out), ["policy", "critic"])
 
 
-def test_a_second_signal_stops_at_once_and_the_handlers_are_put_back():
+def test_a_second_signal_stops_at_once_and_the_handlers_are_put_back(default_sigint):
     from sppo_fast.trainer.signals import StopRequest
 
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
