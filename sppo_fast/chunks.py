@@ -95,6 +95,7 @@ class LinearGrads:
         """(grad_hidden, grad_weight, grad_bias or None), weight and bias in the weight's dtype. On a
         vocabulary shard (parallel.VocabShard) the hidden states' gradient is summed over its group here,
         once per call; the weight's and the bias' are this rank's rows."""
+        self._wide = None  # before the copies below: no chunk-sized buffer under them
         if not self.chunks and not self.into:
             self.weight.zero_()
         if self.shard is not None:
