@@ -34,6 +34,9 @@ import subprocess
 import sys
 import time
 
+from sppo_fast.trainer.compare import cpu_name, one_config
+from sppo_fast.trainer.compare import mean_std as _mean_std
+
 VARIANTS = ("trl", "sppo_fast", "sppo")
 ALGO_OF = {"trl": "grpo", "sppo_fast": "grpo", "sppo": "sppo"}
 LOSS_TYPE = {"grpo": "grpo", "sppo": "bnpo"}  # TRL's loss_type matching the trainer's preset aggregation
@@ -52,8 +55,6 @@ def train_config(variant, seed, overrides, prompts_per_step=32):
     """The TrainConfig `sppo-fast compare` gives this algorithm (docs/compare/: 32 prompts per step, 8 samples
     for grpo and 1 for sppo, grpo at the trainer's lr 3e-4, sppo at 1e-4, 256 held-out prompts), plus
     `overrides`."""
-    from sppo_fast.trainer.compare import one_config
-
     return one_config(ALGO_OF[variant], seed, "unused", prompts_per_step=prompts_per_step,
                       common=dict(overrides, threads=1, progress=False, mini_batches=MINI_BATCHES))
 
@@ -354,10 +355,9 @@ def first_divergence(a, b):
 
 
 def mean_std(values):
+    """compare.mean_std of the values there are; (None, None) when there are none (the report prints "-")."""
     values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return _mean_std(values) if values else (None, None)
 
 
 def summarize(records, meta):
@@ -640,19 +640,6 @@ def parse_overrides(items, tiny):
     return overrides
 
 
-def machine():
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return cpu, os.cpu_count()
-
-
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
@@ -674,7 +661,7 @@ def main(argv=None):
     import transformers
     import trl
 
-    cpu, cores = machine()
+    cpu, cores = cpu_name(), os.cpu_count()
     cfg = train_config(variants[0], seeds[0], overrides, prompts)
     import shlex
 
