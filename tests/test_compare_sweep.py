@@ -321,3 +321,21 @@ def test_clip_entropy_plot_from_traces(tmp_path):
                {"algo": "sspo", "status": "failed"}]
     path = plot_training_signals(records, str(tmp_path / "p.png"), algos=["grpo", "sspo"])
     assert os.path.getsize(path) > 1000
+
+
+def test_clipping_and_entropy_are_summarised_per_algorithm():
+    trace = {"step": list(range(1, 22)), "clipfrac": [None] + [0.1] * 2 + [0.0] * 16 + [0.3] * 2,
+             "entropy": [None, 0.9, 0.8] + [0.5] * 15 + [0.2, 0.4, 0.45]}
+    s = cmp.signals(trace)
+    assert s["clipfrac"] == pytest.approx(0.8 / 20)
+    assert (s["clipfrac_first"], s["clipfrac_last"]) == (pytest.approx(0.1), pytest.approx(0.3))
+    assert (s["entropy_first"], s["entropy_min"], s["entropy_min_step"], s["entropy_final"]) == (0.9, 0.2, 19, 0.45)
+    assert cmp.signals({"step": [1], "entropy": [0.5]}) is None  # a record from before traces had clipping
+    other = dict(trace, entropy=[None, 0.7, 0.6] + [0.5] * 18)
+    runs = [{"trace": trace}, {"trace": other}, {}]
+    stats = cmp.signals_stats(runs)
+    assert stats["runs"] == 2 and stats["entropy_first"][0] == pytest.approx(0.8)
+    table = "\n".join(cmp.signals_markdown({"sspo": {"signals": stats}, "grpo": {"signals": None}}))
+    assert "| sspo | 4 +- 0% | 10 +- 0% | 30 +- 0% | 0.800 +- 0.141 | 0.350 +- 0.212 (12) | 0.475 +- 0.035 |" in table
+    assert "grpo" not in table
+    assert cmp.signals_markdown({"grpo": {"signals": None}}) == []

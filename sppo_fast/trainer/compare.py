@@ -504,6 +504,33 @@ def time_to_reach(curve: list[dict], target: float, time_key: str = "rl_seconds"
     return None
 
 
+def signals(trace: dict) -> dict | None:
+    """One run's clipping and entropy over training, from its `step_trace`: the clip fraction's mean over
+    the policy updates (and over their first and last tenth), the entropy at the first update, its lowest
+    value and the step where it fell there, and its value at the last update. None without those columns
+    (records written before traces were kept)."""
+    steps, clip, entropy = trace.get("step", []), trace.get("clipfrac"), trace.get("entropy")
+    if clip is None or entropy is None:
+        return None
+    clips = [c for c in clip if c is not None]
+    ents = [(e, s) for e, s in zip(entropy, steps) if e is not None]
+    if not clips or not ents:
+        return None
+    tenth = max(1, len(clips) // 10)
+    low, low_step = min(ents)
+    return {"clipfrac": sum(clips) / len(clips), "clipfrac_first": sum(clips[:tenth]) / tenth,
+            "clipfrac_last": sum(clips[-tenth:]) / tenth, "entropy_first": ents[0][0], "entropy_min": low,
+            "entropy_min_step": low_step, "entropy_final": ents[-1][0]}
+
+
+def signals_stats(runs: list[dict]) -> dict | None:
+    """`signals` of each run, as mean +- std over the runs that have them."""
+    per_run = [s for s in (signals(r.get("trace") or {}) for r in runs) if s is not None]
+    if not per_run:
+        return None
+    return {key: mean_std([s[key] for s in per_run]) for key in per_run[0]} | {"runs": len(per_run)}
+
+
 def _greedy(algo: str) -> bool:
     spec = ALGORITHMS.get(algo)
     return bool(spec and spec.greedy_baseline)
@@ -533,6 +560,7 @@ def aggregate(records: list[dict], algos: list[str], reference: str | None, time
                                   * (1 + 1 / r["summary"]["samples_per_prompt"] if _greedy(algo) else 1)
                                   for r in runs]),
             "samples_per_prompt": runs[0]["summary"]["samples_per_prompt"] if runs else None,
+            "signals": signals_stats(runs),
         }
     target = None
     if reference in stats and stats[reference]["runs"]:
@@ -604,6 +632,7 @@ def markdown(result: dict) -> str:
                 row.append(f"{t['mean_curve']:.0f} s = {t['fraction_of_reference_time']:.2f}x {ref}'s; "
                            f"per seed (vs {ref}'s same seed): {seeds}")
         lines.append("| " + " | ".join(row) + " |")
+    lines += signals_markdown(agg["algorithms"])
     failed = [r for r in result["runs"] if r["status"] != "ok"]
     if failed:
         lines += ["", "Failed runs (kept out of the means):", "", "| algorithm | seed | error |", "|---|---|---|"]
@@ -623,6 +652,30 @@ def markdown(result: dict) -> str:
     lines += [f"- {algo}: `{json.dumps(settings['per_algo_settings'][algo], sort_keys=True)}`"
               for algo in settings["algos"]]
     return "\n".join(lines) + "\n"
+
+
+def signals_markdown(stats: dict) -> list[str]:
+    """Clipping and entropy over training, per algorithm (the numbers behind clip_entropy.png)."""
+    rows = [(algo, s["signals"]) for algo, s in stats.items() if s.get("signals")]
+    if not rows:
+        return []
+    lines = ["", "Clipping and policy entropy over training (policy updates only; mean +- std over the runs; "
+             "plotted per step in clip_entropy.png). Clip fraction: the share of tokens whose ratio was clipped, "
+             "over all updates and over their first and last tenth; entropy in nats per token.", "",
+             "| algorithm | clip fraction | first tenth | last tenth | entropy at the first update | lowest entropy "
+             "(its step, mean over runs) | final entropy |", "|---|---|---|---|---|---|---|"]
+
+    def num(ms):
+        return f"{ms[0]:.3f} +- {ms[1]:.3f}"
+
+    def pct(ms):  # clip fractions span 1e-5 (one sample, on-policy) to tens of percent (GSPO): 2 significant
+        return f"{100 * ms[0]:.2g} +- {100 * ms[1]:.2g}%"
+
+    for algo, s in rows:
+        lines.append(f"| {algo} | {pct(s['clipfrac'])} | {pct(s['clipfrac_first'])} | "
+                     f"{pct(s['clipfrac_last'])} | {num(s['entropy_first'])} | {num(s['entropy_min'])} "
+                     f"({s['entropy_min_step'][0]:.0f}) | {num(s['entropy_final'])} |")
+    return lines
 
 
 def sweep_markdown(sweep: dict, algos: list[str], seeds: list[int]) -> list[str]:
