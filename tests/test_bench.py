@@ -230,3 +230,40 @@ def test_the_benchmarks_import_only_downward():
         above = used - set(BENCH_LAYERS[:i])
         assert not above, f"bench/{name}.py imports {sorted(above)} (above or beside it)"
     assert not (PACKAGE / "bench_cli.py").exists() and not (PACKAGE / "bench_long_cot.py").exists()
+
+
+def test_long_cot_merge_keeps_the_columns_and_lengths_of_the_rows_it_keeps():
+    from sppo_fast.bench import long_cot
+
+    def row(impl, length, step_s):
+        phases = {name: {"hwm_mib": 1024.0} for name in ("forward", "loss", "backward", "optimizer")}
+        return {"impl": impl, "length": length, "status": "ok", "step_s": step_s, "peak_mib": 1024.0,
+                "loss_stage_mib": 512.0, "phases": phases, "loss": 0.5}
+
+    def run(date, impls, lengths, rows, capability="AVX512"):
+        return {"environment": {"date": date, "cpu": "cpu", "cores": 2, "torch": "2.13", "cpu_capability": capability},
+                "settings": {"impls": impls, "lengths": lengths, "budget_gib": 16, "hidden": 8, "layers": 1,
+                             "heads": 1, "vocab": 32},
+                "results": rows}
+
+    old = run("day1", ["fused_linear", "compile"], [1024, 4096],
+              [row("fused_linear", 1024, 9.0), row("compile", 1024, 5.0), row("fused_linear", 4096, 30.0)], "AVX2")
+    new = run("day2", ["torch_lce", "fused_linear"], [1024], [row("fused_linear", 1024, 4.0), row("torch_lce", 1024, 8.0)])
+    report = long_cot.merged(old, new)
+    assert report["settings"]["impls"] == ["fused_linear", "compile", "torch_lce"]  # the table's order
+    assert report["settings"]["lengths"] == [1024, 4096]
+    assert {(r["impl"], r["length"], r["step_s"]) for r in report["results"]} == {
+        ("compile", 1024, 5.0), ("fused_linear", 4096, 30.0), ("fused_linear", 1024, 4.0), ("torch_lce", 1024, 8.0)}
+    assert report["run_dates"] == ["day1", "day2"]
+    report["targets"] = long_cot.targets(report["results"], 16, [1024, 4096], report["settings"]["impls"])
+    table = long_cot.markdown(report)
+    assert "| response tokens | fused_linear | compile | torch_lce |" in table
+    assert "5.0 s [run of day1, cpu AVX2] |" in table and "4.0 s |" in table  # a kept cell names its run
+    assert report["targets"]["time_vs_torch_lce"] == {1024: 0.5}
+    assert report["targets"]["time_vs_compile"] == {}  # day 1's compile against day 2's fused_linear: no ratio
+    assert "merged with those of earlier runs on day1" in table
+    same_machine = long_cot.merged(dict(old, environment=new["environment"]), new)
+    assert all("run" not in r for r in same_machine["results"])  # rows of the same machine compare
+    redone = long_cot.merged(old, run("day2", ["fused_linear", "compile"], [1024, 4096], [
+        row(i, n, 1.0) for i in ("fused_linear", "compile") for n in (1024, 4096)]))
+    assert redone["run_dates"] == ["day2"]  # nothing kept from day 1

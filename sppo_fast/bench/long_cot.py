@@ -345,7 +345,8 @@ def targets(rows, budget, lengths=LENGTHS, impls=IMPLS):
     for other in ("compile", "torch_lce", "torch_lce_tuned"):  # fused_linear's step time / theirs
         out[f"time_vs_{other}"] = {
             length: round(by[("fused_linear", length)]["step_s"] / by[(other, length)]["step_s"], 3)
-            for (impl, length) in by if impl == other and ("fused_linear", length) in by}
+            for (impl, length) in by if impl == other and ("fused_linear", length) in by
+            and by[("fused_linear", length)].get("run") == by[(other, length)].get("run")}
     out["loss_stage_growth_bytes_per_token"] = growth_per_token(rows, impls)
     return out
 
@@ -377,7 +378,9 @@ def markdown(report):
     env, rows, tg = report["environment"], report["results"], report["targets"]
     s = report["settings"]
     lines = [f"Long-CoT update step: {env['cpu']}, {env['cores']} cores, torch {env['torch']}, "
-             f"`python bench/bench_long_cot.py` ({env['date']}). Policy: hidden {s['hidden']}, "
+             f"`python bench/bench_long_cot.py` ({env['date']}"
+             + (f"; its rows merged with those of earlier runs on {', '.join(report['run_dates'][:-1])}"
+                if len(report.get("run_dates", [])) > 1 else "") + f"). Policy: hidden {s['hidden']}, "
              f"{s['layers']} decoder layer(s), {s['heads']} heads, vocab {s['vocab']} "
              f"({rows[0].get('parameters', 0) / 1e6 if rows and rows[0].get('parameters') else 0:.0f}M "
              "parameters), activation checkpointing, 1 sequence of 32 prompt + N response tokens, SPPO loss, "
@@ -395,11 +398,12 @@ def markdown(report):
             if r is None:
                 cells.append("" if guess is None else f"not run (out of time); predicted peak {guess:.1f} GiB")
             elif r.get("status") != "ok":
-                cells.append(r["status"].replace("|", "/")[:120])
+                cells.append(r["status"].replace("|", "/")[:120] + (f" [run of {r['run']}]" if r.get("run") else ""))
             else:
                 share = r["loss_stage_mib"] / r["peak_mib"] if r["peak_mib"] > 0 else 0
                 cells.append(f"peak {r['peak_mib'] / 1024:.2f} GiB, loss stage {r['loss_stage_mib'] / 1024:.2f} GiB "
-                             f"({share:.0%}); {r['step_s']:.1f} s" + (" (busy)" if r.get("load_flag") else ""))
+                             f"({share:.0%}); {r['step_s']:.1f} s" + (" (busy)" if r.get("load_flag") else "")
+                             + (f" [run of {r['run']}]" if r.get("run") else ""))
         lines.append(f"| {length} | " + " | ".join(cells) + " |")
     lines += ["", f"Longest response measured within the {tg['budget_gib']:g} GiB budget: "
               + ", ".join(f"{k} {v if v else 'none'}" for k, v in tg["longest_fitting"].items()
@@ -469,6 +473,30 @@ def write_reports(report, out, with_plot=True):
     print(f"wrote {out}, {stem}.md" + (f", {stem}.png" if with_plot else ""))
 
 
+def _machine(env):
+    return env["cpu"], env.get("cpu_capability"), env.get("cores"), tuple(env.get("isa_flags") or ())
+
+
+def merged(previous, report):
+    """`report` with the rows of `previous` it did not redo: the table keeps every implementation and length
+    either run has, and the header names the date of every run whose rows it holds."""
+    fresh = {(r["impl"], r["length"]) for r in report["results"]}
+    env = previous["environment"]
+    # A kept row from another machine (the VM's CPU changes from run to run) names the run it came from:
+    # its cell says so, and its time is compared only with rows of the same run.
+    other_machine = _machine(env) != _machine(report["environment"])
+    earlier = f"{env['date'][:10]}, {env['cpu']} {env.get('cpu_capability', '')}".strip()
+    kept = [dict(r, run=r.get("run", earlier)) if other_machine or "run" in r else r
+            for r in previous["results"] if (r["impl"], r["length"]) not in fresh]
+    s = dict(report["settings"])
+    impls = set(previous["settings"]["impls"]) | set(s["impls"])
+    s["impls"] = [i for i in IMPLS if i in impls]
+    s["lengths"] = sorted(set(previous["settings"]["lengths"]) | set(s["lengths"]))
+    dates = previous.get("run_dates") or [previous["environment"]["date"]]
+    return dict(report, settings=s, results=kept + report["results"],
+                run_dates=dates + [report["environment"]["date"]] if kept else [report["environment"]["date"]])
+
+
 def report_from_log(args):
     """The report of a run from its printed lines: the environment first, then one JSON row per case."""
     with open(args.from_log) as f:
@@ -522,10 +550,7 @@ def main(argv=None):
             print(json.dumps(row), flush=True)
     if args.merge and os.path.exists(out):
         with open(out) as f:
-            previous = json.load(f)
-        fresh = {(r["impl"], r["length"]) for r in report["results"]}
-        kept = [r for r in previous["results"] if (r["impl"], r["length"]) not in fresh]
-        report["results"] = kept + report["results"]
+            report = merged(json.load(f), report)
     if args.quick and args.out is None:
         print(markdown(dict(report, targets=targets(report["results"], args.budget_gib))))
         return 0

@@ -109,8 +109,9 @@ class TrainConfig:
     sft_steps: int = _f(1300, "warm start: optimizer steps. Too few leave the warm start still learning to copy "
                               "the operands from the prompt, which seeds do at different times: at 1000 steps "
                               "one seed in three worked the steps out right 32%% of the time, at 1500 88%%. "
-                              "1300 (was 1500) for the 5-minute budget: 210-258 s cold on 2 Intel Xeon cores, "
-                              "every seed of five then gained +25 to +41 points (docs/default-run/)", min=1)
+                              "1300 (was 1500) for the 5-minute budget: 169-212 s cold on 2 AMD EPYC cores "
+                              "(210-258 s on an Intel Xeon), every seed of five then gained +25 to +41 points; "
+                              "at 1200 one seed of four gained only +22 (docs/default-run/)", min=1)
     sft_batch_size: int = _f(64, "warm start: examples per step", min=1)
     sft_lr: float = _f(3e-3, "warm start: peak learning rate (cosine decay, 5%% warmup)", gt=0)
     sft_direct_fraction: float = _f(0.5, "warm start: fraction of examples whose target is only the final "
