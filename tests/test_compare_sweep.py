@@ -339,3 +339,12 @@ def test_clipping_and_entropy_are_summarised_per_algorithm():
     assert "| sspo | 4 +- 0% | 10 +- 0% | 30 +- 0% | 0.800 +- 0.141 | 0.350 +- 0.212 (12) | 0.475 +- 0.035 |" in table
     assert "grpo" not in table
     assert cmp.signals_markdown({"grpo": {"signals": None}}) == []
+
+
+def test_signals_spanning_orders_of_magnitude_get_a_symlog_axis():
+    from sppo_fast.trainer.plots import log_scale_threshold
+
+    assert log_scale_threshold([0.0, 0.1, 0.4, 0.2]) is None  # within 100x: linear
+    assert log_scale_threshold([0.0, 3e-4, 0.4]) == 3e-4  # GRPO's 0.03% beside GSPO's 40%
+    assert log_scale_threshold([1e-9, 0.5]) == 1e-6
+    assert log_scale_threshold([]) is None and log_scale_threshold([0.0, 0.0]) is None

@@ -78,6 +78,15 @@ def plot_runs(run_dirs: list[str], out_dir: str) -> list[str]:
     return written
 
 
+def log_scale_threshold(values: list[float], span: float = 100.0) -> float | None:
+    """Where a symlog axis should turn linear when the positive `values` span more than `span`x (their
+    smallest positive value, at least 1e-6), else None: a linear axis then does."""
+    positive = [v for v in values if v > 0]
+    if not positive or max(positive) / min(positive) <= span:
+        return None
+    return max(min(positive), 1e-6)
+
+
 def plot_training_signals(records: list[dict], path: str, keys=("clipfrac", "entropy"), algos=None) -> str:
     """One panel per key of the per-step traces that `sppo-fast compare` keeps (compare.json's
     runs[i]["trace"]; by default the clip fraction and the policy entropy in nats per token) against the RL
@@ -93,6 +102,7 @@ def plot_training_signals(records: list[dict], path: str, keys=("clipfrac", "ent
     titles = {"clipfrac": "clip fraction (tokens whose ratio was clipped)", "entropy": "policy entropy (nats/token)"}
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
     for ax, key in zip(axes[0], keys):
+        means = []
         for i, algo in enumerate(order):
             traces = [r["trace"] for r in runs if r["algo"] == algo and r["trace"].get(key)]
             if not traces:
@@ -105,10 +115,15 @@ def plot_training_signals(records: list[dict], path: str, keys=("clipfrac", "ent
                 for s, v in pts:
                     by_step.setdefault(s, []).append(v)
             steps = sorted(by_step)
-            ax.plot(steps, [sum(by_step[s]) / len(by_step[s]) for s in steps], color=color, linewidth=2,
-                    label=f"{algo} ({len(traces)} runs)")
+            mean = [sum(by_step[s]) / len(by_step[s]) for s in steps]
+            means += mean
+            ax.plot(steps, mean, color=color, linewidth=2, label=f"{algo} ({len(traces)} runs)")
         ax.set_xlabel("RL step")
         ax.set_ylabel(titles.get(key, key))
+        threshold = log_scale_threshold(means)
+        if threshold is not None:  # e.g. GSPO clipping 10% of tokens beside GRPO's 0.04%: a linear axis hides GRPO
+            ax.set_yscale("symlog", linthresh=threshold)
+            ax.set_ylabel(titles.get(key, key).split(" (")[0] + " (symlog axis)")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
