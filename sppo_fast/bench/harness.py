@@ -39,19 +39,13 @@ import time
 
 import torch
 
+from sppo_fast.trainer.resident import reset_peak, status_kib
+
 LOAD_PER_CORE = 0.75  # the load average above which a row is flagged: 1.5 on 2 cores
 
 
 # ----------------------------------------------------------------------------------------------------
 # Memory (in a child)
-
-
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
 def _faithful_rss():
@@ -61,12 +55,6 @@ def _faithful_rss():
     libc.mallopt(m_mmap_threshold, 64 * 1024)
     libc.mallopt(m_trim_threshold, 0)
     libc.malloc_trim(0)
-
-
-def reset_peak():
-    """Restart the kernel's resident high-water mark (VmHWM) from the current resident set."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def peak_extra_mib(fn):
@@ -81,9 +69,9 @@ def peak_extra_mib(fn):
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     reset_peak()
-    base = _status_kib("VmRSS")
+    base = status_kib("VmRSS")
     out = fn()
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     del out
     gc.collect()
     return (peak - base) / 1024, buffers.cached_bytes() / 2**20

@@ -190,16 +190,16 @@ def run_child(case):
     gc.collect()
     libc_trim = __import__("ctypes").CDLL("libc.so.6").malloc_trim
     libc_trim(0)
-    base = harness._status_kib("VmRSS")
+    base = harness.status_kib("VmRSS")
     phases = {}
 
     def phase(name, fn):
         harness.reset_peak()  # the high-water mark restarts from the current resident set
-        start = harness._status_kib("VmRSS")
+        start = harness.status_kib("VmRSS")
         t = time.perf_counter()
         fn()
         phases[name] = {"s": round(time.perf_counter() - t, 3), "start_mib": round((start - base) / 1024, 1),
-                        "hwm_mib": round((harness._status_kib("VmHWM") - base) / 1024, 1)}
+                        "hwm_mib": round((harness.status_kib("VmHWM") - base) / 1024, 1)}
 
     t0 = time.perf_counter()
     state = update_step(case, lm, policy, opt, inp, phase)

@@ -29,6 +29,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -36,6 +37,7 @@ import time
 
 from sppo_fast.trainer.compare import cpu_name, one_config
 from sppo_fast.trainer.compare import mean_std as _mean_std
+from sppo_fast.trainer.resident import reset_peak, status_kib
 
 VARIANTS = ("trl", "sppo_fast", "sppo")
 ALGO_OF = {"trl": "grpo", "sppo_fast": "grpo", "sppo": "sppo"}
@@ -150,12 +152,6 @@ def grpo_args(variant, cfg, out_dir, steps):
     return GRPOConfig(**common, num_generations=cfg.group_size)
 
 
-def _proc_status_kib(field):
-    """A field of /proc/self/status in KiB (VmRSS, VmHWM): the trainer does not import the benchmarks."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def run_one(variant, seed, steps, overrides, model_root, out_dir, evals, prompts_per_step=32, log=print):
     """Train one variant on one seed; returns its record (per-step metrics, evaluations, times, memory)."""
     import torch
@@ -255,14 +251,13 @@ def run_one(variant, seed, steps, overrides, model_root, out_dir, evals, prompts
 
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    base = _proc_status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:  # VmHWM restarts from the current resident set
-        f.write("5")
+    base = status_kib("VmRSS")
+    reset_peak()
     t0, c0 = time.time(), time.process_time()
     trainer.train()
     record.update(
         wall_seconds=time.time() - t0, cpu_seconds=time.process_time() - c0, train_seconds=clock["train"],
-        train_cpu_seconds=clock["cpu"], peak_rss_mib=_proc_status_kib("VmHWM") / 1024, base_rss_mib=base / 1024,
+        train_cpu_seconds=clock["cpu"], peak_rss_mib=status_kib("VmHWM") / 1024, base_rss_mib=base / 1024,
         median_step_seconds=statistics.median(r["step_seconds"] for r in record["rows"]),
         median_step_cpu_seconds=statistics.median(r["step_cpu_seconds"] for r in record["rows"]),
         generations=seen, final_accuracy=record["evals"][-1]["accuracy"],
@@ -663,8 +658,6 @@ def main(argv=None):
 
     cpu, cores = cpu_name(), os.cpu_count()
     cfg = train_config(variants[0], seeds[0], overrides, prompts)
-    import shlex
-
     meta = {"command": "sppo-fast trl-job " + shlex.join(argv), "cpu": cpu, "cores": cores, "note": args.note,
             "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
             "steps": steps, "seeds": seeds, "prompts_per_step": prompts, "variants": variants, "overrides": overrides,
