@@ -15,6 +15,10 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 VENV=${SPPO_FAST_VENV:-.venv}
 TORCH=torch==2.13.0  # pinned: an unpinned torch pulls a CUDA build of several GB
+# The checkout's kernels/ (installed as sppo_fast.kernels) would shadow Hugging Face's `kernels` package,
+# which transformers >= 5.25 imports, in every `python -m` process started here (pytest, compare's runs):
+# those put the working directory first on sys.path unless this is set (Python >= 3.11).
+export PYTHONSAFEPATH=1
 
 usage() {
     sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
