@@ -87,7 +87,9 @@ def test_a_spilling_config_is_caught():
     """The detector itself: one warp for an 8192-wide tile (256 elements per thread) spills on sm_90a."""
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this Triton build has no NVIDIA backend")
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_ALWAYS_COMPILE="1", TRITON_DEFAULT_FP_FUSION="1")
+    # PYTHONPATH, not the working directory: run.sh sets PYTHONSAFEPATH, which keeps `-c` from importing from it
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_ALWAYS_COMPILE="1", TRITON_DEFAULT_FP_FUSION="1",
+               PYTHONPATH=str(SCRIPT.parent))
     done = subprocess.run([sys.executable, "-c", SPILLING], cwd=SCRIPT.parent, capture_output=True, text=True,
                           timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
