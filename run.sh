@@ -15,9 +15,10 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 VENV=${SPPO_FAST_VENV:-.venv}
 TORCH=torch==2.13.0  # pinned: an unpinned torch pulls a CUDA build of several GB
-# The checkout's kernels/ (installed as sppo_fast.kernels) would shadow Hugging Face's `kernels` package,
-# which transformers >= 5.25 imports, in every `python -m` process started here (pytest, compare's runs):
-# those put the working directory first on sys.path unless this is set (Python >= 3.11).
+# A guard only: the checkout has no top-level package that could shadow an installed one (the Triton kernels
+# live in sppo_fast/kernels/; a top-level kernels/ once hid Hugging Face's `kernels`), but every `python -m`
+# process started here (pytest, compare's runs) would otherwise put the checkout first on sys.path, where a
+# future top-level directory could do it again (Python >= 3.11).
 export PYTHONSAFEPATH=1
 
 usage() {

@@ -1,5 +1,5 @@
-"""Packaging: the Python package, the Triton kernels as `sppo_fast.kernels`, and the native CPU
-extension `sppo_fast._C` built from csrc/ with ninja. A failed native build never fails the install:
+"""Packaging: the Python package (the Triton kernels included, as sppo_fast/kernels/), and the native
+CPU extension `sppo_fast._C` built from csrc/ with ninja. A failed native build never fails the install:
 the extension is then missing and `sppo_fast.backend_info()` says why the reference serves the CPU."""
 
 import glob
@@ -8,9 +8,9 @@ import sys
 
 from setuptools import find_packages, setup
 
-# every package under sppo_fast/, plus kernels/ shipped as sppo_fast.kernels (never a top-level `kernels`)
-PACKAGES = find_packages(include=["sppo_fast", "sppo_fast.*"]) + ["sppo_fast.kernels"]
-PACKAGE_DIR = {"sppo_fast.kernels": "kernels"}
+# every package under sppo_fast/, sppo_fast.kernels (the Triton kernels) included: nothing top-level,
+# so no checkout directory can shadow an installed package (Hugging Face's `kernels`, for one)
+PACKAGES = find_packages(include=["sppo_fast", "sppo_fast.*"])
 
 
 # One build of csrc/ per x86 ISA, as ATen does for its own CPU kernels: the same source compiled with
@@ -62,4 +62,4 @@ def native_extension():
 
 
 ext_modules, cmdclass = native_extension()
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)
+setup(packages=PACKAGES, ext_modules=ext_modules, cmdclass=cmdclass)

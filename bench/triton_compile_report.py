@@ -1,4 +1,4 @@
-"""GPU readiness without a GPU: compile every Triton kernel of kernels/ in every launch configuration it
+"""GPU readiness without a GPU: compile every Triton kernel of sppo_fast/kernels/ in every launch configuration it
 can use (the forward's autotune configs, the backward's tile shapes), for NVIDIA sm_80 (A100) and
 sm_90a (H100/H200) and AMD gfx942 (MI300), and record registers, spills and shared memory of each.
 

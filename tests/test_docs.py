@@ -11,7 +11,7 @@ import sppo_fast as sf
 
 ROOT = Path(__file__).resolve().parent.parent
 API = ROOT / "docs" / "api.md"
-CITING = ("sppo_fast", "kernels", "csrc", "bench", "tests", "docs")
+CITING = ("sppo_fast", "csrc", "bench", "tests", "docs")
 SUFFIXES = {".py", ".md", ".cpp", ".h", ".yaml", ".toml"}
 ADVANTAGES = {"`gae`": "gae", "group, std": "group_std", "group, none": "group_none", "rloo": "rloo",
               "`R - sigmoid(z)`": "sppo"}

@@ -1,5 +1,5 @@
 """The two kernels of the backend interface (sppo_fast/backends/__init__.py), native CPU (csrc/) and
-Triton (kernels/), against an fp64 reference under docs/api.md §5's criterion: the kernels' error may exceed
+Triton (sppo_fast/kernels/), against an fp64 reference under docs/api.md §5's criterion: the kernels' error may exceed
 the error of eager PyTorch at the logits' dtype by at most 1e-5 (fp32) or 1e-2 (bf16/fp16).
 
 Every shared test runs once per backend through the `kernels` fixture. Without a GPU the Triton

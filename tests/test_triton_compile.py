@@ -1,4 +1,4 @@
-"""GPU readiness without a GPU (what the interpreter cannot show): every Triton kernel of kernels/, in
+"""GPU readiness without a GPU (what the interpreter cannot show): every Triton kernel of sppo_fast/kernels/, in
 every launch configuration it can use, passes Triton's compiler down to a cubin for sm_80 and sm_90a
 (and an hsaco for AMD gfx942), without register spills, with 64-bit row offsets; and the recorded
 report bench/results/triton-compile.{json,md} is the one this code produces.
@@ -70,7 +70,7 @@ def test_every_kernel_and_config_compiles_for_every_target(report):
 
 def test_no_config_spills_and_row_offsets_are_64_bit(report):
     spilling = [{k: r[k] for k in KEY + MEASURED} for r in report["rows"] if r["spills"] or r["stack_bytes"]]
-    assert not spilling, f"register spills (fix the config, see kernels/): {spilling}"
+    assert not spilling, f"register spills (fix the config, see sppo_fast/kernels/): {spilling}"
     narrow = [{k: r[k] for k in KEY} for r in report["rows"] if not r["int64_row_offsets"]]
     assert not narrow, f"row * stride computed in 32 bits: {narrow}"
     assert all(r["registers"] > 0 for r in report["rows"]), "a register count was not read"

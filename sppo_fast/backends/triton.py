@@ -1,8 +1,8 @@
 """The Triton backend (docs/api.md §7): CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
 
 The two functions of the backend interface (see sppo_fast.backends), each one kernel launch from
-kernels/ (shipped as sppo_fast.kernels): a forward that reads the logits once and a backward that reads
-them once and writes the gradient once. Arguments arrive validated by the public functions (sppo_fast.api).
+sppo_fast/kernels/: a forward that reads the logits once and a backward that reads them once and writes the
+gradient once. Arguments arrive validated by the public functions (sppo_fast.api).
 """
 
 import contextlib
