@@ -50,10 +50,12 @@ class LinearGrads:
     zeroed, the first chunk's matmul writes it (beta=0), which saves a pass over V x H; with
 `single_chunk` they are written in the weight's dtype directly. With `into`
     ((weight_grad, bias_grad), either None to skip it) they are added into those tensors instead (the
-    parameters' `.grad`, see integrations.grad_accumulation). Rows no chunk visits get a zero gradient."""
+    parameters' `.grad`, see integrations.grad_accumulation). Rows no chunk visits get a zero gradient.
+    `backend`: the kernel backend serving the call (sppo_fast.dispatch), whose bf16 weight-gradient
+    product, if it has one, replaces torch's (see weight_grad_product)."""
 
-    def __init__(self, hidden, weight, bias, into=None, shard=None, single_chunk=False):
-        self.lm_head, self.shard = weight, shard
+    def __init__(self, hidden, weight, bias, backend, into=None, shard=None, single_chunk=False):
+        self.lm_head, self.shard, self.backend = weight, shard, backend
         self.hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
         self.into = into is not None
         if self.into:
@@ -66,6 +68,7 @@ class LinearGrads:
             self.bias = None if bias is None else torch.zeros(bias.shape, dtype=wide, device=bias.device)
         self.chunks = 0
         self._wide = None
+        self._product = weight_grad_product(backend, weight, self.weight)
 
     def add_chunk(self, grad_logits, h, rows):
         """grad_logits (n, V) of the chunk whose hidden rows are `rows` (a slice or index tensor), h (n, H)."""
@@ -75,11 +78,18 @@ class LinearGrads:
             self.hidden.index_copy_(0, rows, grad_logits @ self.lm_head)
         if self.weight is not None:
             beta = 1 if self.chunks or self.into else 0
-            with bf16_products(self.lm_head, self.weight):
-                self.weight.addmm_(self._widened(grad_logits).T, h.to(self.weight.dtype), beta=beta)
+            if self._product is not None:
+                self._product(self.weight, grad_logits, h, bool(beta))
+            else:
+                self._add_weight_grad(grad_logits, h, beta)
         if self.bias is not None:
             self.bias += grad_logits.sum(0, dtype=torch.float32).to(self.bias.dtype)
         self.chunks += 1
+
+    def _add_weight_grad(self, grad_logits, h, beta):
+        """torch's product into the accumulator: fp32 operands for an fp32 one (see bf16_products)."""
+        with bf16_products(self.lm_head, self.weight):
+            self.weight.addmm_(self._widened(grad_logits).T, h.to(self.weight.dtype), beta=beta)
 
     def _widened(self, grad_logits):
         """grad_logits in the accumulator's dtype, copied into one buffer kept across the chunks: a fresh
@@ -103,6 +113,22 @@ class LinearGrads:
         dtype = self.lm_head.dtype
         return (self.hidden, None if self.weight is None else self.weight.to(dtype),
                 None if self.bias is None else self.bias.to(dtype))
+
+
+def weight_grad_product(backend, lm_head, accumulator):
+    """The backend's own weight-gradient product, `product(accumulator, grad_logits, h, accumulate)`, where
+    it serves this call (csrc/weight_grad_bf16.cpp: a bf16 head, an fp32 accumulator, a CPU with
+    AVX512-BF16), else None (torch's addmm). torch has no CPU matmul of bf16 operands into an fp32 output:
+    its way, the gradient widened to fp32 and oneDNN at bf16 precision (bf16_products), took 173 ms a chunk
+    of 256 tokens at V = 151936, H = 512 on the 2-core AMD EPYC, the backend's 70 ms. Where the CPU has AMX
+    tiles, oneDNN's matmul runs on them, several times the AVX512-BF16 rate: torch's way is kept there
+    (not measured: no AMX machine was at hand)."""
+    product = getattr(backend, "accumulate_weight_grad", None)
+    if (product is None or lm_head.dtype != torch.bfloat16 or accumulator is None
+            or accumulator.dtype != torch.float32 or accumulator.device.type != "cpu"
+            or not accumulator.is_contiguous() or torch.cpu._is_amx_tile_supported()):
+        return None
+    return product
 
 
 def bf16_products(lm_head, accumulator):

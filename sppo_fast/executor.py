@@ -67,7 +67,7 @@ class _OnePassLinearLoss(torch.autograd.Function):
         logp = torch.zeros(grid_inputs.valid.shape, dtype=torch.float32, device=hidden.device)
         entropy = torch.zeros_like(logp)
         loss = logp.new_zeros(())
-        grads = LinearGrads(hidden, weight, bias, shard=shard, single_chunk=len(plan.chunks) == 1) \
+        grads = LinearGrads(hidden, weight, bias, backend, shard=shard, single_chunk=len(plan.chunks) == 1) \
             if compute_grad else None
         for chunk, (rows, h, logits) in zip(plan.chunks, chunk_logits(hidden, weight, bias,
                                                                        [c.rows for c in plan.chunks])):

@@ -141,8 +141,8 @@ def _(hidden, weight, bias, targets, temperature, ignore_index, compute_entropy,
 def linear_backward_into(grads, hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy,
                          temperature, ignore_index, chunk_size, shard=None):
     """The backward of the linear chunk loop into `grads` (a chunks.LinearGrads): each chunk's logits are
-    recomputed, turned into their gradient in place by the backward kernel, and folded into grads."""
-    backend = dispatch.backend_for(hidden.device, hidden.dtype)
+    recomputed, turned into their gradient in place by grads' backend's backward kernel, and folded in."""
+    backend = grads.backend
     for rows, h, logits in chunk_logits(hidden, weight, bias, row_slices(hidden.shape[0], chunk_size)):
         g_ent = None if grad_entropy is None else grad_entropy[rows]
         grad = kernel_backward(backend, shard, logits, targets[rows], lse[rows], entropy[rows], grad_logp[rows],
@@ -159,7 +159,8 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
     """(grad_hidden, grad_weight, grad_bias); the chunk's logits are recomputed, never stored. On a
     vocabulary shard: the hidden states' gradient summed over the group, the weight's and bias' local."""
     shard = vocab_shard_from_op(vocab_group, vocab_starts)
-    grads = LinearGrads(hidden, weight, bias, shard=shard, single_chunk=hidden.shape[0] <= chunk_size)
+    grads = LinearGrads(hidden, weight, bias, dispatch.backend_for(hidden.device, hidden.dtype), shard=shard,
+                        single_chunk=hidden.shape[0] <= chunk_size)
     grads = linear_backward_into(grads, hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy,
                                  temperature, ignore_index, chunk_size, shard)
     grad_hidden, grad_weight, grad_bias = grads.result()

@@ -209,7 +209,8 @@ def test_a_low_precision_head_takes_one_chunk_when_that_holds_less_memory(monkey
 
 
 def test_a_bf16_heads_fp32_weight_gradient_takes_bf16_products_where_the_cpu_has_them(monkeypatch):
-    """chunks.bf16_products: the chunked weight gradient of a bf16 head accumulates in fp32 through
+    """chunks.bf16_products (where the native backend's own product does not serve:
+    tests/test_weight_grad_bf16.py): the chunked weight gradient of a bf16 head accumulates in fp32 through
     oneDNN's bf16 units (its operands are bf16 values, so narrowing them is exact): the same gradient as
     plain fp32 products, the process-wide flag restored after the call, and nothing changed for fp32."""
     import sppo_fast.chunks as chunks
@@ -223,6 +224,7 @@ def test_a_bf16_heads_fp32_weight_gradient_takes_bf16_products_where_the_cpu_has
     config = sf.PolicyLossConfig.preset("dapo")
     seen = []
     real = chunks.bf16_products
+    monkeypatch.setattr(chunks, "weight_grad_product", lambda *a: None)  # torch's product, which this tests
     monkeypatch.setattr(chunks, "bf16_products", lambda w, acc: seen.append(torch.backends.mkldnn.matmul.fp32_precision)
                         or real(w, acc))
 

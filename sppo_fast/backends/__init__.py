@@ -1,7 +1,9 @@
-"""Kernel backends: each serves the two vocabulary-sized kernels of docs/api.md §9, nothing else.
+"""Kernel backends: each serves the two vocabulary-sized kernels of docs/api.md §9, and may offer a faster
+weight-gradient product for the linear path; nothing else.
 
-A backend is a module with exactly these two functions. The public functions (`sppo_fast.api`) have
-validated every argument before any kernel runs, so a backend never checks input again:
+A backend is a module with these two kernels and `accumulate_weight_grad` (below; None when it has
+none). The public functions (`sppo_fast.api`) have validated every argument before any kernel runs, so
+a backend never checks input again:
 
     token_logprobs_forward(logits, targets, temperature, ignore_index, compute_entropy, lse_dtype=fp32)
         -> (logp, entropy, lse)
@@ -28,6 +30,14 @@ validated every argument before any kernel runs, so a backend never checks input
         are 0; a target outside [0, V) has no 1[j == target] term. inplace=True writes the gradient
         into `logits` itself and returns it (the caller no longer needs the logits); otherwise a new
         contiguous tensor is returned.
+
+    accumulate_weight_grad(accumulator, grad_logits, hidden, accumulate) or None
+
+        the linear path's weight-gradient product where the backend has a faster one than torch's:
+        accumulator (V, H) fp32 contiguous += grad_logits (n, V)^T hidden (n, H) (= when not
+        accumulate), both bf16 with unit column strides; products exact, sums in fp32. Only the
+        native backend has one, on CPUs with AVX512-BF16 (csrc/weight_grad_bf16.cpp); the callers
+        (sppo_fast.chunks.weight_grad_product) decide where it serves.
 
 Vocabulary parallelism (tensor-parallel lm_head): each rank passes its shard (N, V_r) of the logits
 and targets translated to local ids, so a row whose target another rank holds has one outside [0, V_r).

@@ -71,3 +71,16 @@ def token_logprobs_backward(logits, targets, lse, entropy, grad_logp, grad_entro
     """The interface's backward; `lse` may be fp32 or fp64."""
     return _C.token_logprobs_backward(logits, targets, lse, entropy, grad_logp, grad_entropy,
                                       float(temperature), int(ignore_index), bool(inplace))
+
+
+def _weight_grad_product():
+    """accumulate_weight_grad of the backend interface where the CPU has AVX512-BF16, else None."""
+    if not _C.weight_grad_bf16_supported():
+        return None
+
+    def accumulate_weight_grad(accumulator, grad_logits, hidden, accumulate):
+        _C.accumulate_weight_grad_bf16(accumulator, grad_logits, hidden, bool(accumulate))
+    return accumulate_weight_grad
+
+
+accumulate_weight_grad = _weight_grad_product()

@@ -35,3 +35,6 @@ def token_logprobs_backward(logits, targets, lse, entropy, grad_logp, grad_entro
         out[a:b] = reference.logprobs_grad(logits[a:b], targets[a:b], lse[a:b], entropy[a:b],
                                            grad_logp[a:b], g_ent, temperature, ignore_index)
     return out
+
+
+accumulate_weight_grad = None  # no weight-gradient product of its own: the linear path uses torch's

@@ -41,3 +41,6 @@ def describe():
     """One line for sppo_fast.backend_info()."""
     mode = "interpreter (TRITON_INTERPRET=1)" if triton.knobs.runtime.interpret else "compiled"
     return f"triton {triton.__version__}, {mode}"
+
+
+accumulate_weight_grad = None  # no weight-gradient product of its own: the linear path uses torch's

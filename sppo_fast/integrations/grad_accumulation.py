@@ -15,6 +15,7 @@ callers with DDP or DeepSpeed must not ask for it (their reducers hook the accum
 import torch
 import torch.nn.functional as F
 
+from .. import dispatch
 from .._checks import ValueChecks, check_linear
 from ..api import linear_logprobs
 from ..chunks import LinearGrads
@@ -82,7 +83,8 @@ class _HeadLogprobsIntoGrad(torch.autograd.Function):
         weight, bias = ctx.head
         temperature, chunk = ctx.options
         grad_logp, grad_entropy = coefficients(grad_logp, grad_entropy, lse)
-        grads = LinearGrads(hidden, weight, bias, into=(_grad_buffer(weight), _grad_buffer(bias)))
+        grads = LinearGrads(hidden, weight, bias, dispatch.backend_for(hidden.device, hidden.dtype),
+                            into=(_grad_buffer(weight), _grad_buffer(bias)))
         linear_backward_into(grads, hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy,
                              temperature, -100, chunk)
         return grads.hidden, None, None, None, None, None
