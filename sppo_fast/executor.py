@@ -66,24 +66,10 @@ class _OnePassLinearLoss(torch.autograd.Function):
         grid_inputs, grid_weights = plan.loss_grid(inputs, weights)
         logp = torch.zeros(grid_inputs.valid.shape, dtype=torch.float32, device=hidden.device)
         entropy = torch.zeros_like(logp)
-        loss = logp.new_zeros(())
         grads = LinearGrads(hidden, weight, bias, backend, shard=shard, single_chunk=len(plan.chunks) == 1) \
             if compute_grad else None
-        for chunk, (rows, h, logits) in zip(plan.chunks, chunk_logits(hidden, weight, bias,
-                                                                       [c.rows for c in plan.chunks])):
-            chunk_targets = targets.index_select(0, rows)
-            lp, ent, lse = kernel_forward(backend, shard, logits, chunk_targets, temperature, IGNORE_INDEX, True)
-            a, b = chunk.seqs
-            _place(logp[a:b], chunk.cells, lp)
-            _place(entropy[a:b], chunk.cells, ent)
-            chunk_loss, g_logp, g_ent = _loss_and_coefficients(
-                logp[a:b], entropy[a:b], grid_inputs.sequences(a, b), grid_weights[a:b], config, compute_grad)
-            loss += chunk_loss
-            if grads is not None:
-                g_logp, g_ent = _take(g_logp, chunk.cells), None if g_ent is None else _take(g_ent, chunk.cells)
-                grad = kernel_backward(backend, shard, logits, chunk_targets, lse, ent, g_logp, g_ent, temperature,
-                                       IGNORE_INDEX, True)
-                grads.add_chunk(grad, h, rows)
+        loss = _run_chunks(backend, plan, hidden, weight, bias, targets, grid_inputs, grid_weights, config,
+                           temperature, shard, logp, entropy, grads)
         shape = inputs.valid.shape
         logp, entropy = plan.output_grid(logp, shape), plan.output_grid(entropy, shape)
         ctx.mark_non_differentiable(logp, entropy)
@@ -101,6 +87,30 @@ class _OnePassLinearLoss(torch.autograd.Function):
             return grad_hidden, grad_weight, grad_bias, *none
         return (*(None if g is None else g * grad_loss.to(g.dtype) for g in (grad_hidden, grad_weight, grad_bias)),
                 *none)
+
+
+def _run_chunks(backend, plan, hidden, weight, bias, targets, grid_inputs, grid_weights, config, temperature, shard,
+                logp, entropy, grads):
+    """The one pass over the plan's chunks: fills logp and entropy (on the loss grid), adds each chunk's
+    gradients into `grads` (None: no gradient), returns the loss. A function of its own so that the last
+    chunk's logits buffer is freed on return, before the caller's grads.result() copies the weight gradient."""
+    loss = logp.new_zeros(())
+    for chunk, (rows, h, logits) in zip(plan.chunks, chunk_logits(hidden, weight, bias,
+                                                                   [c.rows for c in plan.chunks])):
+        chunk_targets = targets.index_select(0, rows)
+        lp, ent, lse = kernel_forward(backend, shard, logits, chunk_targets, temperature, IGNORE_INDEX, True)
+        a, b = chunk.seqs
+        _place(logp[a:b], chunk.cells, lp)
+        _place(entropy[a:b], chunk.cells, ent)
+        chunk_loss, g_logp, g_ent = _loss_and_coefficients(
+            logp[a:b], entropy[a:b], grid_inputs.sequences(a, b), grid_weights[a:b], config, grads is not None)
+        loss += chunk_loss
+        if grads is not None:
+            g_logp, g_ent = _take(g_logp, chunk.cells), None if g_ent is None else _take(g_ent, chunk.cells)
+            grad = kernel_backward(backend, shard, logits, chunk_targets, lse, ent, g_logp, g_ent, temperature,
+                                   IGNORE_INDEX, True)
+            grads.add_chunk(grad, h, rows)
+    return loss
 
 
 def _place(sub_grid, cells, values):
