@@ -48,27 +48,36 @@ class LinearGrads:
     """The gradients of hidden, weight and bias of `logits = hidden @ weight.T + bias`, accumulated chunk
     by chunk. By default weight and bias accumulate in fp32 buffers of their own; the weight's is never
     zeroed, the first chunk's matmul writes it (beta=0), which saves a pass over V x H; with
-`single_chunk` they are written in the weight's dtype directly. With `into`
+    `single_chunk` they are written in the weight's dtype directly. With `into`
     ((weight_grad, bias_grad), either None to skip it) they are added into those tensors instead (the
     parameters' `.grad`, see integrations.grad_accumulation). Rows no chunk visits get a zero gradient.
     `backend`: the kernel backend serving the call (sppo_fast.dispatch), whose bf16 weight-gradient
-    product, if it has one, replaces torch's (see weight_grad_product)."""
+    product, if it has one, replaces torch's (see weight_grad_product).
+
+    An fp32 accumulator of a bf16/fp16 head is held as blocks of vocabulary rows, separate tensors of about
+    32 MiB: result() frees each block once it is copied into the weight's dtype, so the resident peak is the
+    accumulator and one block's copy, not the accumulator and the whole copy (297 + 148 MiB at V = 151936,
+    H = 512); untouched pages of the copy's tensor are not resident yet."""
 
     def __init__(self, hidden, weight, bias, backend, into=None, shard=None, single_chunk=False):
         self.lm_head, self.shard, self.backend = weight, shard, backend
         self.hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
         self.into = into is not None
         if self.into:
-            self.weight, self.bias = into
+            weight_grad, self.bias = into
+            self.weight_blocks = None if weight_grad is None else [(slice(None), weight_grad)]
         else:
             # one chunk: one matmul, which accumulates in fp32 and rounds once, straight into the weight's
             # dtype (no accumulator; plan.default_chunk_size); several: an fp32 accumulator
             wide = weight.dtype if single_chunk else torch.promote_types(weight.dtype, torch.float32)
-            self.weight = torch.empty(weight.shape, dtype=wide, device=weight.device)
+            self.weight_blocks = [(rows, torch.empty((rows.stop - rows.start, weight.shape[1]), dtype=wide,
+                                                     device=weight.device))
+                                  for rows in _accumulator_blocks(weight, wide)]
             self.bias = None if bias is None else torch.zeros(bias.shape, dtype=wide, device=bias.device)
         self.chunks = 0
         self._wide = None
-        self._product = weight_grad_product(backend, weight, self.weight)
+        first = None if self.weight_blocks is None else self.weight_blocks[0][1]
+        self._product = weight_grad_product(backend, weight, first)
 
     def add_chunk(self, grad_logits, h, rows):
         """grad_logits (n, V) of the chunk whose hidden rows are `rows` (a slice or index tensor), h (n, H)."""
@@ -76,30 +85,31 @@ class LinearGrads:
             torch.mm(grad_logits, self.lm_head, out=self.hidden[rows])
         else:
             self.hidden.index_copy_(0, rows, grad_logits @ self.lm_head)
-        if self.weight is not None:
-            beta = 1 if self.chunks or self.into else 0
+        beta = 1 if self.chunks or self.into else 0
+        for vocab_rows, block in self.weight_blocks or ():
+            grad_block = grad_logits[:, vocab_rows]
             if self._product is not None:
-                self._product(self.weight, grad_logits, h, bool(beta))
+                self._product(block, grad_block, h, bool(beta))
             else:
-                self._add_weight_grad(grad_logits, h, beta)
+                self._add_weight_grad(block, grad_block, h, beta)
         if self.bias is not None:
             self.bias += grad_logits.sum(0, dtype=torch.float32).to(self.bias.dtype)
         self.chunks += 1
 
-    def _add_weight_grad(self, grad_logits, h, beta):
-        """torch's product into the accumulator: fp32 operands for an fp32 one (see bf16_products)."""
-        with bf16_products(self.lm_head, self.weight):
-            self.weight.addmm_(self._widened(grad_logits).T, h.to(self.weight.dtype), beta=beta)
+    def _add_weight_grad(self, block, grad_block, h, beta):
+        """torch's product into a block of the accumulator: fp32 operands for an fp32 one (see bf16_products)."""
+        with bf16_products(self.lm_head, block):
+            block.addmm_(self._widened(grad_block, block.dtype).T, h.to(block.dtype), beta=beta)
 
-    def _widened(self, grad_logits):
-        """grad_logits in the accumulator's dtype, copied into one buffer kept across the chunks: a fresh
+    def _widened(self, grad_block, dtype):
+        """grad_block in the accumulator's dtype, copied into one buffer kept across the chunks: a fresh
         (n, V) fp32 tensor per chunk would pay its page faults every time (see the module docstring)."""
-        if grad_logits.dtype == self.weight.dtype:
-            return grad_logits
-        n = grad_logits.shape[0]
-        if self._wide is None or self._wide.shape[0] < n:
-            self._wide = torch.empty(grad_logits.shape, dtype=self.weight.dtype, device=grad_logits.device)
-        return self._wide[:n].copy_(grad_logits)
+        if grad_block.dtype == dtype:
+            return grad_block
+        n, width = grad_block.shape
+        if self._wide is None or self._wide.shape[0] < n or self._wide.shape[1] < width:
+            self._wide = torch.empty(grad_block.shape, dtype=dtype, device=grad_block.device)
+        return self._wide[:n, :width].copy_(grad_block)
 
     def result(self):
         """(grad_hidden, grad_weight, grad_bias or None), weight and bias in the weight's dtype. On a
@@ -107,12 +117,37 @@ class LinearGrads:
         once per call; the weight's and the bias' are this rank's rows."""
         self._wide = None  # before the copies below: no chunk-sized buffer under them
         if not self.chunks and not self.into:
-            self.weight.zero_()
+            for _, block in self.weight_blocks:
+                block.zero_()
         if self.shard is not None:
             self.shard.reduce_grad(self.hidden)
         dtype = self.lm_head.dtype
-        return (self.hidden, None if self.weight is None else self.weight.to(dtype),
-                None if self.bias is None else self.bias.to(dtype))
+        return (self.hidden, self._weight_result(dtype), None if self.bias is None else self.bias.to(dtype))
+
+    def _weight_result(self, dtype):
+        """The weight gradient in `dtype`: the one block itself when it has that dtype, else the blocks
+        copied one at a time, each freed after its copy."""
+        if self.weight_blocks is None:
+            return None
+        if len(self.weight_blocks) == 1 and self.weight_blocks[0][1].dtype == dtype:
+            return self.weight_blocks[0][1]
+        out = torch.empty(self.lm_head.shape, dtype=dtype, device=self.lm_head.device)
+        blocks, self.weight_blocks = self.weight_blocks, None
+        while blocks:
+            rows, block = blocks.pop(0)
+            out[rows].copy_(block)
+            del block
+        return out
+
+
+def _accumulator_blocks(weight, dtype, block_bytes=1 << 25):
+    """Row slices of the weight for its gradient's accumulator: one when it has the weight's dtype (result()
+    hands it over as is), else blocks of about `block_bytes` (LinearGrads' docstring says why)."""
+    V, H = weight.shape
+    if dtype == weight.dtype:
+        return [slice(0, V)]
+    rows = max(1, block_bytes // max(1, H * dtype.itemsize))
+    return [slice(a, min(a + rows, V)) for a in range(0, V, rows)] or [slice(0, 0)]
 
 
 def weight_grad_product(backend, lm_head, accumulator):

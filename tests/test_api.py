@@ -178,7 +178,7 @@ def test_a_low_precision_head_takes_one_chunk_when_that_holds_less_memory(monkey
 
     def spy(self, *a, **k):
         real_grads(self, *a, **k)
-        accumulators.append(self.weight.dtype)
+        accumulators.append(self.weight_blocks[0][1].dtype)
 
     monkeypatch.setattr(chunks.LinearGrads, "__init__", spy)
     g = torch.Generator().manual_seed(0)
