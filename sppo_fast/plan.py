@@ -26,12 +26,13 @@ def default_chunk_size(vocab, hidden=0, rows=0, dtype=torch.float32):
     (one step of 1024 tokens: 7.3 s of CPU at 128 rows, 6.4 s at 256, 2-core AMD EPYC).
 
     A bf16/fp16 head takes all `rows` in one chunk when that holds no more memory than several chunks
-    would: several keep an fp32 weight-gradient accumulator (4 bytes a weight) and then its copy in the
-    weight's dtype, which one chunk writes directly (chunks.LinearGrads). With 2-byte logits one chunk is
-    the smaller when rows <= size + 2 * hidden (e.g. 512 tokens at H = 4096: 78 MiB of logits per 76k
-    vocabulary rows against 1.9 GiB of accumulator and copy)."""
+    would: several keep a chunk's logits and an fp32 weight-gradient accumulator (4 bytes a weight, copied
+    into the weight's dtype a block at a time: chunks.LinearGrads), one chunk its logits and the gradient
+    in the weight's dtype (2 bytes), written directly. With 2-byte logits one chunk is the smaller when
+    rows <= size + hidden (e.g. 512 tokens at H = 4096: 78 MiB of logits per 76k vocabulary rows against
+    1.2 GiB of accumulator)."""
     size = max(256, (1 << 24) // max(vocab, 1))
-    if dtype in (torch.bfloat16, torch.float16) and rows <= size + 2 * hidden:
+    if dtype in (torch.bfloat16, torch.float16) and rows <= size + hidden:
         return max(rows, 1)
     return size
 
