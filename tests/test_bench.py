@@ -182,6 +182,8 @@ def test_busy_rows_are_flagged_or_refused(monkeypatch):
     assert harness.load_flag({"load_before": 1.2, "others_cores": 0.1}, policy) is None
     assert "load average 2.5 > 1.5" in harness.load_flag({"load_before": 2.5, "others_cores": 0.1}, policy)
     assert "0.90 cores" in harness.load_flag({"load_before": 1.0, "others_cores": 0.9}, policy)
+    assert harness.load_flag({"load_before": 1.0, "others_cores": 0.1, "steal_cores": 0.1}, policy) is None
+    assert "hypervisor gave 0.34 cores" in harness.load_flag({"load_before": 1.0, "steal_cores": 0.34}, policy)
     monkeypatch.setattr(harness, "load_average", lambda: 3.0)
     row = harness.run_in_child("nowhere", {}, {"impl": "x"}, 10, load=harness.LoadPolicy(limit=1.5, refuse=True))
     assert row["status"].startswith("refused: load average 3 > 1.5")

@@ -17,8 +17,10 @@ average before and after it, and what the other processes on the machine used wh
 row's wall time, and `steal_cores`, the time the hypervisor gave the VM's CPUs to someone else. With
 a `LoadPolicy`, a row first waits (up to `settle_s`) for the load average to fall to the limit (0.75
 per core: 1.5 on 2 cores; the benchmark's own previous row raises it too), and is flagged
-(`load_flag`) when it started above the limit or others used more than `others_limit` cores during
-it; with `refuse`, a row that would start above the limit is not run (status "refused: ...").
+(`load_flag`) when it started above the limit, others used more than `others_limit` cores during
+it, or the hypervisor took more than `steal_limit` cores (on the 2-core AMD EPYC VM, 0.34-0.64 cores
+stolen made the bf16 linear rows 1.2-1.7x slower than in a run without); with `refuse`, a row that
+would start above the limit is not run (status "refused: ...").
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ class LoadPolicy:
     settle_s: float = 0.0  # before a row, wait up to this long for the load average to fall to the limit
     refuse: bool = False  # do not run a row whose start is above the limit
     others_limit: float = 0.5  # cores the other processes may use, on average, while a row runs
+    steal_limit: float = 0.2  # cores the hypervisor may give to other VMs, on average, while a row runs
 
     @classmethod
     def default(cls, **kw):
@@ -163,6 +166,8 @@ def load_flag(row, policy):
         why.append(f"load average {row['load_before']:g} > {policy.limit:g} at its start")
     if row.get("others_cores") is not None and row["others_cores"] > policy.others_limit:
         why.append(f"other processes used {row['others_cores']:.2f} cores while it ran")
+    if row.get("steal_cores") is not None and row["steal_cores"] > policy.steal_limit:
+        why.append(f"the hypervisor gave {row['steal_cores']:.2f} cores to other machines while it ran")
     return "; ".join(why) or None
 
 
