@@ -110,3 +110,38 @@ def test_a_chunked_bf16_head_gets_the_same_weight_gradient_as_with_torchs_produc
     assert (fast != plain).float().mean() < 0.01
     scale = oracle.abs().max()
     assert (fast.double() - oracle).abs().max() <= (plain.double() - oracle).abs().max() + 1e-3 * scale
+
+
+@pytest.mark.parametrize("use_product", [True, False])
+def test_an_accumulator_in_vocabulary_blocks_gives_the_one_blocks_gradient(monkeypatch, use_product):
+    """chunks.LinearGrads holds a bf16 head's fp32 accumulator as blocks of vocabulary rows (about 32 MiB
+    each; here 96 rows, so that V = 1001 makes 11 blocks, the last one short): the weight gradient is the
+    same, bit for bit, as with one block, through the native product and through torch's."""
+    if use_product and product is None:
+        pytest.skip("no AVX512-BF16 (or no native build) on this CPU")
+    if not use_product:
+        monkeypatch.setattr(chunks, "weight_grad_product", lambda *a: None)
+    g = torch.Generator().manual_seed(5)
+    B, T, H, V = 2, 100, 24, 1001
+    hidden = torch.randn(B, T, H, generator=g).bfloat16()
+    weight = (torch.randn(V, H, generator=g) / H ** 0.5).bfloat16()
+    bias = torch.randn(V, generator=g).bfloat16()
+    targets = torch.randint(0, V, (B, T), generator=g)
+    old, adv, mask = -7 + 0.1 * torch.randn(B, T, generator=g), torch.randn(B, generator=g), torch.ones(B, T)
+    config = sf.PolicyLossConfig.preset("dapo")
+    real = chunks._accumulator_blocks
+    seen = []
+
+    def grads(block_bytes):
+        monkeypatch.setattr(chunks, "_accumulator_blocks",
+                            lambda w, d: seen.append(real(w, d, block_bytes)) or seen[-1])
+        x, w, b = (t.detach().requires_grad_(True) for t in (hidden, weight, bias))
+        out = sf.fused_linear_policy_loss(x, w, targets, old, adv, mask, config, bias=b, chunk_size=64)
+        return torch.autograd.grad(out.loss, [x, w, b])
+
+    blocked = grads(96 * H * 4)  # 96 rows a block
+    assert len(seen[-1]) == 11 and seen[-1][-1] == slice(960, 1001)
+    whole = grads(1 << 40)
+    assert len(seen[-1]) == 1
+    for a, b in zip(blocked, whole):
+        assert torch.equal(a, b)
