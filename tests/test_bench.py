@@ -197,7 +197,7 @@ def test_the_floors_child_measures_a_small_matmul():
 # --- the import graph ------------------------------------------------------------------------------
 
 # each imports only those before it
-BENCH_LAYERS = ("harness", "floors", "ops_report", "ops", "long_cot", "vocab_parallel", "cli")
+BENCH_LAYERS = ("harness", "floors", "ops_report", "ops", "interleaved", "long_cot", "vocab_parallel", "cli")
 
 
 def _imports(path):
@@ -269,3 +269,26 @@ def test_long_cot_merge_keeps_the_columns_and_lengths_of_the_rows_it_keeps():
     redone = long_cot.merged(old, run("day2", ["fused_linear", "compile"], [1024, 4096], [
         row(i, n, 1.0) for i in ("fused_linear", "compile") for n in (1024, 4096)]))
     assert redone["run_dates"] == ["day2"]  # nothing kept from day 1
+
+
+def test_interleaved_runs_append_to_one_report(tmp_path):
+    """bench/bench_interleaved.py at a small shape: every implementation timed each round, the ratios to the
+    first one's time in the same round, each run appended to the JSON and listed in the markdown; a bad
+    --impls or --shape is refused before anything runs."""
+    from sppo_fast.bench import interleaved
+
+    out = tmp_path / "interleaved.json"
+    argv = ["--shape", "fp32:300", "--hidden", "16", "--tokens", "48", "--rounds", "2", "--warmup", "0",
+            "--impls", "sppo_fast", "torch", "torch_lce:16", "--out", str(out)]
+    assert interleaved.main(argv) == 0 and interleaved.main(argv) == 0
+    report = __import__("json").loads(out.read_text())
+    assert len(report["runs"]) == 2
+    rows = report["runs"][0]["results"]
+    assert [r["impl"] for r in rows] == ["sppo_fast", "torch", "torch_lce:16"]
+    assert rows[0]["ratio"] == 1.0 and all(len(r["rounds"]) == 2 and r["wall_ms"] > 0 for r in rows)
+    assert (tmp_path / "interleaved.md").read_text().count("| torch_lce:16 |") == 2
+    for bad in (["--impls", "sppo_fast", "torch_lce:0"], ["--impls", "nope"]):
+        with pytest.raises(SystemExit, match="--impls"):
+            interleaved.main(argv[:-6] + bad + ["--out", str(out)])
+    with pytest.raises(SystemExit):
+        interleaved.main(["--shape", "fp16:10"])
