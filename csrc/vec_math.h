@@ -102,6 +102,31 @@ inline void store_block(scalar_t* dst, const Vec& lo, const Vec& hi, int64_t cou
   }
 }
 
+// Stores kBlock elements like store_block, bypassing the caches (non-temporal) in the AVX512 build: for a
+// gradient much larger than the caches, whose lines a plain store would first read from memory (the
+// write-allocate) only to overwrite them. dst must be 64-byte aligned. Other builds: a plain store.
+template <typename scalar_t>
+inline void stream_block(scalar_t* dst, const Vec& lo, const Vec& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    _mm512_stream_ps(dst, lo);
+    _mm512_stream_ps(dst + Vec::size(), hi);
+  } else {
+    const __m512i packed = at::vec::convert_from_float<scalar_t>(lo, hi);
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), packed);
+  }
+#else
+  store_block(dst, lo, hi);
+#endif
+}
+
+// Orders this thread's non-temporal stores before whatever it does next (the end of its share of a pass).
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm_sfence();
+#endif
+}
+
 // Largest lane of v, NaN if any lane is NaN.
 inline float reduce_max(const Vec& v) {
   alignas(64) float buf[Vec::size()];

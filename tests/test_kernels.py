@@ -415,3 +415,21 @@ def test_a_freed_block_serves_only_a_gradient_of_about_its_size(kernels):
     assert grad.data_ptr() == big_address and torch.equal(grad, expected)
     del grad, expected
     buffers.empty_cache()
+
+
+@only("native")
+@pytest.mark.parametrize("dtype, vocab", [(torch.float32, 32001), (torch.float32, 32000), (torch.bfloat16, 32000)],
+                         ids=case_id)
+def test_a_gradient_beyond_the_caches_written_past_them_equals_the_in_place_one(kernels, dtype, vocab):
+    """Out of place, an fp32 gradient over 64 MiB is written with non-temporal stores (csrc/
+    token_logprobs_backward.cpp, kStreamBytes) where a row starts 64-byte aligned, plain stores elsewhere
+    (V = 32001: every 16th row is aligned) and for the tail and the target element after the sweep: bit
+    for bit the in-place gradient, -inf logits and ignored rows included (bf16: plain stores, the same)."""
+    rows = (70 << 20) // (vocab * dtype.itemsize) + 1
+    logits, targets = make_case(kernels, rows, vocab, dtype, neg_inf_frac=0.01, ignored_rows=(3, 40), seed=12)
+    assert logits.numel() * logits.element_size() > 64 << 20
+    g_logp, g_ent = coefficients(kernels, rows)
+    out_of_place = run_kernels(kernels, logits, targets, g_logp, g_ent, lse_dtype=torch.float64)[3]
+    in_place = run_kernels(kernels, logits.clone(), targets, g_logp, g_ent, inplace=True, lse_dtype=torch.float64)[3]
+    assert torch.equal(out_of_place, in_place)
+    assert (out_of_place[3] == 0).all() and (out_of_place[40] == 0).all() and out_of_place[0].abs().sum() > 0
