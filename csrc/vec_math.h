@@ -29,26 +29,33 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kExpLowest = -87.3f;
 
 // exp(d) for d <= 0 (small positive d is fine too), -inf -> 0, NaN -> NaN.
-// Cody-Waite reduction d = n ln2 + r with |r| <= ln2/2, then Cephes' degree-7 polynomial for e^r
-// (about 1 ulp), then the exponent bits of 2^n. One evaluation per element is the whole cost of a
-// pass, so this replaces Sleef's exp (1 ulp, slower) and ATen's exp_u20 (20 ulp).
+// Cody-Waite reduction d = n ln2 + r with |r| <= ln2/2, then e^r = 1 + r + r^2 q(r) with q of degree 4
+// (a relative-error fit on [-ln2/2, ln2/2]: 1.17e-7 at most evaluated in fp32, as Cephes' degree 5 q
+// gives, one FMA fewer), then the exponent bits of 2^n. One evaluation per element is the whole cost of
+// a pass, so this replaces Sleef's exp (1 ulp, slower) and ATen's exp_u20 (20 ulp).
 inline Vec exp_nonpositive(const Vec& d) {
-  // max(lowest, d) keeps a NaN d (the second operand wins on NaN), so NaN propagates.
+#if defined(CPU_CAPABILITY_AVX512)
+  // No clamp: the vscalefps below zeroes every lane under kExpLowest (-inf, whose reduction is NaN,
+  // included) and scales by any n.
+  const Vec& x = d;
+#else
+  // max(lowest, d) keeps a NaN d (the second operand wins on NaN), so NaN propagates; n >= -126 after
+  // it, as the exponent bits below need.
   const Vec x = at::vec::clamp_min(d, Vec(kExpLowest));
+#endif
   const Vec n = (x * Vec(1.44269504088896341f)).round();
   Vec r = at::vec::fmadd(n, Vec(-0.693359375f), x);
   r = at::vec::fmadd(n, Vec(2.12194440e-4f), r);
-  Vec p(1.9875691500e-4f);
-  p = at::vec::fmadd(p, r, Vec(1.3981999507e-3f));
-  p = at::vec::fmadd(p, r, Vec(8.3334519073e-3f));
-  p = at::vec::fmadd(p, r, Vec(4.1665795894e-2f));
-  p = at::vec::fmadd(p, r, Vec(1.6666665459e-1f));
-  p = at::vec::fmadd(p, r, Vec(5.0000001201e-1f));
-  p = at::vec::fmadd(p, r * r, r + Vec(1.0f));
+  Vec q(1.381461275741458e-3f);
+  q = at::vec::fmadd(q, r, Vec(8.368710055947304e-3f));
+  q = at::vec::fmadd(q, r, Vec(4.166838899254799e-2f));
+  q = at::vec::fmadd(q, r, Vec(1.666652113199234e-1f));
+  q = at::vec::fmadd(q, r, Vec(4.999999403953552e-1f));
+  const Vec p = at::vec::fmadd(q, r * r, r + Vec(1.0f));
 #if defined(CPU_CAPABILITY_AVX512)
-  // p * 2^n in one vscalefps (n >= -126 after the clamp: exactly the product below), zeroed where
-  // d < kExpLowest; NaN compares "not less" (unordered), so it keeps its NaN. Four instructions fewer
-  // per element than the generic form, in the sweep that bounds both kernels.
+  // p * 2^n in one vscalefps, zeroed where d < kExpLowest; NaN compares "not less" (unordered), so it
+  // keeps its NaN. Four instructions fewer per element than the generic form, in the sweep that bounds
+  // both kernels.
   const __mmask16 keep = _mm512_cmp_ps_mask(d, Vec(kExpLowest), _CMP_NLT_UQ);
   return _mm512_maskz_scalef_ps(keep, p, n);
 #else
