@@ -44,6 +44,19 @@ def test_the_product_equals_fp64_to_fp32_summation(V, H, n, pad, accumulate, see
 
 
 @needs_bf16_dot
+@pytest.mark.parametrize("V, H, n", [(1000, 896, 257), (97, 4096, 64), (200, 64, 1)])
+def test_model_sized_hidden_dimensions(V, H, n):
+    """Qwen2-0.5B's H = 896 (14 column blocks), Llama's 4096 (64), and a single token."""
+    g = torch.Generator().manual_seed(V + H + n)
+    grad, hidden = torch.randn(n, V, generator=g).bfloat16(), torch.randn(n, H, generator=g).bfloat16()
+    start = torch.randn(V, H, generator=g)
+    acc = start.clone()
+    product(acc, grad, hidden, True)
+    expected = grad.double().T @ hidden.double() + start.double()
+    assert ((acc.double() - expected).abs() <= fp32_sum_bound(grad, hidden, start)).all()
+
+
+@needs_bf16_dot
 def test_special_values_zero_rows_and_an_empty_chunk():
     """Zeros (masked rows' gradient), huge values and their signs; n = 0 leaves or zeroes the accumulator."""
     grad = torch.zeros(5, 70).bfloat16()
