@@ -142,9 +142,10 @@ class LinearGrads:
 
 def _accumulator_blocks(weight, dtype, block_bytes=1 << 25):
     """Row slices of the weight for its gradient's accumulator: one when it has the weight's dtype (result()
-    hands it over as is), else blocks of about `block_bytes` (LinearGrads' docstring says why)."""
+    hands it over as is) or lives on an accelerator (whose caching allocator keeps freed blocks anyway),
+    else blocks of about `block_bytes` (LinearGrads' docstring says why)."""
     V, H = weight.shape
-    if dtype == weight.dtype:
+    if dtype == weight.dtype or weight.device.type != "cpu":
         return [slice(0, V)]
     rows = max(1, block_bytes // max(1, H * dtype.itemsize))
     return [slice(a, min(a + rows, V)) for a in range(0, V, rows)] or [slice(0, 0)]
