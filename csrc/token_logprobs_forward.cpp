@@ -54,14 +54,18 @@ inline void accumulate(Vec z, const Vec& m, const Vec& temperature, Vec& s, Vec&
   if constexpr (kEntropy) w = at::vec::fmadd(e, at::vec::clamp_min(d, Vec(kExpLowest)), w);
 }
 
+// `next`: the row after this one (nullptr: none). While a chunk's exps run from L1, the next chunk (or
+// the next row's first) is prefetched: otherwise memory idles during the exps and the max pass of the
+// next chunk waits for it, so the two costs add up instead of overlapping.
 template <typename scalar_t, bool kEntropy, bool kScaled>
-RowStats row_stats(const scalar_t* x, int64_t V, float temperature) {
+RowStats row_stats(const scalar_t* x, int64_t V, float temperature, const scalar_t* next) {
   float m = kNegInf;
   Vec s0(0.0f), s1(0.0f), w0(0.0f), w1(0.0f);
   const Vec tv(temperature);
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int64_t len = std::min(kChunk, V - c0);
     const scalar_t* xc = x + c0;
+    const scalar_t* ahead = c0 + kChunk < V ? xc + kChunk : next;
     float cm = chunk_max(xc, len);
     if (std::isnan(cm)) return {cm, cm, cm};
     if (cm == kNegInf) continue;  // the whole chunk has p = 0
@@ -83,6 +87,7 @@ RowStats row_stats(const scalar_t* x, int64_t V, float temperature) {
     Vec lo, hi;
     int64_t j = 0;
     for (; j + kBlock <= len; j += kBlock) {
+      if (ahead) prefetch_block(ahead + j);
       load_block(xc + j, lo, hi);
       accumulate<kEntropy, kScaled>(lo, mv, tv, s0, w0);
       accumulate<kEntropy, kScaled>(hi, mv, tv, s1, w1);
@@ -108,7 +113,8 @@ void forward_rows(const scalar_t* logits, int64_t row_stride, int64_t V, const i
       continue;
     }
     const scalar_t* x = logits + i * row_stride;
-    const RowStats st = row_stats<scalar_t, kEntropy, kScaled>(x, V, temperature);
+    const RowStats st = row_stats<scalar_t, kEntropy, kScaled>(x, V, temperature,
+                                                               i + 1 < end ? x + row_stride : nullptr);
     const float log_sum = std::log(st.sum);
     // A target outside [0, V) lies in another rank's vocabulary shard: x[t] is not ours to read and
     // the row's logp is 0 here (the owning rank supplies it); lse and entropy are computed as usual.

@@ -134,6 +134,14 @@ inline void stream_fence() {
 #endif
 }
 
+// Asks for the cache lines of kBlock elements at p: a hint, which never faults whatever p is (past the
+// end of a tensor included).
+template <typename scalar_t>
+inline void prefetch_block(const scalar_t* p) {
+  constexpr int64_t kBytes = kBlock * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t b = 0; b < kBytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + b, 0, 3);
+}
+
 // Largest lane of v, NaN if any lane is NaN.
 inline float reduce_max(const Vec& v) {
   alignas(64) float buf[Vec::size()];
