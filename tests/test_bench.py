@@ -292,3 +292,20 @@ def test_interleaved_runs_append_to_one_report(tmp_path):
             interleaved.main(argv[:-6] + bad + ["--out", str(out)])
     with pytest.raises(SystemExit):
         interleaved.main(["--shape", "fp16:10"])
+
+
+def test_an_exp_rate_from_a_bent_line_is_not_taken_for_the_floor():
+    """floors.rate_from_blocks measures how far the block times lie from the fitted line; best_floors takes
+    the higher of two rates only among straight-line fits. The times below are those of one run on the
+    2-core AMD EPYC (microseconds): before the cases a burst bent the fp32 line (22.9 G/s read), after
+    them it was straight (8.3 G/s)."""
+    sizes = [16384 * k for k in range(1, 8)]
+    bent = [56.88, 77.74, 81.67, 87.59, 61.02, 64.04, 75.24]
+    straight = [41.75, 45.3, 49.57, 53.15, 56.83, 61.27, 65.76]
+    a = floors.rate_from_blocks(sizes, [t * 1e-6 for t in bent], 2)
+    b = floors.rate_from_blocks(sizes, [t * 1e-6 for t in straight], 2)
+    assert a["exp_per_s"] > 2 * b["exp_per_s"] and a["exp_fit_error"] > 0.1 > 0.02 > b["exp_fit_error"]
+    assert 7.5e9 < b["exp_per_s"] < 9e9
+    assert ops._better_exp_rate(a, b) is b and ops._better_exp_rate(b, a) is b
+    assert ops._better_exp_rate(dict(b, exp_per_s=1), b) is b  # both trusted: the higher rate
+    assert ops._better_exp_rate(a, None) is a and ops._better_exp_rate(None, None) is None

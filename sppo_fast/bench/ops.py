@@ -553,8 +553,8 @@ def measure_floors(args, case_list, previous=None):
 
 
 def best_floors(before, after):
-    """The lower floor of two measurements (the higher bandwidth and exp rate, the faster matmuls), with
-    both measurements kept under "runs"."""
+    """The lower floor of two measurements (the higher bandwidth and trusted exp rate, the faster matmuls),
+    with both measurements kept under "runs"."""
     best = {"runs": [before, after], "machine": dict(before.get("machine") or {}), "matmul": []}
     m_after = after.get("machine") or {}
     if m_after.get("status") == "ok":
@@ -563,7 +563,7 @@ def best_floors(before, after):
             best["machine"] = dict(m_after)
         else:
             m["stream_gbps"] = max(m["stream_gbps"], m_after["stream_gbps"])
-            m["exp"] = {d: max((m["exp"].get(d), m_after["exp"].get(d)), key=lambda e: (e or {}).get("exp_per_s", 0))
+            m["exp"] = {d: _better_exp_rate(m["exp"].get(d), m_after["exp"].get(d))
                         for d in set(m["exp"]) | set(m_after["exp"])}
     shape = lambda r: (r["tokens"], r["hidden"], r["vocab"], r["dtype"])  # noqa: E731
     later = {shape(r): r for r in after.get("matmul", [])}
@@ -572,6 +572,16 @@ def best_floors(before, after):
         ok = [x for x in (r, r2) if x.get("status") == "ok"]
         best["matmul"].append(min(ok, key=lambda x: x["mm3_ms"]) if ok else r)
     return best
+
+
+def _better_exp_rate(a, b, trusted_error=0.1):
+    """Of two exp-rate measurements (floors.rate_from_blocks), the higher rate among those whose fit error
+    is small; if neither's is, the one with the smaller error (a rate from a bent line is no floor)."""
+    found = [e for e in (a, b) if e]
+    trusted = [e for e in found if e.get("exp_fit_error", 0.0) <= trusted_error]
+    if trusted:
+        return max(trusted, key=lambda e: e.get("exp_per_s", 0))
+    return min(found, key=lambda e: e["exp_fit_error"]) if found else None
 
 
 def attach_floors(rows, floors):
