@@ -309,3 +309,16 @@ def test_an_exp_rate_from_a_bent_line_is_not_taken_for_the_floor():
     assert ops._better_exp_rate(a, b) is b and ops._better_exp_rate(b, a) is b
     assert ops._better_exp_rate(dict(b, exp_per_s=1), b) is b  # both trusted: the higher rate
     assert ops._better_exp_rate(a, None) is a and ops._better_exp_rate(None, None) is None
+
+
+def test_a_stream_target_is_not_judged_when_a_row_beat_the_floor():
+    """ops_report: a sppo_fast row faster than its run's stream floor shows that the copy measuring the
+    bandwidth was no bound in that run (it pays a write-allocate read that in-place and non-temporal
+    writes do not): the target says so instead of met."""
+    from sppo_fast.bench import ops_report
+
+    ok = {"status": "ok"}
+    assert ops_report._stream_mark(95, 90, dict(ok, fwd_bwd_pct_of_stream_floor=99)) == "met"
+    assert ops_report._stream_mark(50, 60, dict(ok, fwd_bwd_pct_of_stream_floor=55)) == "NOT met"
+    assert "not judged" in ops_report._stream_mark(95, 90, dict(ok, fwd_bwd_pct_of_stream_floor=112))
+    assert "not judged" in ops_report._stream_mark(101, 90, {})
