@@ -287,6 +287,12 @@ def test_interleaved_runs_append_to_one_report(tmp_path):
     assert [r["impl"] for r in rows] == ["sppo_fast", "torch", "torch_lce:16"]
     assert rows[0]["ratio"] == 1.0 and all(len(r["rounds"]) == 2 and r["wall_ms"] > 0 for r in rows)
     assert (tmp_path / "interleaved.md").read_text().count("| torch_lce:16 |") == 2
+    logits_argv = ["--op", "fused_policy_loss", "--shape", "fp32:300", "--tokens", "48", "--rounds", "2",
+                   "--warmup", "1", "--impls", "sppo_fast_inplace", "sppo_fast", "--out", str(tmp_path / "l.json")]
+    assert interleaved.main(logits_argv) == 0
+    inplace, fresh = __import__("json").loads((tmp_path / "l.json").read_text())["runs"][0]["results"]
+    # the in-place backward works on a copy: the rounds after it see the same logits
+    assert inplace["loss"] == pytest.approx(fresh["loss"], rel=1e-6)
     for bad in (["--impls", "sppo_fast", "torch_lce:0"], ["--impls", "nope"]):
         with pytest.raises(SystemExit, match="--impls"):
             interleaved.main(argv[:-6] + bad + ["--out", str(out)])

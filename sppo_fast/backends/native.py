@@ -73,14 +73,6 @@ def token_logprobs_backward(logits, targets, lse, entropy, grad_logp, grad_entro
                                       float(temperature), int(ignore_index), bool(inplace))
 
 
-def _weight_grad_product():
-    """accumulate_weight_grad of the backend interface where the CPU has AVX512-BF16, else None."""
-    if not _C.weight_grad_bf16_supported():
-        return None
-
-    def accumulate_weight_grad(accumulator, grad_logits, hidden, accumulate):
-        _C.accumulate_weight_grad_bf16(accumulator, grad_logits, hidden, bool(accumulate))
-    return accumulate_weight_grad
-
-
-accumulate_weight_grad = _weight_grad_product()
+# accumulate_weight_grad(accumulator, grad_logits, hidden, accumulate) of the backend interface where the
+# CPU has AVX512-BF16 (csrc/weight_grad_bf16.cpp), else None
+accumulate_weight_grad = _C.accumulate_weight_grad_bf16 if _C.weight_grad_bf16_supported() else None

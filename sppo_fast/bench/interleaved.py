@@ -68,13 +68,19 @@ def run(args):
     inp = ops.make_inputs(args.tokens, int(vocab), dtype, hidden=args.hidden if args.op == "fused_linear" else None)
     fns = {name: implementation(args.op, name, args.preset, dtype_name) for name in args.impls}
     times = {name: [] for name in fns}
+    losses = {}
     for r in range(args.warmup + args.rounds):
         for name, fn in fns.items():
-            x = ([inp["hidden"].detach().requires_grad_(True), inp["weight"].detach().requires_grad_(True)]
-                 if args.op == "fused_linear" else inp["logits"].detach().requires_grad_(True))
+            if args.op == "fused_linear":
+                x = [inp["hidden"].detach().requires_grad_(True), inp["weight"].detach().requires_grad_(True)]
+            else:  # an in-place backward overwrites its logits: it gets a copy, made outside the timing
+                logits = inp["logits"].detach()
+                x = (logits.clone() if name.endswith("_inplace") else logits).requires_grad_(True)
             wall, cpu = time.perf_counter(), time.process_time()
-            fn(x, inp).backward()
+            loss = fn(x, inp)
+            loss.backward()
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            losses[name] = float(loss)
             if r >= args.warmup:
                 times[name].append({"wall_ms": wall * 1e3, "cpu_ms": cpu * 1e3})
             print(f"round {r + 1 - args.warmup}: {name} {wall * 1e3:.0f} ms", file=sys.stderr, flush=True)
@@ -82,7 +88,7 @@ def run(args):
     rows = []
     for name, ts in times.items():
         ratios = [t["wall_ms"] / f["wall_ms"] for t, f in zip(ts, times[first])]
-        rows.append({"impl": name, "wall_ms": statistics.median(t["wall_ms"] for t in ts),
+        rows.append({"impl": name, "loss": losses[name], "wall_ms": statistics.median(t["wall_ms"] for t in ts),
                      "cpu_ms": statistics.median(t["cpu_ms"] for t in ts), "ratio": statistics.median(ratios),
                      "ratio_min": min(ratios), "ratio_max": max(ratios), "rounds": ts})
     settings = {k: getattr(args, k) for k in ("op", "preset", "shape", "hidden", "tokens", "rounds", "warmup")}
