@@ -250,7 +250,8 @@ def test_long_cot_merge_keeps_the_columns_and_lengths_of_the_rows_it_keeps():
 
     old = run("day1", ["fused_linear", "compile"], [1024, 4096],
               [row("fused_linear", 1024, 9.0), row("compile", 1024, 5.0), row("fused_linear", 4096, 30.0)], "AVX2")
-    new = run("day2", ["torch_lce", "fused_linear"], [1024], [row("fused_linear", 1024, 4.0), row("torch_lce", 1024, 8.0)])
+    new = run("day2", ["torch_lce", "fused_linear"], [1024],
+              [row("fused_linear", 1024, 4.0), row("torch_lce", 1024, 8.0)])
     report = long_cot.merged(old, new)
     assert report["settings"]["impls"] == ["fused_linear", "compile", "torch_lce"]  # the table's order
     assert report["settings"]["lengths"] == [1024, 4096]

@@ -27,7 +27,8 @@ from . import harness, ops
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--op", choices=ops.OPS, default="fused_linear", help="the op (default: fused_linear)")
     p.add_argument("--preset", choices=ops.PRESETS, default="dapo", help="the loss preset of the op (default: dapo)")
     p.add_argument("--shape", default="bf16:151936", help="dtype:vocab (default: bf16:151936)")
