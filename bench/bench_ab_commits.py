@@ -6,7 +6,8 @@ median of `reps` as JSON. Interleave the two commits' runs (bench/results/core-r
 
 Cases: linear-{fp32,bf16}-V (SPPO, 8 x 256 tokens, H 512, 32-token prompts masked), logits-{fp32,bf16}-V
 (SPPO on (8, 256, V) logits), packed-long[-PRESET] (4 packed sequences of 1024 tokens, the first half of each
-masked, V 32000, H 512)."""
+masked, V 32000, H 512), kernel-{forward,backward}-{fp32,bf16}-V (the CPU backend's kernel alone on 2048 x V
+logits; the backward out of place, its gradient dropped after each call as a trainer drops it)."""
 import json
 import statistics
 import sys
@@ -64,6 +65,21 @@ elif case.startswith("logits"):
         out = sf.fused_policy_loss(logits, targets, b["old_logp"], b["advantages"], b["mask"], cfg)
         out.loss.backward()
         logits.grad = None
+elif case.startswith("kernel-"):
+    _, which, dt, V = case.split("-")
+    from sppo_fast.backends import native
+
+    V = int(V)
+    logits = (torch.randn(2048, V) * 2).to(dict(fp32=torch.float32, bf16=torch.bfloat16)[dt])
+    targets = torch.randint(0, V, (2048,))
+    logp, entropy, lse = native.token_logprobs_forward(logits, targets, 1.0, -100, True, torch.float64)
+    g_logp, g_ent = torch.randn(2048), torch.randn(2048)
+
+    def run():
+        if which == "forward":
+            native.token_logprobs_forward(logits, targets, 1.0, -100, True, torch.float64)
+        else:
+            native.token_logprobs_backward(logits, targets, lse, entropy, g_logp, g_ent, 1.0, -100, False)
 elif case.startswith("packed-long"):  # 4 sequences of 1024 tokens, half of each masked (its prompt), V=32000
     V, H, S, L = 32000, 512, 4, 1024
     N = S * L
