@@ -296,6 +296,7 @@ def autotune_choices():
     """The forward kernel's config chosen by the autotuner for each key it met (the key holds V, the
     row bucket, the flags and the argument dtypes); none under the interpreter, which does not tune."""
     import triton
+
     from sppo_fast.kernels import token_logprobs_forward as fwd
 
     if not isinstance(fwd._launch, triton.runtime.Autotuner):

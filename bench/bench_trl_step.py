@@ -34,7 +34,7 @@ import tempfile
 import time
 
 from sppo_fast.bench.harness import _faithful_rss as faithful_rss
-from sppo_fast.bench.harness import peak_extra_mib
+from sppo_fast.bench.harness import machine_slug, peak_extra_mib
 
 HIDDEN, VOCAB, LAYERS, PROMPT = 512, 151936, 2, 64
 IMPLS = ("trl", "sppo_fast", "liger", "torch_lce", "torch_lce_tuned")
@@ -245,13 +245,13 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=0, help="untimed steps after the first")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--timeout", type=int, default=1800, help="seconds per child process")
-    p.add_argument("--out", default=None, help="path without extension (default bench/results/trl-step-<cpu>-Ncore)")
+    p.add_argument("--out", default=None,
+                   help="path without extension (default bench/results/trl-step-<cpu>-<isa>-<N>core)")
     p.add_argument("--merge", default=None, help="a JSON-lines file of results of an earlier run to report with")
     a = p.parse_args(argv)
     env = environment()
-    cpu = "amd-epyc" if "AMD EPYC" in env["cpu"] else env["cpu"].lower().replace(" ", "-")[:24]
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                f"trl-step-{cpu}-{env['cores']}core")
+                                f"trl-step-{machine_slug()}")
     results = []
     if a.merge:  # rows printed by an earlier invocation (one JSON object per line), reported alongside
         with open(a.merge) as f:

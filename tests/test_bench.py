@@ -129,14 +129,19 @@ def test_default_cases_leave_the_oracle_out_and_peers_to_dapo():
     assert {(c["dtype"], c["vocab"]) for c in ops.cases(old_flag)} == {("fp32", 4096)}
 
 
-@pytest.mark.parametrize("cpu, slug", [
-    ("AMD EPYC", "amd-epyc-2core"),
-    ("Intel(R) Xeon(R) Platinum 8480C", "intel-xeon-platinum-8480c-2core"),
-    ("AMD EPYC 7763 64-Core Processor", "amd-epyc-7763-2core"),
-    ("Intel(R) Xeon(R) CPU @ 2.20GHz", "intel-xeon-2core"),
+@pytest.mark.parametrize("cpu, isa, slug", [
+    ("AMD EPYC", "AVX512", "amd-epyc-avx512-2core"),
+    ("AMD EPYC", "AVX2", "amd-epyc-avx2-2core"),
+    ("Intel(R) Xeon(R) Platinum 8480C", "AVX512", "intel-xeon-platinum-8480c-avx512-2core"),
+    ("AMD EPYC 7763 64-Core Processor", "AVX2", "amd-epyc-7763-avx2-2core"),
+    ("Intel(R) Xeon(R) CPU @ 2.20GHz", "DEFAULT", "intel-xeon-default-2core"),
 ])
-def test_results_are_named_after_the_machine(cpu, slug):
-    assert harness.machine_slug(cpu, 2) == slug
+def test_results_are_named_after_the_machine_and_its_isa(cpu, isa, slug):
+    assert harness.machine_slug(cpu, 2, isa) == slug
+
+
+def test_this_machines_results_name_carries_torchs_isa_tier():
+    assert torch.backends.cpu.get_cpu_capability().lower() in harness.machine_slug()
 
 
 # --- floors and load ------------------------------------------------------------------------------

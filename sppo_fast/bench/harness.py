@@ -285,12 +285,19 @@ def cache_sizes():
     return out
 
 
-def machine_slug(cpu, cores):
-    """bench/results/<slug>: e.g. "AMD EPYC" and 2 cores -> "amd-epyc-2core"; the frequency, "(R)",
-    "CPU", "Processor" and an "N-Core" of the model name dropped."""
+def machine_slug(cpu=None, cores=None, isa=None):
+    """bench/results/<slug>: the CPU's model name, torch's vector ISA tier on it and the cores, e.g. "AMD EPYC",
+    "AVX512", 2 -> "amd-epyc-avx512-2core". The frequency, "(R)", "CPU", "Processor" and an "N-Core" of the
+    model name are dropped. The tier is part of the name because a cloud VM's model name can hide the
+    generation: "AMD EPYC" has named both an AVX-512 machine with AVX512-BF16 and an AVX2-only one, whose
+    figures must not land in one table. Defaults: this machine."""
+    cpu = cpu_model() if cpu is None else cpu
+    cores = os.cpu_count() if cores is None else cores
+    isa = torch.backends.cpu.get_cpu_capability() if isa is None else isa
     name = re.sub(r"\(r\)|\(tm\)|@.*$|\bcpu\b|\bprocessor\b|\b\d+-core\b", " ", cpu.lower())
     name = re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "cpu"
-    return f"{name}-{cores}core"
+    tier = re.sub(r"[^a-z0-9]+", "", isa.lower()) or "default"
+    return f"{name}-{tier}-{cores}core"
 
 
 def results_dir():

@@ -115,8 +115,7 @@ def markdown(report):
 
 
 def default_out():
-    slug = harness.machine_slug(harness.cpu_model(), os.cpu_count())
-    return os.path.join(harness.results_dir(), f"interleaved-{slug}.json")
+    return os.path.join(harness.results_dir(), f"interleaved-{harness.machine_slug()}.json")
 
 
 def main(argv=None):

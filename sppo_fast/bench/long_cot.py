@@ -42,7 +42,6 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 import time
 
@@ -81,7 +80,7 @@ def parse_args(argv=None):
     add_load_arguments(p)
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per child process")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the script in about a minute")
-    p.add_argument("--out", default=None, help="JSON path (default bench/results/long-cot-<cpu>-<N>core.json)")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/long-cot-<cpu>-<isa>-<N>core.json)")
     p.add_argument("--merge", action="store_true", help="keep the rows of --out that this run does not redo")
     p.add_argument("--report-only", action="store_true", help="rewrite .md and .png from --out")
     p.add_argument("--from-log", default=None, metavar="LOG",
@@ -282,12 +281,8 @@ def run_case(case, args):
     return harness.run_in_child("sppo_fast.bench.long_cot", case, case, args.timeout, load=policy)
 
 
-def cpu_slug():
-    return re.sub(r"[^a-z0-9]+", "-", harness.cpu_model().lower()).strip("-") or "cpu"
-
-
 def default_out():
-    return os.path.join(harness.results_dir(), f"long-cot-{cpu_slug()}-{os.cpu_count()}core.json")
+    return os.path.join(harness.results_dir(), f"long-cot-{harness.machine_slug()}.json")
 
 
 def longest_fitting(rows, impl):

@@ -120,7 +120,7 @@ def parse_args(argv=None):
     add_load_arguments(p)
     p.add_argument("--no-floors", action="store_true", help="do not measure the machine's floors")
     p.add_argument("--quick", action="store_true", help="small sizes: checks the script in about a minute")
-    p.add_argument("--out", default=None, help="JSON path (default bench/results/<cpu>-<N>core.json)")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/<cpu>-<isa>-<N>core.json)")
     p.add_argument("--merge", action="store_true",
                    help="keep the rows of an existing --out file that this run does not measure again")
     p.add_argument("--no-plot", action="store_true")
@@ -592,7 +592,7 @@ def attach_floors(rows, floors):
 
 
 def default_out():
-    return os.path.join(harness.results_dir(), harness.machine_slug(harness.cpu_model(), os.cpu_count()) + ".json")
+    return os.path.join(harness.results_dir(), harness.machine_slug() + ".json")
 
 
 def agreement():

@@ -540,8 +540,7 @@ def _key(row):
 
 
 def default_out():
-    slug = harness.machine_slug(harness.cpu_model(), os.cpu_count())
-    return os.path.join(harness.results_dir(), f"vocab-parallel-{slug}.json")
+    return os.path.join(harness.results_dir(), f"vocab-parallel-{harness.machine_slug()}.json")
 
 
 def targets(rows):
