@@ -8,7 +8,12 @@ One buffer serves every chunk because on a CPU a fresh tensor of tens of MiB com
 page fault per 4 KiB at its first write (about 12 ms per 57 MiB on the 2-core AMD EPYC VM, as much as
 the softmax kernels spend on it); reusing one pays that once. (Backing it with huge pages through
 madvise was tried: no faster in the median, much slower when the kernel had to compact memory.) On GPU
-the caching allocator reuses memory anyway."""
+the caching allocator reuses memory anyway.
+
+The three products (logits, the hidden states' gradient, the weight's) of a bf16/fp16 head run on the
+CPU's bf16/fp16 dot-product units where it has them; where it has none, torch's own product of such
+operands falls back to ATen's reference gemm, and they run instead on fp32 copies of the operands, a
+block of vocabulary rows at a time (see narrow_products_are_slow)."""
 
 import contextlib
 
@@ -24,12 +29,54 @@ def _length(rows):
     return rows.stop - rows.start if isinstance(rows, slice) else rows.shape[0]
 
 
-def logits_into(buffer, h, weight, bias):
-    """h @ weight.T (+ bias) written into the first len(h) rows of `buffer`, which it returns."""
+def narrow_products_are_slow(dtype, device):
+    """Whether torch's CPU matmul of `dtype` operands lacks a fast kernel here, so that the linear path
+    multiplies fp32 copies instead. oneDNN runs bf16 products on AVX512-BF16 or AMX and fp16 ones on
+    AMX-FP16 (detected, never assumed); elsewhere ATen's reference gemm serves them: on the 2-core AMD
+    EPYC without AVX-512 (Zen 3, AVX2), 256 x 512 by 512 x 151936 took 2.2 s in bf16 (76 ms x 4.75 in
+    fp32), and the hidden states' gradient (256 x 151936 by 151936 x 512) 123 s. The fp32 copies are exact
+    and the sums were fp32 already, so the results are the same up to the order of the sums."""
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if dtype == torch.bfloat16:
+        return not _cpu_has_bf16_dot()
+    return not torch.cpu._is_amx_fp16_supported()
+
+
+WIDENED_BLOCK_BYTES = 1 << 23  # the fp32 copy of a block of vocabulary rows in a widened product
+
+
+def _vocab_blocks(weight, block_bytes=None):
+    """Row slices of the weight whose fp32 copies hold about `block_bytes` each (the widened products)."""
+    V, H = weight.shape
+    rows = max(1, (block_bytes or WIDENED_BLOCK_BYTES) // max(1, 4 * H))
+    return [slice(a, min(a + rows, V)) for a in range(0, V, rows)]
+
+
+def logits_into(buffer, h, weight, bias, widen=False):
+    """h @ weight.T (+ bias) written into the first len(h) rows of `buffer`, which it returns; with
+    `widen` (narrow_products_are_slow), in fp32 a block of vocabulary rows at a time, each rounded once."""
     out = buffer[:h.shape[0]]
+    if widen:
+        h32 = h.float()
+        for cols in _vocab_blocks(weight):
+            w32 = weight[cols].float()
+            out[:, cols] = torch.mm(h32, w32.T) if bias is None else torch.addmm(bias[cols].float(), h32, w32.T)
+        return out
     if bias is None:
         return torch.mm(h, weight.T, out=out)
     return torch.addmm(bias, h, weight.T, out=out)
+
+
+def hidden_grad(grad_logits, weight, widen=False, out=None):
+    """grad_logits (n, V) @ weight (V, H), into `out` if given; with `widen`, the sum over V taken in fp32
+    a block of vocabulary rows at a time and rounded once."""
+    if not widen:
+        return torch.mm(grad_logits, weight, out=out)
+    total = torch.zeros((grad_logits.shape[0], weight.shape[1]), dtype=torch.float32, device=weight.device)
+    for cols in _vocab_blocks(weight):
+        total.addmm_(grad_logits[:, cols].float(), weight[cols].float())
+    return total.to(weight.dtype) if out is None else out.copy_(total)
 
 
 def chunk_logits(hidden, weight, bias, chunks):
@@ -39,9 +86,10 @@ def chunk_logits(hidden, weight, bias, chunks):
         return
     buffer = torch.empty((max(_length(r) for r in chunks), weight.shape[0]), dtype=hidden.dtype,
                          device=hidden.device)
+    widen = narrow_products_are_slow(weight.dtype, weight.device)
     for rows in chunks:
         h = hidden[rows] if isinstance(rows, slice) else hidden.index_select(0, rows)
-        yield rows, h, logits_into(buffer, h, weight, bias)
+        yield rows, h, logits_into(buffer, h, weight, bias, widen)
 
 
 class LinearGrads:
@@ -78,13 +126,14 @@ class LinearGrads:
         self._wide = None
         first = None if self.weight_blocks is None else self.weight_blocks[0][1]
         self._product = weight_grad_product(backend, weight, first)
+        self._widen = narrow_products_are_slow(weight.dtype, weight.device)
 
     def add_chunk(self, grad_logits, h, rows):
         """grad_logits (n, V) of the chunk whose hidden rows are `rows` (a slice or index tensor), h (n, H)."""
         if isinstance(rows, slice):
-            torch.mm(grad_logits, self.lm_head, out=self.hidden[rows])
+            hidden_grad(grad_logits, self.lm_head, self._widen, out=self.hidden[rows])
         else:
-            self.hidden.index_copy_(0, rows, grad_logits @ self.lm_head)
+            self.hidden.index_copy_(0, rows, hidden_grad(grad_logits, self.lm_head, self._widen))
         beta = 1 if self.chunks or self.into else 0
         for vocab_rows, block in self.weight_blocks or ():
             grad_block = grad_logits[:, vocab_rows]
@@ -97,7 +146,17 @@ class LinearGrads:
         self.chunks += 1
 
     def _add_weight_grad(self, block, grad_block, h, beta):
-        """torch's product into a block of the accumulator: fp32 operands for an fp32 one (see bf16_products)."""
+        """torch's product into a block of the accumulator: fp32 operands for an fp32 one (see bf16_products);
+        a bf16/fp16 block (one chunk, or the parameter's own .grad) whose products are slow here
+        (narrow_products_are_slow) gets its product in fp32 a block of vocabulary rows at a time."""
+        if self._widen and block.dtype != torch.float32:
+            h32 = h.float()
+            for cols in _vocab_blocks(block):
+                product = torch.mm(grad_block[:, cols].float().T, h32)
+                if beta:
+                    product += block[cols]
+                block[cols] = product
+            return
         with bf16_products(self.lm_head, block):
             block.addmm_(self._widened(grad_block, block.dtype).T, h.to(block.dtype), beta=beta)
 

@@ -22,7 +22,11 @@ Linear path (`fused_linear`, hidden (N, H) x weight (V, H)):
   matmul floor   the three matmuls of the op, timed with `torch.mm` (into preallocated outputs) on the
                  same shapes, dtype and threads: logits (N, H) x (H, V), the hidden's gradient (N, V) x
                  (V, H) and the weight's gradient (V, N) x (N, H), the same multiply-adds each; the best
-                 of `reps` calls of each. The forward's floor is the first alone.
+                 of `reps` calls of each. The forward's floor is the first alone. A bf16/fp16 case on a
+                 CPU without dot products of that dtype (sppo_fast.chunks.narrow_products_are_slow) is
+                 timed on fp32 copies of the operands, the fastest exact form there and the one the
+                 linear path takes (torch's narrow product falls back to a reference gemm 30-1000x
+                 slower, no floor); the result records which (`operands`).
 "% of floor" = floor / measured time: 100% is the machine's limit.
 """
 
@@ -32,6 +36,8 @@ import json
 import time
 
 import torch
+
+from sppo_fast.chunks import narrow_products_are_slow
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXP_ROW = 4096  # logits per row of the exp-rate blocks
@@ -124,6 +130,8 @@ def machine(dtypes):
 def matmul_floor(tokens, hidden, vocab, dtype, reps):
     """Best-of-reps ms of the linear path's three torch.mm (see the module docstring)."""
     dt = DTYPES[dtype]
+    if narrow_products_are_slow(dt, torch.device("cpu")):
+        dt = torch.float32
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(tokens, hidden, generator=gen).to(dt)
     w = (torch.randn(vocab, hidden, generator=gen) / hidden**0.5).to(dt)
@@ -137,7 +145,8 @@ def matmul_floor(tokens, hidden, vocab, dtype, reps):
     for name, fn in calls.items():
         fn()
         ms[name] = round(_best_s(fn, 1, reps) * 1e3, 3)
-    return {"mm_ms": ms, "mm3_ms": round(sum(ms.values()), 3), "threads": torch.get_num_threads()}
+    return {"mm_ms": ms, "mm3_ms": round(sum(ms.values()), 3), "threads": torch.get_num_threads(),
+            "operands": str(dt).removeprefix("torch.")}
 
 
 def child_main(payload_json):

@@ -254,7 +254,9 @@ def floors_paragraph(report):
     for r in fl.get("matmul", []):
         if r.get("status") == "ok":
             mm = r["mm_ms"]
-            parts.append(f"three torch.mm at {r['dtype']} N={r['tokens']} H={r['hidden']} V={r['vocab']}: "
+            widened = (" (on fp32 copies: no dot products of that dtype on this CPU)"
+                       if r.get("operands") == "float32" and r["dtype"] != "fp32" else "")
+            parts.append(f"three torch.mm at {r['dtype']}{widened} N={r['tokens']} H={r['hidden']} V={r['vocab']}: "
                          f"**{_ms(r['mm3_ms'])} ms** (logits {_ms(mm['logits'])}, hidden gradient "
                          f"{_ms(mm['grad_hidden'])}, weight gradient {_ms(mm['grad_weight'])})")
         else:
