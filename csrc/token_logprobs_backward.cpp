@@ -50,9 +50,11 @@ float target_grad(float zt, const RowCoefficients& c) {
 
 // fp32 gradients larger than this are written with non-temporal stores (when not in place): far beyond
 // any cache, so nothing is lost by not caching them, and the write-allocate's read of each line is saved.
-// The backward alone, fp32 2048 x 32000 out of place, 2-core AMD EPYC, old and new builds alternated:
-// faster in 5 of 6 pairs (medians 8.7-12.7 ms against 10.3-17.4). Not for 2-byte logits: their sweep
-// is bound by its exps, and bf16 2048 x 151936 was slower in 4 of 6 pairs.
+// The backward alone, fp32 2048 x 32000 out of place, old and new builds alternated: faster in 5 of 6
+// pairs on the 2-core AMD EPYC with AVX-512 (medians 8.7-12.7 ms against 10.3-17.4), and in 5 of 6 on the
+// 2-core Zen 3 EPYC with AVX2 (17.8-21.0 ms against 18.1-23.7, about the time of one read and one write
+// at its 27 GB/s). Not for 2-byte logits: their sweep is bound by its exps, and bf16 2048 x 151936 was
+// slower in 4 of 6 pairs (AVX-512).
 constexpr int64_t kStreamBytes = int64_t{64} << 20;
 
 template <typename scalar_t, bool kEntropy, bool kScaled>

@@ -28,6 +28,10 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // -inf logit gets p = 0 (and a zero gradient), and 2^n below stays a normal float.
 constexpr float kExpLowest = -87.3f;
 
+// 1.5 * 2^23 + 127: added to x log2e (|x log2e| < 2^21), it leaves round(x log2e) + 127 in the low mantissa
+// bits (the generic exp below).
+constexpr float kRoundBias = 12582912.0f + 127.0f;
+
 // exp(d) for d <= 0 (small positive d is fine too), -inf -> 0, NaN -> NaN.
 // Cody-Waite reduction d = n ln2 + r with |r| <= ln2/2, then e^r = 1 + r + r^2 q(r) with q of degree 4
 // (a relative-error fit on [-ln2/2, ln2/2]: 1.17e-7 at most evaluated in fp32, as Cephes' degree 5 q
@@ -43,7 +47,17 @@ inline Vec exp_nonpositive(const Vec& d) {
   // it, as the exponent bits below need.
   const Vec x = at::vec::clamp_min(d, Vec(kExpLowest));
 #endif
+#if defined(CPU_CAPABILITY_AVX512)
   const Vec n = (x * Vec(1.44269504088896341f)).round();
+#else
+  // n = round(x log2e) by adding 1.5 * 2^23 + 127 in the FMA (one rounding, to the nearest integer): the
+  // sum's low mantissa bits are then n + 127, the exponent field of 2^n once shifted (below), and the
+  // round and the float-to-int conversion are saved: the forward kernel on an L2-resident block, 2-core
+  // Zen 3 EPYC (AVX2), builds alternated 3 times, ran fp32 at 3.87-4.08 G/s against 3.30-3.88, bf16 at
+  // 3.27-3.49 against 2.94-3.13.
+  const Vec shifted = at::vec::fmadd(x, Vec(1.44269504088896341f), Vec(kRoundBias));
+  const Vec n = shifted - Vec(kRoundBias);
+#endif
   Vec r = at::vec::fmadd(n, Vec(-0.693359375f), x);
   r = at::vec::fmadd(n, Vec(2.12194440e-4f), r);
   Vec q(1.381461275741458e-3f);
@@ -59,8 +73,9 @@ inline Vec exp_nonpositive(const Vec& d) {
   const __mmask16 keep = _mm512_cmp_ps_mask(d, Vec(kExpLowest), _CMP_NLT_UQ);
   return _mm512_maskz_scalef_ps(keep, p, n);
 #else
-  // 2^n from its exponent bits; n >= -126 after the clamp, so the result is a normal float.
-  const VecI bits = (at::vec::convert_to_int_of_same_size(n) + VecI(127)) << VecI(23);
+  // 2^n from its exponent bits (n + 127 shifted past the mantissa; the bias's own bits fall off the top);
+  // n >= -126 after the clamp, so the result is a normal float.
+  const VecI bits = at::vec::cast<int32_t>(shifted) << VecI(23);
   const Vec y = p * at::vec::cast<float>(bits);
   return Vec::blendv(y, Vec(0.0f), d < Vec(kExpLowest));
 #endif
@@ -109,9 +124,10 @@ inline void store_block(scalar_t* dst, const Vec& lo, const Vec& hi, int64_t cou
   }
 }
 
-// Stores kBlock elements like store_block, bypassing the caches (non-temporal) in the AVX512 build: for a
-// gradient much larger than the caches, whose lines a plain store would first read from memory (the
-// write-allocate) only to overwrite them. dst must be 64-byte aligned. Other builds: a plain store.
+// Stores kBlock elements like store_block, bypassing the caches (non-temporal) in the AVX512 and AVX2
+// builds: for a gradient much larger than the caches, whose lines a plain store would first read from
+// memory (the write-allocate) only to overwrite them. dst must be 64-byte aligned (kBlock elements span
+// 64 bytes of fp32 in the AVX2 build, 64 or 128 in the AVX512 one). The default build: a plain store.
 template <typename scalar_t>
 inline void stream_block(scalar_t* dst, const Vec& lo, const Vec& hi) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -122,6 +138,14 @@ inline void stream_block(scalar_t* dst, const Vec& lo, const Vec& hi) {
     const __m512i packed = at::vec::convert_from_float<scalar_t>(lo, hi);
     _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), packed);
   }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    _mm256_stream_ps(dst, lo);
+    _mm256_stream_ps(dst + Vec::size(), hi);
+  } else {
+    const __m256i packed = at::vec::convert_from_float<scalar_t>(lo, hi);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), packed);
+  }
 #else
   store_block(dst, lo, hi);
 #endif
@@ -129,7 +153,7 @@ inline void stream_block(scalar_t* dst, const Vec& lo, const Vec& hi) {
 
 // Orders this thread's non-temporal stores before whatever it does next (the end of its share of a pass).
 inline void stream_fence() {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   _mm_sfence();
 #endif
 }
