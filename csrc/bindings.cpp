@@ -16,11 +16,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("compute_entropy"), pybind11::arg("lse_fp64") = false,
         "(logits (N, V), targets (N,), temperature, ignore_index, compute_entropy, lse_fp64) -> "
         "(logp, entropy, lse), (N,) each: fp32, fp32, fp32 or fp64");
+  m.def("token_logprobs_forward_basis", &sppo_fast::token_logprobs_forward_basis, pybind11::arg("logits"),
+        pybind11::arg("targets"), pybind11::arg("temperature"), pybind11::arg("ignore_index"),
+        pybind11::arg("compute_entropy"),
+        "(logits (N, V), targets (N,), temperature, ignore_index, compute_entropy) -> (logp, entropy, lse "
+        "fp64, basis (N, V) = d logp / d logits in the logits' dtype)");
   m.def("token_logprobs_backward", &sppo_fast::token_logprobs_backward, pybind11::arg("logits"),
         pybind11::arg("targets"), pybind11::arg("lse"), pybind11::arg("entropy"),
         pybind11::arg("grad_logp"), pybind11::arg("grad_entropy"), pybind11::arg("temperature"),
         pybind11::arg("ignore_index"), pybind11::arg("inplace"),
         "the gradient of the logits (N, V) from per-row grad_logp and grad_entropy");
+  m.def("token_logprobs_backward_from_basis_", &sppo_fast::token_logprobs_backward_from_basis_,
+        pybind11::arg("basis"), pybind11::arg("grad_logp"),
+        "the one-pass backward, in place: basis (N, V) *= grad_logp (N,) row by row, in fp32, rounded once");
   m.def("weight_grad_bf16_supported", &sppo_fast::weight_grad_bf16_supported,
         "whether accumulate_weight_grad_bf16 runs here (the AVX512 build on a CPU with AVX512-BF16)");
   m.def("accumulate_weight_grad_bf16", &sppo_fast::accumulate_weight_grad_bf16, pybind11::arg("acc"),

@@ -25,6 +25,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_forward(
     const at::Tensor& logits, const at::Tensor& targets, double temperature, int64_t ignore_index,
     bool compute_entropy, bool lse_fp64);
 
+// The forward, and the row's d logp / d logits = (1[j = t] - p_j) / T written into a new (N, V) tensor
+// of the logits' dtype (the basis; 0 on ignored rows): (logp, entropy, lse fp64, basis). For a loss
+// whose gradient reaches the logits through logp alone, the logits' gradient is then g_logp * basis.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_logprobs_forward_basis(
+    const at::Tensor& logits, const at::Tensor& targets, double temperature, int64_t ignore_index,
+    bool compute_entropy);
+
 // The gradient of the logits from per-row coefficients, in one read and one write of the logits;
 // lse may be fp32 or fp64.
 at::Tensor token_logprobs_backward(
@@ -32,6 +39,10 @@ at::Tensor token_logprobs_backward(
     const at::Tensor& entropy, const at::Tensor& grad_logp,
     const std::optional<at::Tensor>& grad_entropy, double temperature, int64_t ignore_index,
     bool inplace);
+
+// The one-pass backward: basis (N, V) from token_logprobs_forward_basis times grad_logp (N,) row by row, in
+// place, each product taken in fp32 and rounded once: one read and one write, no exp.
+at::Tensor token_logprobs_backward_from_basis_(at::Tensor& basis, const at::Tensor& grad_logp);
 
 // Calls rows(begin, end) over [0, N) on all of ATen's threads. Threads take small blocks of rows
 // (about 256k elements) from a shared counter instead of one fixed share each: on a machine with

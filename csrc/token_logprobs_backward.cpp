@@ -1,4 +1,5 @@
-// Backward kernel: the gradient of the logits from per-row coefficients, one read and one write.
+// Backward kernel: the gradient of the logits from per-row coefficients, one read and one write. Also the
+// one-pass backward, which scales the rows of the forward's basis (d logp / d logits) by g_logp.
 //
 // With u_j = z_j - lse and p_j = exp(u_j), docs/api.md §3.1 gives
 //   grad_j = (g_logp (1[j = t] - p_j) - g_H p_j (u_j + H)) / T = -p_j (a + b u_j) + 1[j = t] g_logp / T
@@ -147,7 +148,37 @@ void backward_dispatch(const scalar_t* x, scalar_t* out, const BackwardArgs& arg
   });
 }
 
+template <typename scalar_t>
+void scale_rows(scalar_t* x, int64_t V, float scale) {
+  const Vec s(scale);
+  Vec lo, hi;
+  int64_t j = 0;
+  for (; j + kBlock <= V; j += kBlock) {
+    load_block(x + j, lo, hi);
+    store_block(x + j, lo * s, hi * s);
+  }
+  if (j < V) {
+    load_tail(x + j, V - j, 0.0f, lo, hi);
+    store_block(x + j, lo * s, hi * s, V - j);
+  }
+}
+
 }  // namespace
+
+at::Tensor token_logprobs_backward_from_basis_(at::Tensor& basis, const at::Tensor& grad_logp) {
+  TORCH_CHECK(basis.dim() == 2 && basis.is_contiguous(), "basis must be a contiguous (N, V) tensor");
+  const int64_t N = basis.size(0), V = basis.size(1);
+  if (N == 0 || V == 0) return basis;
+  const auto g = grad_logp.to(at::kFloat).contiguous();
+  const float* scale = g.const_data_ptr<float>();
+  SPPO_DISPATCH_LOGITS(basis.scalar_type(), "token_logprobs_backward_from_basis_", [&] {
+    scalar_t* x = basis.mutable_data_ptr<scalar_t>();
+    parallel_rows(N, V, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) scale_rows(x + i * V, V, scale[i]);
+    });
+  });
+  return basis;
+}
 
 at::Tensor token_logprobs_backward(
     const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,

@@ -5,14 +5,23 @@
 // the row is streamed from memory once. Running state per row: the max m, S = sum exp(z - m) and
 // W = sum exp(z - m) (z - m); when m grows to m', S' = a S and W' = a (W + (m - m') S), a = e^(m - m').
 // Entropy = lse - sum p z = log S - W / S, which has no cancellation between large terms.
+//
+// With a basis (token_logprobs_forward_basis), the row's d logp / d z = (1[j = t] - p_j) / T is also
+// written, for a loss whose only gradient is through logp: its backward then scales each row by
+// g_logp, one read and one write and no exp, where the two-pass backward redoes every exp. Each
+// chunk's exp(z - m_c) is kept in an fp32 row of scratch (L2-resident) with its running max m_c, and
+// p_j = exp(z_j - m_c) * exp(m_c - m) / S is written once the row's m and S are known.
 #include "token_logprobs.h"
 #include "vec_math.h"
+
+#include "buffer_pool.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
 #include <cmath>
+#include <vector>
 
 namespace sppo_fast {
 namespace {
@@ -43,22 +52,30 @@ float chunk_max(const scalar_t* x, int64_t len) {
   return reduce_max(mx);
 }
 
-// Adds exp(z - m) and exp(z - m) (z - m) of one block to the accumulators.
+// Adds exp(z - m) and exp(z - m) (z - m) of one block to the accumulators; returns exp(z - m).
 template <bool kEntropy, bool kScaled>
-inline void accumulate(Vec z, const Vec& m, const Vec& temperature, Vec& s, Vec& w) {
+inline Vec accumulate(Vec z, const Vec& m, const Vec& temperature, Vec& s, Vec& w) {
   if constexpr (kScaled) z = z / temperature;  // a division, as eager PyTorch does: same rounding
   const Vec d = z - m;
   const Vec e = exp_nonpositive(d);
   s = s + e;
   // Where e == 0 (d = -inf), the clamped d keeps 0 * d at 0 instead of NaN.
   if constexpr (kEntropy) w = at::vec::fmadd(e, at::vec::clamp_min(d, Vec(kExpLowest)), w);
+  return e;
 }
+
+// Where a basis is written: each chunk's exps (fp32, the row's length) and running maxima.
+struct RowScratch {
+  float* exps;
+  float* chunk_max;
+};
 
 // `next`: the row after this one (nullptr: none). While a chunk's exps run from L1, the next chunk (or
 // the next row's first) is prefetched: otherwise memory idles during the exps and the max pass of the
 // next chunk waits for it, so the two costs add up instead of overlapping.
-template <typename scalar_t, bool kEntropy, bool kScaled>
-RowStats row_stats(const scalar_t* x, int64_t V, float temperature, const scalar_t* next) {
+template <typename scalar_t, bool kEntropy, bool kScaled, bool kBasis = false>
+RowStats row_stats(const scalar_t* x, int64_t V, float temperature, const scalar_t* next,
+                   const RowScratch& scratch = {nullptr, nullptr}) {
   float m = kNegInf;
   Vec s0(0.0f), s1(0.0f), w0(0.0f), w1(0.0f);
   const Vec tv(temperature);
@@ -68,6 +85,7 @@ RowStats row_stats(const scalar_t* x, int64_t V, float temperature, const scalar
     const scalar_t* ahead = c0 + kChunk < V ? xc + kChunk : next;
     float cm = chunk_max(xc, len);
     if (std::isnan(cm)) return {cm, cm, cm};
+    if constexpr (kBasis) scratch.chunk_max[c0 / kChunk] = kNegInf;  // until its exps are kept
     if (cm == kNegInf) continue;  // the whole chunk has p = 0
     if constexpr (kScaled) cm = cm / temperature;  // division is monotone: max(x)/T == max(x/T)
     if (cm > m) {
@@ -84,19 +102,26 @@ RowStats row_stats(const scalar_t* x, int64_t V, float temperature, const scalar
       m = cm;
     }
     const Vec mv(m);
+    float* kept = kBasis ? scratch.exps + c0 : nullptr;
     Vec lo, hi;
     int64_t j = 0;
     for (; j + kBlock <= len; j += kBlock) {
       if (ahead) prefetch_block(ahead + j);
       load_block(xc + j, lo, hi);
-      accumulate<kEntropy, kScaled>(lo, mv, tv, s0, w0);
-      accumulate<kEntropy, kScaled>(hi, mv, tv, s1, w1);
+      const Vec e_lo = accumulate<kEntropy, kScaled>(lo, mv, tv, s0, w0);
+      const Vec e_hi = accumulate<kEntropy, kScaled>(hi, mv, tv, s1, w1);
+      if constexpr (kBasis) {
+        e_lo.store(kept + j);
+        e_hi.store(kept + j + Vec::size());
+      }
     }
     if (j < len) {  // padding with -inf adds exactly 0 to both sums
       load_tail(xc + j, len - j, kNegInf, lo, hi);
-      accumulate<kEntropy, kScaled>(lo, mv, tv, s0, w0);
-      accumulate<kEntropy, kScaled>(hi, mv, tv, s1, w1);
+      const Vec e_lo = accumulate<kEntropy, kScaled>(lo, mv, tv, s0, w0);
+      const Vec e_hi = accumulate<kEntropy, kScaled>(hi, mv, tv, s1, w1);
+      if constexpr (kBasis) store_block(kept + j, e_lo, e_hi, len - j);
     }
+    if constexpr (kBasis) scratch.chunk_max[c0 / kChunk] = m;
   }
   return {m, reduce_sum(s0 + s1), kEntropy ? reduce_sum(w0 + w1) : 0.0f};
 }
@@ -161,7 +186,128 @@ void forward_dispatch(const at::Tensor& logits, const at::Tensor& targets, float
   });
 }
 
+// fp32 bases larger than this are written with non-temporal stores, as the backward's gradient (see
+// kStreamBytes there); 2-byte ones too, since this sweep has no exps to hide the write-allocate behind.
+constexpr int64_t kBasisStreamBytes = int64_t{64} << 20;
+
+// out = (1[j = t] - p_j) / T from the kept exps: p_j = exp(z_j - m_c) exp(m_c - m) / S, one factor a
+// chunk. A row with a NaN, or of -inf only (S = 0), gets NaN, as the two-pass backward gives it.
+template <typename scalar_t, bool kScaled>
+void write_basis(scalar_t* out, int64_t V, int64_t t, float zt, const RowStats& st, double lse,
+                 const RowScratch& scratch, float temperature, bool stream) {
+  const float inv_t = 1.0f / temperature;
+  if (!(st.sum > 0.0f) || std::isnan(st.max)) {
+    const Vec nan(std::numeric_limits<float>::quiet_NaN());
+    for (int64_t j = 0; j < V; j += kBlock) store_block(out + j, nan, nan, std::min(kBlock, V - j));
+    return;
+  }
+  stream = stream && reinterpret_cast<uintptr_t>(out) % 64 == 0;
+  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    const int64_t len = std::min(kChunk, V - c0);
+    const float cm = scratch.chunk_max[c0 / kChunk];
+    // chunks of -inf only (p = 0) kept no exps: their factor 0 must not meet the scratch's garbage
+    const Vec f(cm == kNegInf ? 0.0f : -std::exp(cm - st.max) / st.sum * inv_t);
+    const float* kept = scratch.exps + c0;
+    scalar_t* o = out + c0;
+    int64_t j = 0;
+    for (; j + kBlock <= len; j += kBlock) {
+      const Vec lo = cm == kNegInf ? f : Vec::loadu(kept + j) * f;
+      const Vec hi = cm == kNegInf ? f : Vec::loadu(kept + j + Vec::size()) * f;
+      if (stream) {
+        stream_block(o + j, lo, hi);
+      } else {
+        store_block(o + j, lo, hi);
+      }
+    }
+    if (j < len) {
+      Vec lo = f, hi = f;
+      if (cm != kNegInf) load_tail(kept + j, len - j, 0.0f, lo, hi);
+      store_block(o + j, cm == kNegInf ? f : lo * f, cm == kNegInf ? f : hi * f, len - j);
+    }
+  }
+  if (t >= 0 && t < V) {  // the target's exact value (its own exp), as the two-pass backward's
+    const float lse_hi = static_cast<float>(lse);
+    const float u = (zt - lse_hi) - static_cast<float>(lse - lse_hi);
+    const float p = u < kExpLowest ? 0.0f : std::exp(u);
+    out[t] = static_cast<scalar_t>((1.0f - p) * inv_t);
+  }
+}
+
+template <typename scalar_t, bool kEntropy, bool kScaled>
+void forward_basis_rows(const scalar_t* logits, int64_t row_stride, int64_t V, const int64_t* targets,
+                        float temperature, int64_t ignore_index, float* logp, float* entropy, double* lse,
+                        scalar_t* basis, bool stream, int64_t begin, int64_t end) {
+  // one scratch row per thread, kept across calls (a fresh one per task would be an mmap and its faults)
+  thread_local std::vector<float> exps, chunk_max;
+  if (static_cast<int64_t>(exps.size()) < V) exps.resize(V);
+  if (static_cast<int64_t>(chunk_max.size()) < V / kChunk + 1) chunk_max.resize(V / kChunk + 1);
+  const RowScratch scratch{exps.data(), chunk_max.data()};
+  for (int64_t i = begin; i < end; ++i) {
+    scalar_t* out = basis + i * V;
+    const int64_t t = targets[i];
+    if (t == ignore_index) {
+      logp[i] = entropy[i] = 0.0f;
+      lse[i] = 0;
+      const Vec zero(0.0f);
+      for (int64_t j = 0; j < V; j += kBlock) store_block(out + j, zero, zero, std::min(kBlock, V - j));
+      continue;
+    }
+    const scalar_t* x = logits + i * row_stride;
+    const RowStats st = row_stats<scalar_t, kEntropy, kScaled, true>(
+        x, V, temperature, i + 1 < end ? x + row_stride : nullptr, scratch);
+    const float log_sum = std::log(st.sum);
+    const bool local = t >= 0 && t < V;
+    float zt = local ? static_cast<float>(x[t]) : 0.0f;
+    if constexpr (kScaled) zt = zt / temperature;
+    lse[i] = static_cast<double>(st.max) + std::log(static_cast<double>(st.sum));
+    logp[i] = local ? (zt - st.max) - log_sum : 0.0f;
+    entropy[i] = kEntropy ? log_sum - st.wsum / st.sum : 0.0f;
+    write_basis<scalar_t, kScaled>(out, V, t, zt, st, lse[i], scratch, temperature, stream);
+  }
+  if (stream) stream_fence();
+}
+
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_logprobs_forward_basis(
+    const at::Tensor& logits, const at::Tensor& targets, double temperature, int64_t ignore_index,
+    bool compute_entropy) {
+  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "logits must be (N, V) with unit stride");
+  TORCH_CHECK(targets.scalar_type() == at::kLong, "targets must be int64");
+  const auto targets_c = targets.contiguous();
+  const int64_t N = logits.size(0), V = logits.size(1);
+  auto opts = logits.options().dtype(at::kFloat);
+  at::Tensor logp = at::empty({N}, opts), entropy = at::empty({N}, opts);
+  at::Tensor lse = at::empty({N}, opts.dtype(at::kDouble));
+  at::Tensor basis = empty_pooled({N, V}, logits.options());
+  if (N == 0 || V == 0) return {logp, entropy, lse, basis};
+  const bool stream = N * V * static_cast<int64_t>(logits.element_size()) > kBasisStreamBytes;
+  const bool scaled = temperature != 1.0;
+  const float temp = static_cast<float>(temperature);
+  SPPO_DISPATCH_LOGITS(logits.scalar_type(), "token_logprobs_forward_basis", [&] {
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    scalar_t* out = basis.mutable_data_ptr<scalar_t>();
+    const int64_t* t = targets_c.const_data_ptr<int64_t>();
+    float* lp = logp.mutable_data_ptr<float>();
+    float* en = entropy.mutable_data_ptr<float>();
+    double* ls = lse.mutable_data_ptr<double>();
+    const int64_t stride = logits.stride(0);
+    parallel_rows(N, V, [&](int64_t begin, int64_t end) {
+      auto run = [&](auto entropy_tag, auto scaled_tag) {
+        forward_basis_rows<scalar_t, decltype(entropy_tag)::value, decltype(scaled_tag)::value>(
+            x, stride, V, t, temp, ignore_index, lp, en, ls, out, stream, begin, end);
+      };
+      using T_ = std::true_type;
+      using F_ = std::false_type;
+      if (compute_entropy) {
+        scaled ? run(T_{}, T_{}) : run(T_{}, F_{});
+      } else {
+        scaled ? run(F_{}, T_{}) : run(F_{}, F_{});
+      }
+    });
+  });
+  return {logp, entropy, lse, basis};
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_forward(
     const at::Tensor& logits, const at::Tensor& targets, double temperature, int64_t ignore_index,

@@ -20,7 +20,7 @@ from .parallel import (
     vocab_request,
     vocab_shard,
 )
-from .plan import default_chunk_size, plan_linear_loss
+from .plan import default_chunk_size, logits_one_pass, plan_linear_loss
 
 
 def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, return_entropy=False,
@@ -116,8 +116,9 @@ def fused_policy_loss(logits, targets, old_logp, advantages, mask, config, *, se
     if logits_rows.dtype == torch.float64 and shard is None:  # the eager oracle differentiates masked rows too
         logits_rows = torch.where(keep.unsqueeze(1), logits_rows, torch.zeros_like(logits_rows))
     kernel_targets = torch.where(keep, kernel_targets, torch.full_like(kernel_targets, IGNORE_INDEX))
+    one_pass = logits_one_pass(logits_rows, config, shard, bool(inplace_backward))
     logp, entropy = token_logprobs_rows(logits_rows, kernel_targets, temperature, IGNORE_INDEX, True,
-                                        bool(inplace_backward), shard)
+                                        bool(inplace_backward), shard, one_pass)
     out = aggregate(layout.to_grid(logp), inputs, config, entropy=layout.to_grid(entropy), normalizer=normalizer)
     return _to_caller(out, layout, targets.shape)
 

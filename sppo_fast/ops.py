@@ -2,8 +2,9 @@
 `sppo_fast`), their autograd, and the differentiable row-level calls the public functions compose.
 Arguments arrive checked (sppo_fast.api); nothing here validates again.
 
-Five ops carry all vocabulary-sized work:
+Six ops carry all vocabulary-sized work:
     token_logprobs_forward, token_logprobs_backward, token_logprobs_backward_ (in place)   on (N, V) logits
+    token_logprobs_forward_basis   the one-pass forward on (N, V) logits (sppo_fast.plan.logits_one_pass)
     linear_logprobs_forward, linear_logprobs_backward      on (N, H) hidden x (V, H) weight, chunked
 Each has a fake (meta) implementation, so torch.compile traces them without graph breaks. Each takes
 a vocabulary shard as (vocab_group, vocab_starts) (parallel.op_args; "" and None when unsharded): the
@@ -115,6 +116,52 @@ def _token_backward(ctx, grad_logp, grad_entropy, _grad_lse):
 token_logprobs_forward.register_autograd(_token_backward, setup_context=_token_setup_context)
 
 
+@torch.library.custom_op("sppo_fast::token_logprobs_forward_basis", mutates_args=())
+def token_logprobs_forward_basis(logits: Tensor, targets: Tensor, temperature: float, ignore_index: int,
+                                 compute_entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(logp, entropy, lse, basis): the forward, and d logp / d logits (N, V) in the logits' dtype, so that
+    the backward only scales rows (sppo_fast.backends: token_logprobs_forward_basis)."""
+    backend = dispatch.backend_for(logits.device, logits.dtype)
+    return backend.token_logprobs_forward_basis(logits, targets, temperature, ignore_index, compute_entropy)
+
+
+@token_logprobs_forward_basis.register_fake
+def _(logits, targets, temperature, ignore_index, compute_entropy):
+    return (*_row_outputs(logits), torch.empty_like(logits, memory_format=torch.contiguous_format))
+
+
+def _basis_setup_context(ctx, inputs, output):
+    logits, targets, temperature, ignore_index, compute_entropy = inputs
+    _, entropy, lse, basis = output
+    ctx.save_for_backward(logits, targets, lse, entropy)
+    # not saved for backward: the backward turns it into the gradient in place, which would fail the saved
+    # tensors' version check of a second backward (retain_graph); non-differentiable, it makes no cycle
+    ctx.basis = basis
+    ctx.options = (temperature, ignore_index, compute_entropy)
+    ctx.mark_non_differentiable(lse, basis)
+    ctx.set_materialize_grads(False)
+
+
+def _basis_backward(ctx, grad_logp, grad_entropy, _grad_lse, _grad_basis):
+    """grad_logp * basis, in place on the basis (it becomes the gradient, handed to autograd). A gradient
+    that also reaches the entropy (the plan rules that out, but a caller may differentiate the entropy
+    output) and a second backward (retain_graph: the basis is gone) take the two-pass backward kernel
+    from the saved logits instead."""
+    logits, targets, lse, entropy = ctx.saved_tensors
+    temperature, ignore_index, compute_entropy = ctx.options
+    grad_logp, grad_entropy = coefficients(grad_logp, grad_entropy, lse, compute_entropy)
+    basis, ctx.basis = ctx.basis, None
+    if grad_entropy is not None or basis is None:
+        grad = token_logprobs_backward(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature,
+                                       ignore_index)
+        return grad, None, None, None, None
+    backend = dispatch.backend_for(basis.device, basis.dtype)
+    return backend.token_logprobs_backward_from_basis_(basis, grad_logp), None, None, None, None
+
+
+token_logprobs_forward_basis.register_autograd(_basis_backward, setup_context=_basis_setup_context)
+
+
 # ----------------------------------------------------------------------------------------------------
 # On hidden states x lm_head: the chunk loop with the two kernels as its epilogue
 
@@ -201,9 +248,13 @@ linear_logprobs_forward.register_autograd(_linear_backward, setup_context=_linea
 
 
 def token_logprobs_rows(logits, targets, temperature, ignore_index, compute_entropy, inplace_backward=False,
-                        shard=None):
+                        shard=None, one_pass=False):
     """(logp, entropy) fp32 (N,) (fp64 for fp64 logits: the eager oracle, differentiable by autograd; a
-    sharded fp64 call runs the reference backend's kernels, in fp64, through the same op)."""
+    sharded fp64 call runs the reference backend's kernels, in fp64, through the same op). `one_pass`
+    (sppo_fast.plan.logits_one_pass): the forward also writes d logp / d logits, the backward scales it."""
+    if one_pass:
+        logp, entropy, _, _ = token_logprobs_forward_basis(logits, targets, temperature, ignore_index, compute_entropy)
+        return logp, entropy
     if logits.dtype != torch.float64 or shard is not None:
         logp, entropy, _ = token_logprobs_forward(logits, targets, temperature, ignore_index, compute_entropy,
                                                   inplace_backward, *op_args(shard))

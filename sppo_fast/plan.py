@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import dispatch
+
 SEQUENCES, TOKENS, TWO_PASS = "sequences", "tokens", "two_pass"
 
 
@@ -62,6 +64,23 @@ class ChunkPlan(NamedTuple):
         if self.mode == SEQUENCES:
             return x
         return x.new_zeros(shape[0] * shape[1]).index_copy(0, self.cells, x.reshape(-1)).view(shape)
+
+
+def logits_one_pass(logits, config, shard=None, inplace_backward=False, backend=None):
+    """Whether fused_policy_loss on (N, V) logits takes one pass: its forward also writes the rows'
+    d logp / d logits (the basis) and its backward only scales each row by g_logp (ops: the basis op),
+    one exp per logit instead of two, at the price of one more sweep of memory (the basis written, then
+    read and rewritten). Taken where the backend has that forward (the native one), the logits are 2-byte
+    (bf16/fp16, whose two passes are bound by their exps), the loss has no gradient through the entropy
+    (entropy_coef 0: the basis is logp's alone), a gradient is wanted, and the logits are neither a
+    vocabulary shard (the basis needs the global lse) nor to be overwritten in place, nor traced.
+    `backend`: the one serving the logits (default: sppo_fast.dispatch's choice, looked up last, never
+    while tracing)."""
+    if (torch.compiler.is_compiling() or logits.dtype not in (torch.bfloat16, torch.float16) or config.entropy_coef
+            or not (logits.requires_grad and torch.is_grad_enabled()) or shard is not None or inplace_backward):
+        return False
+    backend = dispatch.backend_for(logits.device, logits.dtype) if backend is None else backend
+    return getattr(backend, "token_logprobs_forward_basis", None) is not None
 
 
 def plan_linear_loss(layout, valid, *, token_local, oracle, vocab, hidden=0, dtype=torch.float32, chunk_size=None):

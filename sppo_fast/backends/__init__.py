@@ -31,6 +31,22 @@ a backend never checks input again:
         into `logits` itself and returns it (the caller no longer needs the logits); otherwise a new
         contiguous tensor is returned.
 
+    token_logprobs_forward_basis(logits, targets, temperature, ignore_index, compute_entropy) or None
+
+        the forward for the one-pass logits path (sppo_fast.plan.logits_one_pass), where the backend
+        has it: (logp, entropy, lse fp64, basis), the first three as token_logprobs_forward gives them
+        and basis (N, V) in logits.dtype the rows' d logp / d logits = (1[j == target] - p_j) /
+        temperature (0 on ignored rows, no one-hot term for a target outside [0, V), NaN on a row
+        with a NaN or of -inf only). A loss whose gradient reaches the logits through logp alone then
+        gets the logits' gradient as grad_logp * basis, a scaling of rows, with no exp. Only the
+        native backend has it (csrc/token_logprobs_forward.cpp).
+
+    token_logprobs_backward_from_basis_(basis, grad_logp) -> basis
+
+        with the forward above: the one-pass backward, basis (N, V) *= grad_logp (N,) fp32 row by
+        row, in place, each product in fp32 and rounded once to the basis' dtype (torch's mul_ of a
+        bf16 tensor by an fp32 one takes a scalar path, 30x slower).
+
     accumulate_weight_grad(accumulator, grad_logits, hidden, accumulate) or None
 
         the linear path's weight-gradient product where the backend has a faster one than torch's:

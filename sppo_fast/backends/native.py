@@ -73,6 +73,17 @@ def token_logprobs_backward(logits, targets, lse, entropy, grad_logp, grad_entro
                                       float(temperature), int(ignore_index), bool(inplace))
 
 
+def token_logprobs_forward_basis(logits, targets, temperature, ignore_index, compute_entropy):
+    """The interface's one-pass forward: (logp, entropy, lse fp64, basis = d logp / d logits)."""
+    return _C.token_logprobs_forward_basis(logits, targets, float(temperature), int(ignore_index),
+                                           bool(compute_entropy))
+
+
+def token_logprobs_backward_from_basis_(basis, grad_logp):
+    """The interface's one-pass backward: basis *= grad_logp row by row, in place."""
+    return _C.token_logprobs_backward_from_basis_(basis, grad_logp)
+
+
 # accumulate_weight_grad(accumulator, grad_logits, hidden, accumulate) of the backend interface where the
 # CPU has AVX512-BF16 (csrc/weight_grad_bf16.cpp), else None
 accumulate_weight_grad = _C.accumulate_weight_grad_bf16 if _C.weight_grad_bf16_supported() else None

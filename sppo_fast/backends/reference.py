@@ -38,3 +38,5 @@ def token_logprobs_backward(logits, targets, lse, entropy, grad_logp, grad_entro
 
 
 accumulate_weight_grad = None  # no weight-gradient product of its own: the linear path uses torch's
+token_logprobs_forward_basis = None  # no one-pass forward: the logits path takes two passes (plan.logits_one_pass)
+token_logprobs_backward_from_basis_ = None
