@@ -73,9 +73,15 @@ struct RowScratch {
 // `next`: the row after this one (nullptr: none). While a chunk's exps run from L1, the next chunk (or
 // the next row's first) is prefetched: otherwise memory idles during the exps and the max pass of the
 // next chunk waits for it, so the two costs add up instead of overlapping.
-template <typename scalar_t, bool kEntropy, bool kScaled, bool kBasis = false>
+struct NoChunkHook {
+  void operator()(int64_t) const {}
+};
+
+// `before_chunk(c0)` runs before the chunk at c0 (the one-pass forward writes the previous row's basis
+// there, between chunks of exps).
+template <typename scalar_t, bool kEntropy, bool kScaled, bool kBasis = false, typename Hook = NoChunkHook>
 RowStats row_stats(const scalar_t* x, int64_t V, float temperature, const scalar_t* next,
-                   const RowScratch& scratch = {nullptr, nullptr}) {
+                   const RowScratch& scratch = {nullptr, nullptr}, const Hook& before_chunk = {}) {
   float m = kNegInf;
   Vec s0(0.0f), s1(0.0f), w0(0.0f), w1(0.0f);
   const Vec tv(temperature);
@@ -83,6 +89,7 @@ RowStats row_stats(const scalar_t* x, int64_t V, float temperature, const scalar
     const int64_t len = std::min(kChunk, V - c0);
     const scalar_t* xc = x + c0;
     const scalar_t* ahead = c0 + kChunk < V ? xc + kChunk : next;
+    before_chunk(c0);
     float cm = chunk_max(xc, len);
     if (std::isnan(cm)) return {cm, cm, cm};
     if constexpr (kBasis) scratch.chunk_max[c0 / kChunk] = kNegInf;  // until its exps are kept
@@ -190,29 +197,39 @@ void forward_dispatch(const at::Tensor& logits, const at::Tensor& targets, float
 // kStreamBytes there); 2-byte ones too, since this sweep has no exps to hide the write-allocate behind.
 constexpr int64_t kBasisStreamBytes = int64_t{64} << 20;
 
-// out = (1[j = t] - p_j) / T from the kept exps: p_j = exp(z_j - m_c) exp(m_c - m) / S, one factor a
-// chunk. A row with a NaN, or of -inf only (S = 0), gets NaN, as the two-pass backward gives it.
-template <typename scalar_t, bool kScaled>
-void write_basis(scalar_t* out, int64_t V, int64_t t, float zt, const RowStats& st, double lse,
-                 const RowScratch& scratch, float temperature, bool stream) {
-  const float inv_t = 1.0f / temperature;
-  if (!(st.sum > 0.0f) || std::isnan(st.max)) {
-    const Vec nan(std::numeric_limits<float>::quiet_NaN());
-    for (int64_t j = 0; j < V; j += kBlock) store_block(out + j, nan, nan, std::min(kBlock, V - j));
-    return;
-  }
-  stream = stream && reinterpret_cast<uintptr_t>(out) % 64 == 0;
-  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+// A row whose basis is still to be written: out = (1[j = t] - p_j) / T from its kept exps, p_j =
+// exp(z_j - m_c) exp(m_c - m) / S with one factor a chunk. Written a chunk at a time between the next
+// row's chunks of exps, so that its stores drain while the exps run instead of after them (row_stats'
+// hook). A row with a NaN, or of -inf only (S = 0), gets NaN, as the two-pass backward gives it.
+template <typename scalar_t>
+struct PendingBasis {
+  scalar_t* out = nullptr;  // null: nothing pending
+  RowScratch scratch{nullptr, nullptr};
+  RowStats st{};
+  double lse = 0;
+  int64_t V = 0, t = 0, written = 0;  // written: the elements before it are done
+  float zt = 0, inv_t = 1;
+  bool stream = false;
+
+  void write_chunk(int64_t c0) const {
     const int64_t len = std::min(kChunk, V - c0);
-    const float cm = scratch.chunk_max[c0 / kChunk];
-    // chunks of -inf only (p = 0) kept no exps: their factor 0 must not meet the scratch's garbage
-    const Vec f(cm == kNegInf ? 0.0f : -std::exp(cm - st.max) / st.sum * inv_t);
-    const float* kept = scratch.exps + c0;
     scalar_t* o = out + c0;
+    if (!(st.sum > 0.0f) || std::isnan(st.max)) {
+      const Vec nan(std::numeric_limits<float>::quiet_NaN());
+      for (int64_t j = 0; j < len; j += kBlock) store_block(o + j, nan, nan, std::min(kBlock, len - j));
+      return;
+    }
+    const float cm = scratch.chunk_max[c0 / kChunk];
+    if (cm == kNegInf) {  // a chunk of -inf only (p = 0) kept no exps
+      const Vec zero(0.0f);
+      for (int64_t j = 0; j < len; j += kBlock) store_block(o + j, zero, zero, std::min(kBlock, len - j));
+      return;
+    }
+    const Vec f(-std::exp(cm - st.max) / st.sum * inv_t);
+    const float* kept = scratch.exps + c0;
     int64_t j = 0;
     for (; j + kBlock <= len; j += kBlock) {
-      const Vec lo = cm == kNegInf ? f : Vec::loadu(kept + j) * f;
-      const Vec hi = cm == kNegInf ? f : Vec::loadu(kept + j + Vec::size()) * f;
+      const Vec lo = Vec::loadu(kept + j) * f, hi = Vec::loadu(kept + j + Vec::size()) * f;
       if (stream) {
         stream_block(o + j, lo, hi);
       } else {
@@ -220,28 +237,46 @@ void write_basis(scalar_t* out, int64_t V, int64_t t, float zt, const RowStats& 
       }
     }
     if (j < len) {
-      Vec lo = f, hi = f;
-      if (cm != kNegInf) load_tail(kept + j, len - j, 0.0f, lo, hi);
-      store_block(o + j, cm == kNegInf ? f : lo * f, cm == kNegInf ? f : hi * f, len - j);
+      Vec lo, hi;
+      load_tail(kept + j, len - j, 0.0f, lo, hi);
+      store_block(o + j, lo * f, hi * f, len - j);
     }
   }
-  if (t >= 0 && t < V) {  // the target's exact value (its own exp), as the two-pass backward's
-    const float lse_hi = static_cast<float>(lse);
-    const float u = (zt - lse_hi) - static_cast<float>(lse - lse_hi);
-    const float p = u < kExpLowest ? 0.0f : std::exp(u);
-    out[t] = static_cast<scalar_t>((1.0f - p) * inv_t);
+
+  // Writes the chunks that start before `end`.
+  void write_until(int64_t end) {
+    if (out == nullptr) return;
+    for (; written < std::min(end, V); written += kChunk) write_chunk(written);
   }
-}
+
+  // The rest, and the target's exact value (its own exp, as the two-pass backward's).
+  void finish() {
+    if (out == nullptr) return;
+    write_until(V);
+    if (t >= 0 && t < V && st.sum > 0.0f && !std::isnan(st.max)) {
+      const float lse_hi = static_cast<float>(lse);
+      const float u = (zt - lse_hi) - static_cast<float>(lse - lse_hi);
+      const float p = u < kExpLowest ? 0.0f : std::exp(u);
+      out[t] = static_cast<scalar_t>((1.0f - p) * inv_t);
+    }
+    out = nullptr;
+  }
+};
 
 template <typename scalar_t, bool kEntropy, bool kScaled>
 void forward_basis_rows(const scalar_t* logits, int64_t row_stride, int64_t V, const int64_t* targets,
                         float temperature, int64_t ignore_index, float* logp, float* entropy, double* lse,
                         scalar_t* basis, bool stream, int64_t begin, int64_t end) {
-  // one scratch row per thread, kept across calls (a fresh one per task would be an mmap and its faults)
-  thread_local std::vector<float> exps, chunk_max;
-  if (static_cast<int64_t>(exps.size()) < V) exps.resize(V);
-  if (static_cast<int64_t>(chunk_max.size()) < V / kChunk + 1) chunk_max.resize(V / kChunk + 1);
-  const RowScratch scratch{exps.data(), chunk_max.data()};
+  // two scratch rows per thread (this row's exps, the pending row's), kept across calls: a fresh one per
+  // task would be an mmap and its page faults
+  thread_local std::vector<float> exps[2], chunk_max[2];
+  for (int k = 0; k < 2; ++k) {
+    if (static_cast<int64_t>(exps[k].size()) < V) exps[k].resize(V);
+    if (static_cast<int64_t>(chunk_max[k].size()) < V / kChunk + 1) chunk_max[k].resize(V / kChunk + 1);
+  }
+  stream = stream && reinterpret_cast<uintptr_t>(basis) % 64 == 0 && (V * sizeof(scalar_t)) % 64 == 0;
+  PendingBasis<scalar_t> pending;
+  int k = 0;
   for (int64_t i = begin; i < end; ++i) {
     scalar_t* out = basis + i * V;
     const int64_t t = targets[i];
@@ -252,9 +287,12 @@ void forward_basis_rows(const scalar_t* logits, int64_t row_stride, int64_t V, c
       for (int64_t j = 0; j < V; j += kBlock) store_block(out + j, zero, zero, std::min(kBlock, V - j));
       continue;
     }
+    const RowScratch scratch{exps[k].data(), chunk_max[k].data()};
     const scalar_t* x = logits + i * row_stride;
     const RowStats st = row_stats<scalar_t, kEntropy, kScaled, true>(
-        x, V, temperature, i + 1 < end ? x + row_stride : nullptr, scratch);
+        x, V, temperature, i + 1 < end ? x + row_stride : nullptr, scratch,
+        [&](int64_t c0) { pending.write_until(c0); });
+    pending.finish();
     const float log_sum = std::log(st.sum);
     const bool local = t >= 0 && t < V;
     float zt = local ? static_cast<float>(x[t]) : 0.0f;
@@ -262,8 +300,10 @@ void forward_basis_rows(const scalar_t* logits, int64_t row_stride, int64_t V, c
     lse[i] = static_cast<double>(st.max) + std::log(static_cast<double>(st.sum));
     logp[i] = local ? (zt - st.max) - log_sum : 0.0f;
     entropy[i] = kEntropy ? log_sum - st.wsum / st.sum : 0.0f;
-    write_basis<scalar_t, kScaled>(out, V, t, zt, st, lse[i], scratch, temperature, stream);
+    pending = PendingBasis<scalar_t>{out, scratch, st, lse[i], V, t, 0, zt, 1.0f / temperature, stream};
+    k ^= 1;
   }
+  pending.finish();
   if (stream) stream_fence();
 }
 
