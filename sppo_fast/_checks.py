@@ -64,6 +64,13 @@ def check_int(name, value):
     return value
 
 
+def check_one_pass(one_pass):
+    """fused_policy_loss's one_pass: None (the plan decides), True or False."""
+    if one_pass is not None and not isinstance(one_pass, bool):
+        raise TypeError(f"one_pass must be None (automatic), True or False, got {type(one_pass).__name__}")
+    return one_pass
+
+
 def check_temperature(temperature):
     if isinstance(temperature, (bool, torch.Tensor)) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a Python float, got {type(temperature).__name__}")

@@ -5,7 +5,14 @@ shapes once at the exit."""
 
 import torch
 
-from ._checks import ValueChecks, check_float, check_linear, check_logits_and_targets, check_same_device
+from ._checks import (
+    ValueChecks,
+    check_float,
+    check_linear,
+    check_logits_and_targets,
+    check_one_pass,
+    check_same_device,
+)
 from .executor import linear_policy_loss
 from .layout import batch_layout, flat_rows, flat_targets, sequence_lengths, split_layout
 from .losses import aggregate, check_loss_inputs
@@ -96,12 +103,15 @@ def policy_loss(logp, old_logp, advantages, mask, config, *, segment_ids=None, e
 
 def fused_policy_loss(logits, targets, old_logp, advantages, mask, config, *, segment_ids=None, ref_logp=None,
                       temperature=1.0, normalizer=None, inplace_backward=False, rollout_is_weights=None,
-                      cu_seqlens=None, process_group=None, vocab_start=None, context_parallel_group=None):
+                      cu_seqlens=None, process_group=None, vocab_start=None, context_parallel_group=None,
+                      one_pass=None):
     """The policy loss of docs/api.md §3 straight from (B, T, V) logits (packed: (N, V) or (1, N, V)): one
     forward kernel, the loss stage on the grid, one backward kernel (§2.4). Equals
     policy_loss(token_logprobs(logits, ...), ...); logp and entropy are 0 where mask is 0, and so is the
     logits' gradient, whatever those rows hold. Logits split by vocabulary and sequences split over a
-    context group as in §11."""
+    context group as in §11. `one_pass`: None lets sppo_fast.plan.logits_one_pass choose; True asks for the
+    one-pass form where it can run, False for two passes (§2.4)."""
+    check_one_pass(one_pass)
     vocab = vocab_request("logits", logits, -1, process_group, vocab_start)
     logits = vocab.tensor
 
@@ -116,7 +126,7 @@ def fused_policy_loss(logits, targets, old_logp, advantages, mask, config, *, se
     if logits_rows.dtype == torch.float64 and shard is None:  # the eager oracle differentiates masked rows too
         logits_rows = torch.where(keep.unsqueeze(1), logits_rows, torch.zeros_like(logits_rows))
     kernel_targets = torch.where(keep, kernel_targets, torch.full_like(kernel_targets, IGNORE_INDEX))
-    one_pass = logits_one_pass(logits_rows, config, shard, bool(inplace_backward))
+    one_pass = logits_one_pass(logits_rows, config, shard, bool(inplace_backward), requested=one_pass)
     logp, entropy = token_logprobs_rows(logits_rows, kernel_targets, temperature, IGNORE_INDEX, True,
                                         bool(inplace_backward), shard, one_pass)
     out = aggregate(layout.to_grid(logp), inputs, config, entropy=layout.to_grid(entropy), normalizer=normalizer)

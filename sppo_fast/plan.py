@@ -66,7 +66,7 @@ class ChunkPlan(NamedTuple):
         return x.new_zeros(shape[0] * shape[1]).index_copy(0, self.cells, x.reshape(-1)).view(shape)
 
 
-def logits_one_pass(logits, config, shard=None, inplace_backward=False, backend=None):
+def logits_one_pass(logits, config, shard=None, inplace_backward=False, backend=None, requested=None):
     """Whether fused_policy_loss on (N, V) logits takes one pass: its forward also writes the rows'
     d logp / d logits (the basis) and its backward only scales each row by g_logp (ops: the basis op),
     one exp per logit instead of two, at the price of one more sweep of memory (the basis written, then
@@ -77,9 +77,13 @@ def logits_one_pass(logits, config, shard=None, inplace_backward=False, backend=
     logits are neither a vocabulary shard (the basis needs the global lse) nor to be overwritten in place,
     nor traced.
     `backend`: the one serving the logits (default: sppo_fast.dispatch's choice, looked up last, never
-    while tracing)."""
-    if (torch.compiler.is_compiling() or logits.dtype not in (torch.bfloat16, torch.float16) or config.entropy_coef
-            or not (logits.requires_grad and torch.is_grad_enabled()) or shard is not None or inplace_backward):
+    while tracing). `requested` (fused_policy_loss's one_pass): False never, True also for fp32 logits or
+    an entropy term (correct: the backward then takes the two-pass kernel, the basis unused), where it can run."""
+    if requested is False or torch.compiler.is_compiling() or not (logits.requires_grad and torch.is_grad_enabled()):
+        return False
+    if requested is None and (logits.dtype not in (torch.bfloat16, torch.float16) or config.entropy_coef):
+        return False
+    if shard is not None or inplace_backward:
         return False
     backend = dispatch.backend_for(logits.device, logits.dtype) if backend is None else backend
     return getattr(backend, "token_logprobs_forward_basis", None) is not None

@@ -34,7 +34,8 @@ def assert_same(got, want, what):
         assert (g - ref).abs().max().item() <= 1e-4 * scale + 1e-9, f"{what}: gradient"
 
 
-@pytest.mark.parametrize("impl", ["torch_eager", "verl_eager", "trl_eager", "oracle", "sppo_fast_inplace"])
+@pytest.mark.parametrize("impl", ["torch_eager", "verl_eager", "trl_eager", "oracle", "sppo_fast_inplace",
+                                  "sppo_fast_two_pass"])
 def test_from_logits_baselines_compute_the_dapo_loss_and_gradient(impl):
     if impl.startswith("verl"):
         pytest.importorskip("verl.trainer.ppo.core_algos")
@@ -334,3 +335,13 @@ def test_a_stream_target_is_not_judged_when_a_row_beat_the_floor():
     assert ops_report._stream_mark(50, 60, dict(ok, fwd_bwd_pct_of_stream_floor=55)) == "NOT met"
     assert "not judged" in ops_report._stream_mark(95, 90, dict(ok, fwd_bwd_pct_of_stream_floor=112))
     assert "not judged" in ops_report._stream_mark(101, 90, {})
+
+
+def test_the_one_pass_column_compares_sppo_fast_with_its_two_pass_form():
+    """ops_report: sppo_fast (the plan's choice) against sppo_fast_two_pass, issue 18's 1.3x target."""
+    from sppo_fast.bench import ops_report
+
+    ok = {"status": "ok"}
+    assert ops_report._one_pass_cell(dict(ok, fwd_bwd_ms=150.0), dict(ok, fwd_bwd_ms=210.0)) == "210: 1.40x (met)"
+    assert "NOT met" in ops_report._one_pass_cell(dict(ok, fwd_bwd_ms=180.0), dict(ok, fwd_bwd_ms=210.0))
+    assert ops_report._one_pass_cell(dict(ok, fwd_bwd_ms=150.0), {}) == ""

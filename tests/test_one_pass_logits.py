@@ -14,7 +14,6 @@ from hypothesis import given, settings
 from spec_helpers import TOLERANCE
 
 import sppo_fast as sf
-import sppo_fast.api as api
 from sppo_fast import dispatch, ops, plan
 
 native, _ = dispatch.load("native")
@@ -126,15 +125,17 @@ def loss_and_grad(d, config, logits=None, **kw):
 @pytest.mark.parametrize("preset", ["dapo", "grpo", "gspo", "sspo", "ppo"])
 def test_one_pass_equals_two_passes_and_the_oracle(monkeypatch, dtype, preset):
     """Every ratio level (token, sequence, segment): the gradient reaches the logits through logp alone,
-    so g_logp * basis is the whole gradient; forced on for fp32 too (the plan takes it for 2-byte logits)."""
+    so g_logp * basis is the whole gradient; asked for (one_pass=True) for fp32 too, which the plan leaves
+    to two passes by default."""
     config = sf.PolicyLossConfig.preset(preset, kl_coef=0.05)
     d = batch(dtype)
-    taken = []
-    monkeypatch.setattr(api, "logits_one_pass", lambda *a, **k: taken.append(True) or True)
-    one_out, one = loss_and_grad(d, config)
-    assert taken
-    monkeypatch.setattr(api, "logits_one_pass", lambda *a, **k: False)
-    two_out, two = loss_and_grad(d, config)
+    calls = []
+    real = ops.token_logprobs_forward_basis
+    monkeypatch.setattr(ops, "token_logprobs_forward_basis", lambda *a: calls.append(1) or real(*a))
+    one_out, one = loss_and_grad(d, config, one_pass=True)
+    assert len(calls) == 1
+    two_out, two = loss_and_grad(d, config, one_pass=False)
+    assert len(calls) == 1
     oracle_out, oracle = loss_and_grad(d, config, logits=d["logits"].detach().double().requires_grad_(True))
     assert one.dtype == dtype
     torch.testing.assert_close(one_out.loss, two_out.loss, rtol=0, atol=0)
@@ -142,6 +143,13 @@ def test_one_pass_equals_two_passes_and_the_oracle(monkeypatch, dtype, preset):
     err_one, err_two = ((g.double() - oracle).abs().max().item() for g in (one, two))
     assert err_one <= err_two + TOLERANCE[dtype] * max(scale, 1e-3)
     assert (one[~d["mask"]] == 0).all()
+
+
+def test_one_pass_must_be_none_or_a_bool():
+    d = batch(torch.bfloat16)
+    with pytest.raises(TypeError, match="one_pass"):
+        sf.fused_policy_loss(d["logits"], d["targets"], d["old_logp"], d["advantages"], d["mask"],
+                             sf.PolicyLossConfig.preset("dapo"), one_pass=1)
 
 
 def test_the_plan_takes_one_pass_for_2_byte_logits_without_an_entropy_gradient():
@@ -159,6 +167,11 @@ def test_the_plan_takes_one_pass_for_2_byte_logits_without_an_entropy_gradient()
         assert not plan.logits_one_pass(x, dapo, backend=native)
     with dispatch.use_backend("reference"):
         assert not plan.logits_one_pass(x, dapo)
+    fp32, with_entropy = x.float().detach().requires_grad_(True), dataclasses.replace(dapo, entropy_coef=0.01)
+    assert plan.logits_one_pass(fp32, dapo, backend=native, requested=True)
+    assert plan.logits_one_pass(x, with_entropy, backend=native, requested=True)
+    assert not plan.logits_one_pass(x, dapo, backend=native, requested=False)
+    assert not plan.logits_one_pass(x, dapo, inplace_backward=True, backend=native, requested=True)
 
 
 def test_a_gradient_through_the_entropy_output_falls_back_to_two_passes():

@@ -9,6 +9,8 @@ Times forward and forward+backward and measures peak memory of
 for each implementation, side by side in one run:
   sppo_fast           the op on the native CPU backend (csrc/)
   sppo_fast_inplace   the same with inplace_backward=True (the gradient overwrites the logits)
+  sppo_fast_two_pass  fused_policy_loss with one_pass=False: the two-pass form, which sppo_fast (one_pass
+                      chosen by the plan: one pass for bf16/fp16 logits) is measured against
   torch_eager         the idiomatic loss: fp32 log_softmax + gather, entropy -(p * logp).sum(-1), then the
                       preset's loss stage (sppo_fast.policy_loss, plain PyTorch on (B, T): the DAPO loss)
   torch_compile       torch.compile of torch_eager
@@ -72,8 +74,8 @@ from sppo_fast.bench.ops_report import ORACLE, key_of, markdown_table, speedups,
 OPS = ("token_logprobs", "fused_policy_loss", "fused_linear")
 PRESETS = ("dapo", "gspo", "sspo")
 IMPLS = {"token_logprobs": ("sppo_fast", "sppo_fast_inplace", "torch_compile", "torch_eager"),
-         "fused_policy_loss": ("sppo_fast", "sppo_fast_inplace", "torch_compile", "torch_eager", "verl_compile",
-                               "verl_eager", "trl_compile", "trl_eager"),
+         "fused_policy_loss": ("sppo_fast", "sppo_fast_inplace", "sppo_fast_two_pass", "torch_compile", "torch_eager",
+                               "verl_compile", "verl_eager", "trl_compile", "trl_eager"),
          "fused_linear": ("sppo_fast", "torch_compile", "liger", "cce", "trl_chunked", "torch_lce",
                           "torch_lce_tuned")}
 PEER_IMPLS = ("verl_compile", "verl_eager", "trl_compile", "trl_eager")  # their loss is the dapo one
@@ -282,6 +284,7 @@ def from_logits_fn(op, impl, preset):
         return lambda x, inp: verl_policy_loss(x, inp, actor_config)
     return {"sppo_fast": native,
             "sppo_fast_inplace": lambda x, inp: native(x, inp, inplace_backward=True),
+            "sppo_fast_two_pass": lambda x, inp: native(x, inp, one_pass=False),
             "torch": lambda x, inp: _policy_loss(*idiomatic_logprobs(x, inp["targets"]), inp, config, preset),
             "trl": lambda x, inp: _policy_loss(*trl_logprobs(x, inp["targets"]), inp, config, preset),
             "oracle": lambda x, inp: _policy_loss(*reference.token_logprobs(x, inp["targets"], return_entropy=True),
