@@ -9,6 +9,7 @@
 #include <atomic>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 // Logits come as fp32, bf16 or fp16; the kernels accumulate in fp32 for all three.
 #define SPPO_DISPATCH_LOGITS(TYPE, NAME, ...)                \
@@ -43,6 +44,19 @@ at::Tensor token_logprobs_backward(
 // The one-pass backward: basis (N, V) from token_logprobs_forward_basis times grad_logp (N,) row by row, in
 // place, each product taken in fp32 and rounded once: one read and one write, no exp.
 at::Tensor token_logprobs_backward_from_basis_(at::Tensor& basis, const at::Tensor& grad_logp);
+
+// Calls run(std::bool_constant<entropy>{}, std::bool_constant<scaled>{}): the kernels' two compile-time
+// switches (an entropy term; a temperature other than 1) from their runtime values.
+template <typename F>
+void dispatch_flags(bool entropy, bool scaled, const F& run) {
+  using T_ = std::true_type;
+  using F_ = std::false_type;
+  if (entropy) {
+    scaled ? run(T_{}, T_{}) : run(T_{}, F_{});
+  } else {
+    scaled ? run(F_{}, T_{}) : run(F_{}, F_{});
+  }
+}
 
 // Calls rows(begin, end) over [0, N) on all of ATen's threads. Threads take small blocks of rows
 // (about 256k elements) from a shared counter instead of one fixed share each: on a machine with

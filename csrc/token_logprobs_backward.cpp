@@ -137,13 +137,7 @@ void backward_dispatch(const scalar_t* x, scalar_t* out, const BackwardArgs& arg
       backward_rows<scalar_t, decltype(entropy_tag)::value, decltype(scaled_tag)::value>(
           x, out, args, begin, end);
     };
-    using T_ = std::true_type;
-    using F_ = std::false_type;
-    if (entropy) {
-      scaled ? run(T_{}, T_{}) : run(T_{}, F_{});
-    } else {
-      scaled ? run(F_{}, T_{}) : run(F_{}, F_{});
-    }
+    dispatch_flags(entropy, scaled, run);
     if (args.stream) stream_fence();
   });
 }

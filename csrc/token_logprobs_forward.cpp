@@ -183,13 +183,7 @@ void forward_dispatch(const at::Tensor& logits, const at::Tensor& targets, float
                                                   lse.mutable_data_ptr<float>(), begin, end);
       }
     };
-    using T_ = std::true_type;
-    using F_ = std::false_type;
-    if (compute_entropy) {
-      scaled ? run(T_{}, T_{}) : run(T_{}, F_{});
-    } else {
-      scaled ? run(F_{}, T_{}) : run(F_{}, F_{});
-    }
+    dispatch_flags(compute_entropy, scaled, run);
   });
 }
 
@@ -337,13 +331,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_logprobs_forwar
         forward_basis_rows<scalar_t, decltype(entropy_tag)::value, decltype(scaled_tag)::value>(
             x, stride, V, t, temp, ignore_index, lp, en, ls, out, stream, begin, end);
       };
-      using T_ = std::true_type;
-      using F_ = std::false_type;
-      if (compute_entropy) {
-        scaled ? run(T_{}, T_{}) : run(T_{}, F_{});
-      } else {
-        scaled ? run(F_{}, T_{}) : run(F_{}, F_{});
-      }
+      dispatch_flags(compute_entropy, scaled, run);
     });
   });
   return {logp, entropy, lse, basis};
