@@ -91,14 +91,6 @@ void grad_row(const scalar_t* x, scalar_t* out, int64_t V, int64_t t, const RowC
   if (local) out[t] = static_cast<scalar_t>(target_grad<kEntropy, kScaled>(zt, c));
 }
 
-template <typename scalar_t>
-void zero_row(scalar_t* out, int64_t V) {
-  const Vec zero(0.0f);
-  int64_t j = 0;
-  for (; j + kBlock <= V; j += kBlock) store_block(out + j, zero, zero);
-  if (j < V) store_block(out + j, zero, zero, V - j);
-}
-
 struct BackwardArgs {
   int64_t N, V, in_stride, out_stride, ignore_index;
   bool stream;  // non-temporal stores (see kStreamBytes)
@@ -116,7 +108,7 @@ void backward_rows(const scalar_t* x, scalar_t* out, const BackwardArgs& args, i
     scalar_t* out_row = out + i * args.out_stride;
     const int64_t t = args.targets[i];
     if (t == args.ignore_index) {
-      zero_row(out_row, args.V);
+      fill_row(out_row, args.V, 0.0f);
       continue;
     }
     const double lse = args.lse64 ? args.lse64[i] : static_cast<double>(args.lse32[i]);

@@ -124,6 +124,15 @@ inline void store_block(scalar_t* dst, const Vec& lo, const Vec& hi, int64_t cou
   }
 }
 
+// Sets out[0, n) to `value` (in scalar_t): an ignored row's zeros, a broken row's NaNs.
+template <typename scalar_t>
+inline void fill_row(scalar_t* out, int64_t n, float value) {
+  const Vec v(value);
+  int64_t j = 0;
+  for (; j + kBlock <= n; j += kBlock) store_block(out + j, v, v);
+  if (j < n) store_block(out + j, v, v, n - j);
+}
+
 // Stores kBlock elements like store_block, bypassing the caches (non-temporal) in the AVX512 and AVX2
 // builds: for a gradient much larger than the caches, whose lines a plain store would first read from
 // memory (the write-allocate) only to overwrite them. dst must be 64-byte aligned (kBlock elements span

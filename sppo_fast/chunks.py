@@ -46,11 +46,10 @@ def narrow_products_are_slow(dtype, device):
 WIDENED_BLOCK_BYTES = 1 << 23  # the fp32 copy of a block of vocabulary rows in a widened product
 
 
-def _vocab_blocks(weight, block_bytes=None):
-    """Row slices of the weight whose fp32 copies hold about `block_bytes` each (the widened products)."""
+def _vocab_blocks(weight):
+    """Row slices of the weight whose fp32 copies hold about WIDENED_BLOCK_BYTES each (the widened products)."""
     V, H = weight.shape
-    rows = max(1, (block_bytes or WIDENED_BLOCK_BYTES) // max(1, 4 * H))
-    return [slice(a, min(a + rows, V)) for a in range(0, V, rows)]
+    return row_slices(V, max(1, WIDENED_BLOCK_BYTES // max(1, 4 * H)))
 
 
 def logits_into(buffer, h, weight, bias, widen=False):
@@ -206,8 +205,7 @@ def _accumulator_blocks(weight, dtype, block_bytes=1 << 25):
     V, H = weight.shape
     if dtype == weight.dtype or weight.device.type != "cpu":
         return [slice(0, V)]
-    rows = max(1, block_bytes // max(1, H * dtype.itemsize))
-    return [slice(a, min(a + rows, V)) for a in range(0, V, rows)] or [slice(0, 0)]
+    return row_slices(V, max(1, block_bytes // max(1, H * dtype.itemsize))) or [slice(0, 0)]
 
 
 def weight_grad_product(backend, lm_head, accumulator):

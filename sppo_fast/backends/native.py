@@ -79,9 +79,8 @@ def token_logprobs_forward_basis(logits, targets, temperature, ignore_index, com
                                            bool(compute_entropy))
 
 
-def token_logprobs_backward_from_basis_(basis, grad_logp):
-    """The interface's one-pass backward: basis *= grad_logp row by row, in place."""
-    return _C.token_logprobs_backward_from_basis_(basis, grad_logp)
+# the interface's one-pass backward: basis *= grad_logp row by row, in place
+token_logprobs_backward_from_basis_ = _C.token_logprobs_backward_from_basis_
 
 
 # accumulate_weight_grad(accumulator, grad_logits, hidden, accumulate) of the backend interface where the
