@@ -71,8 +71,8 @@ def logits_one_pass(logits, config, shard=None, inplace_backward=False, backend=
     d logp / d logits (the basis) and its backward only scales each row by g_logp (ops: the basis op),
     one exp per logit instead of two, at the price of one more sweep of memory (the basis written, then
     read and rewritten). Taken where the backend has that forward (the native one), the logits are 2-byte
-    (bf16/fp16, whose two passes are bound by their exps: 1.22-1.33x at bf16 V = 151936 on a 2-core Zen 3
-    EPYC; fp32 gained 1.06x there, too little to bet on CPUs whose exps are cheaper), the loss has no
+    (bf16/fp16, whose two passes are bound by their exps: 1.12-1.28x at bf16 V = 151936 on a 2-core Zen 3
+    EPYC; fp32 gained 1.01x there, nothing to bet on CPUs whose exps are cheaper), the loss has no
     gradient through the entropy (entropy_coef 0: the basis is logp's alone), a gradient is wanted, and the
     logits are neither a vocabulary shard (the basis needs the global lse) nor to be overwritten in place,
     nor traced.

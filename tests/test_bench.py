@@ -35,7 +35,7 @@ def assert_same(got, want, what):
 
 
 @pytest.mark.parametrize("impl", ["torch_eager", "verl_eager", "trl_eager", "oracle", "sppo_fast_inplace",
-                                  "sppo_fast_two_pass"])
+                                  "sppo_fast_two_pass", "sppo_fast_one_pass"])
 def test_from_logits_baselines_compute_the_dapo_loss_and_gradient(impl):
     if impl.startswith("verl"):
         pytest.importorskip("verl.trainer.ppo.core_algos")

@@ -11,6 +11,8 @@ for each implementation, side by side in one run:
   sppo_fast_inplace   the same with inplace_backward=True (the gradient overwrites the logits)
   sppo_fast_two_pass  fused_policy_loss with one_pass=False: the two-pass form, which sppo_fast (one_pass
                       chosen by the plan: one pass for bf16/fp16 logits) is measured against
+  sppo_fast_one_pass  one_pass=True: the one-pass form where the plan keeps two (fp32); not in the default
+                      cases, for bench_interleaved.py
   torch_eager         the idiomatic loss: fp32 log_softmax + gather, entropy -(p * logp).sum(-1), then the
                       preset's loss stage (sppo_fast.policy_loss, plain PyTorch on (B, T): the DAPO loss)
   torch_compile       torch.compile of torch_eager
@@ -285,6 +287,7 @@ def from_logits_fn(op, impl, preset):
     return {"sppo_fast": native,
             "sppo_fast_inplace": lambda x, inp: native(x, inp, inplace_backward=True),
             "sppo_fast_two_pass": lambda x, inp: native(x, inp, one_pass=False),
+            "sppo_fast_one_pass": lambda x, inp: native(x, inp, one_pass=True),
             "torch": lambda x, inp: _policy_loss(*idiomatic_logprobs(x, inp["targets"]), inp, config, preset),
             "trl": lambda x, inp: _policy_loss(*trl_logprobs(x, inp["targets"]), inp, config, preset),
             "oracle": lambda x, inp: _policy_loss(*reference.token_logprobs(x, inp["targets"], return_entropy=True),
