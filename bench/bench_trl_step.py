@@ -216,6 +216,11 @@ def environment():
     return env
 
 
+def _times(ratio, better, worse):
+    """TRL's figure / ours as words: "2.4x faster", or "4.6x slower" where ours is the larger."""
+    return f"{ratio:.1f}x {better}" if ratio >= 1 else f"{1 / ratio:.1f}x {worse}"
+
+
 def markdown(report):
     rows = report["results"]
     by = {(r["impl"], r["tokens"]): r for r in rows}
@@ -230,8 +235,8 @@ def markdown(report):
             continue
         base = by.get(("trl", r["tokens"]))
         ok = base is not None and base.get("status") == "ok"
-        mem = f"{base['peak_mib'] / r['peak_mib']:.1f}x lower" if ok and r["impl"] != "trl" else ""
-        speed = f"{base['step_s'] / r['step_s']:.1f}x faster" if ok and r["impl"] != "trl" else ""
+        mem = _times(base["peak_mib"] / r["peak_mib"], "lower", "higher") if ok and r["impl"] != "trl" else ""
+        speed = _times(base["step_s"] / r["step_s"], "faster", "slower") if ok and r["impl"] != "trl" else ""
         when = f"{r.get('started', '?')[11:19]}, {r.get('loadavg_1min_at_start', '?')}"
         lines.append(f"| {r['tokens']} | {r['impl']} | {r['peak_mib']:.0f} MiB | {mem} | {r['step_s']:.1f} s | "
                      f"{speed} | {when} |")

@@ -59,7 +59,7 @@ def test_token_logprobs_baseline():
     assert_same(grad_of("token_logprobs", "torch_eager", None, inp, [inp["logits"]]), want, "torch_eager")
 
 
-@pytest.mark.parametrize("impl", ["torch_eager", "trl_chunked", "torch_lce"])
+@pytest.mark.parametrize("impl", ["torch_eager", "trl_chunked", "torch_lce", "sppo_fast_chunk128"])
 def test_linear_baselines_compute_the_dapo_loss_and_gradients(impl):
     """The DAPO loss uses no entropy, so torch_lce (which gives none) computes the same loss."""
     if impl.startswith("trl"):
@@ -276,6 +276,10 @@ def test_long_cot_merge_keeps_the_columns_and_lengths_of_the_rows_it_keeps():
     redone = long_cot.merged(old, run("day2", ["fused_linear", "compile"], [1024, 4096], [
         row(i, n, 1.0) for i in ("fused_linear", "compile") for n in (1024, 4096)]))
     assert redone["run_dates"] == ["day2"]  # nothing kept from day 1
+    redone["targets"] = long_cot.targets(redone["results"], 16, [1024, 4096], redone["settings"]["impls"])
+    both_fit = long_cot.markdown(redone)  # both fit the grid's end: no "1x longer" ratio
+    assert "fused_linear and compile both fit the grid's longest response (4096)" in both_fit
+    assert "longer responses than compile" not in both_fit
 
 
 def test_interleaved_runs_append_to_one_report(tmp_path):
@@ -345,3 +349,22 @@ def test_the_one_pass_column_compares_sppo_fast_with_its_two_pass_form():
     assert ops_report._one_pass_cell(dict(ok, fwd_bwd_ms=150.0), dict(ok, fwd_bwd_ms=210.0)) == "210: 1.40x (met)"
     assert "NOT met" in ops_report._one_pass_cell(dict(ok, fwd_bwd_ms=180.0), dict(ok, fwd_bwd_ms=210.0))
     assert ops_report._one_pass_cell(dict(ok, fwd_bwd_ms=150.0), {}) == ""
+
+
+def test_the_linear_target_counts_sppo_fast_at_128_rows_per_chunk():
+    """ops_report: against torch_lce_tuned, the linear target is met by sppo_fast's default chunks or by
+    sppo_fast_chunk128, each judged on its own time and memory."""
+    from sppo_fast.bench import ops_report
+
+    def row(ms, mib):
+        return {"status": "ok", "fwd_bwd_ms": ms, "fwd_bwd_peak_mib": mib, "fwd_bwd_pct_of_floor": 90.0}
+
+    lce = {"torch_lce": row(5000, 70), "torch_lce_tuned": row(3000, 80)}
+    ours = row(1400, 120)  # 2.1x faster than the tuned one, but more memory
+    cell = lambda impls: ops_report._linear_target_row("case", True, ours, impls, {"floor_ms": 1200})  # noqa: E731
+    assert cell(lce).endswith("NOT met |")
+    small_ok = row(1450, 80)  # 2.07x at no more memory than tuned, 3.4x at more memory than the default
+    assert "1450: 2.07x faster, 80 vs 80 MiB" in cell(dict(lce, sppo_fast_chunk128=small_ok))
+    assert cell(dict(lce, sppo_fast_chunk128=small_ok)).endswith("NOT met |")  # torch_lce's 70 MiB
+    assert cell({"torch_lce_tuned": lce["torch_lce_tuned"], "sppo_fast_chunk128": small_ok}).endswith(" met |")
+    assert cell(dict(lce, sppo_fast_chunk128=row(1600, 80))).endswith("NOT met |")  # 1.88x

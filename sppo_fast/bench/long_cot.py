@@ -408,8 +408,12 @@ def markdown(report):
                  + ", ".join(f"{k} {v if v else 'none'}" for k, v in tg["longest_predicted_to_fit"].items()
                              if k in s["impls"]) + ".")
     fit = tg["longest_predicted_to_fit"]
+    longest = max(s["lengths"], default=0)
     for other in ("eager", "compile", "fused"):
-        if fit.get("fused_linear") and fit.get(other):
+        if fit.get("fused_linear") == fit.get(other) == longest:
+            lines.append(f"- fused_linear and {other} both fit the grid's longest response ({longest}) in "
+                         f"{tg['budget_gib']:g} GiB: a longer --lengths grid would tell them apart.")
+        elif fit.get("fused_linear") and fit.get(other):
             lines.append(f"- Estimated from the rows: fused_linear fits {fit['fused_linear'] / fit[other]:g}x "
                          f"longer responses than {other} in {tg['budget_gib']:g} GiB (of the lengths in the grid; "
                          "an estimate wherever a length was not run).")

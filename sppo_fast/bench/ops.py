@@ -13,6 +13,8 @@ for each implementation, side by side in one run:
                       chosen by the plan: one pass for bf16/fp16 logits) is measured against
   sppo_fast_one_pass  one_pass=True: the one-pass form where the plan keeps two (fp32); not in the default
                       cases, for bench_interleaved.py
+  sppo_fast_chunk128  fused_linear with chunk_size=128: the rows per chunk of torch_lce_tuned's smallest
+                      candidate, so that its memory is compared with torch's at the same chunk (linear only)
   torch_eager         the idiomatic loss: fp32 log_softmax + gather, entropy -(p * logp).sum(-1), then the
                       preset's loss stage (sppo_fast.policy_loss, plain PyTorch on (B, T): the DAPO loss)
   torch_compile       torch.compile of torch_eager
@@ -78,8 +80,8 @@ PRESETS = ("dapo", "gspo", "sspo")
 IMPLS = {"token_logprobs": ("sppo_fast", "sppo_fast_inplace", "torch_compile", "torch_eager"),
          "fused_policy_loss": ("sppo_fast", "sppo_fast_inplace", "sppo_fast_two_pass", "torch_compile", "torch_eager",
                                "verl_compile", "verl_eager", "trl_compile", "trl_eager"),
-         "fused_linear": ("sppo_fast", "torch_compile", "liger", "cce", "trl_chunked", "torch_lce",
-                          "torch_lce_tuned")}
+         "fused_linear": ("sppo_fast", "sppo_fast_chunk128", "torch_compile", "liger", "cce", "trl_chunked",
+                          "torch_lce", "torch_lce_tuned")}
 PEER_IMPLS = ("verl_compile", "verl_eager", "trl_compile", "trl_eager")  # their loss is the dapo one
 TOKENS = (2048,)  # the size of the issue's targets
 SHAPES = ("fp32:32000", "bf16:151936")  # the issue's two target shapes: dtype:V
@@ -90,6 +92,7 @@ SEGMENT_LEN = 32  # SSPO: tokens per segment of the synthetic segment ids
 HIDDEN = 512  # the linear case's hidden size
 EAGER_LOGITS_COPIES = 5  # an eager fwd+bwd holds about this many logits-sized fp32 tensors
 LCE_CHUNKS = (128, 256, 512, 1024, 2048, 4096)  # torch_lce_tuned's candidate rows per chunk (<= the rows)
+SMALL_CHUNK = LCE_CHUNKS[0]  # sppo_fast_chunk128's rows per chunk
 LCE_POLICY = {"fp32": "compact", "bf16": "accurate"}  # torch_lce_tuned's precision policy per dtype
 
 
@@ -325,10 +328,12 @@ def linear_fn(impl, lce_options=None):
         return cce
     if impl == "trl_chunked":
         return trl_chunked_loss
-    if impl == "sppo_fast":
+    if impl in ("sppo_fast", "sppo_fast_chunk128"):
+        chunk_size = SMALL_CHUNK if impl == "sppo_fast_chunk128" else None
+
         def native(x, inp):
             out = sf.fused_linear_policy_loss(x[0], x[1], inp["targets"], inp["old_logp"], inp["advantages"],
-                                              inp["mask"], config)
+                                              inp["mask"], config, chunk_size=chunk_size)
             return out.loss, out.metrics["entropy"]
         return native
     if impl == "torch":
