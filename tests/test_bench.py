@@ -171,6 +171,20 @@ def test_rows_get_their_percent_of_floor():
     assert floors.floors_of_row({"status": "skipped"}, MACHINE, {}) == {"status": "skipped"}
 
 
+def test_the_floors_paragraph_names_the_floors_of_the_runs_merged_into_the_file():
+    from sppo_fast.bench import ops_report
+
+    mm = {"status": "ok", "tokens": 2048, "hidden": 512, "vocab": 32000, "dtype": "fp32", "mm3_ms": 1144.0,
+          "mm_ms": {"logits": 390.0, "grad_hidden": 381.0, "grad_weight": 374.0}}
+    machine = dict(MACHINE, stream_bytes=2**30, exp={"fp32": {"exp_per_s": 3.95e9}})
+    text = ops_report.floors_paragraph({"floors": {"matmul": [mm]}, "earlier_floors": [{"machine": machine}]})
+    assert "this run" in text and "**1144 ms**" in text
+    assert "earlier runs merged here" in text and "streaming bandwidth **10.0 GB/s**" in text
+    assert "fp32 **3.95 G/s**" in text
+    alone = ops_report.floors_paragraph({"floors": {"machine": machine}})
+    assert "10.0 GB/s" in alone and "earlier runs" not in alone
+
+
 def test_the_floor_is_the_better_of_the_two_measurements():
     before = {"machine": dict(MACHINE), "matmul": [{"status": "ok", "tokens": 1, "hidden": 2, "vocab": 3,
                                                     "dtype": "fp32", "mm3_ms": 5.0}]}
@@ -349,6 +363,8 @@ def test_the_one_pass_column_compares_sppo_fast_with_its_two_pass_form():
     assert ops_report._one_pass_cell(dict(ok, fwd_bwd_ms=150.0), dict(ok, fwd_bwd_ms=210.0)) == "210: 1.40x (met)"
     assert "NOT met" in ops_report._one_pass_cell(dict(ok, fwd_bwd_ms=180.0), dict(ok, fwd_bwd_ms=210.0))
     assert ops_report._one_pass_cell(dict(ok, fwd_bwd_ms=150.0), {}) == ""
+    same = ops_report._one_pass_cell(dict(ok, fwd_bwd_ms=30.0), dict(ok, fwd_bwd_ms=45.0), "fp32")
+    assert same.startswith("45.0: 1.50x (NOT met; the plan keeps two passes at fp32")
 
 
 def test_the_linear_target_counts_sppo_fast_at_128_rows_per_chunk():

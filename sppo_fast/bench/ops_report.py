@@ -242,7 +242,7 @@ def floor_targets_table(rows):
         target = "" if goal is None or stream is None else f">= {goal:.0f}%: {_stream_mark(stream, goal, inplace)}"
         inp = (f"{_ms(inplace['fwd_bwd_ms'])}, {_pct(inplace.get('fwd_bwd_pct_of_stream_floor'))}"
                if _ok(inplace) else "")
-        one_pass = _one_pass_cell(ours, impls.get("sppo_fast_two_pass", {}))
+        one_pass = _one_pass_cell(ours, impls.get("sppo_fast_two_pass", {}), key[2])
         lines.append(f"| {case}{_flag(ours)} | {_ms(ours['fwd_bwd_ms'])}, {_pct(stream)} "
                      f"({_pct(ours.get('fwd_bwd_pct_of_floor'))}) | {inp} | {_ms(fb.get('exp_ms'))} | "
                      f"{_ms(fb.get('stream_ms'))} | {target} | {one_pass} |")
@@ -254,21 +254,19 @@ def floor_targets_table(rows):
     return "\n\n".join(out)
 
 
-def _one_pass_cell(ours, two_pass):
+def _one_pass_cell(ours, two_pass, dtype="bf16"):
     """The two-pass row's time and sppo_fast's speed-up over it (issue 18: >= 1.3x), or "" if not measured.
-    sppo_fast takes one pass where the plan chooses it (bf16/fp16 logits); where it keeps two, the two rows
-    run the same code and their ratio is the run's noise."""
+    sppo_fast takes one pass where the plan chooses it (bf16/fp16 logits); where it keeps two (fp32), the
+    two rows run the same code and their ratio is the run's noise, which the cell says."""
     if not _ok(two_pass):
         return ""
     x = two_pass["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
-    return f"{_ms(two_pass['fwd_bwd_ms'])}: {x:.2f}x ({_mark(x >= 1.3)})"
+    same = "; the plan keeps two passes at fp32: the same code, the ratio is noise" if dtype == "fp32" else ""
+    return f"{_ms(two_pass['fwd_bwd_ms'])}: {x:.2f}x ({_mark(x >= 1.3 and not same)}{same})"
 
 
-def floors_paragraph(report):
-    """What the floors of this run are, in words."""
-    fl = report.get("floors")
-    if not fl:
-        return "No floors in this file (runs before issue 18, or `--no-floors`).\n\n"
+def _floor_parts(fl):
+    """The floors of one run, in words, one part per floor."""
     m = fl.get("machine") or {}
     parts = []
     if m.get("status") == "ok":
@@ -290,11 +288,23 @@ def floors_paragraph(report):
                          f"{_ms(mm['grad_hidden'])}, weight gradient {_ms(mm['grad_weight'])})")
         else:
             parts.append(f"matmul floor at {r.get('dtype')} V={r.get('vocab')}: {r.get('status')}")
+    return parts
+
+
+def floors_paragraph(report):
+    """What the floors of this run are, in words, and those of the earlier runs merged into the file
+    (whose rows carry their own run's floors)."""
+    fl = report.get("floors")
+    if not fl:
+        return "No floors in this file (runs before issue 18, or `--no-floors`).\n\n"
+    earlier = [p for f in report.get("earlier_floors", []) for p in _floor_parts(f)]
+    merged = (" Floors of the earlier runs merged here, which their rows are measured against: "
+              + "; ".join(earlier) + ".") if earlier else ""
     return ("Floors measured in this run, before and after the cases (the better of the two; method: "
-            "`sppo_fast/bench/floors.py`): " + "; ".join(parts) + ". Logits path: stream floor = bytes moved "
-            "(forward: the logits read once; forward+backward: read twice, the gradient written once) / "
-            "bandwidth; exp floor = one exp per logit per pass at the native rate; floor = the larger. Linear "
-            "path: floor = the three matmuls (forward: the first). % of floor = floor / time.\n\n")
+            "`sppo_fast/bench/floors.py`): " + "; ".join(_floor_parts(fl)) + "." + merged + " Logits path: stream "
+            "floor = bytes moved (forward: the logits read once; forward+backward: read twice, the gradient "
+            "written once) / bandwidth; exp floor = one exp per logit per pass at the native rate; floor = the "
+            "larger. Linear path: floor = the three matmuls (forward: the first). % of floor = floor / time.\n\n")
 
 
 def write_reports(report, out, plot_png=True):
