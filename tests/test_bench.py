@@ -360,9 +360,10 @@ def test_the_one_pass_column_compares_sppo_fast_with_its_two_pass_form():
     from sppo_fast.bench import ops_report
 
     ok = {"status": "ok"}
-    assert ops_report._one_pass_cell(dict(ok, fwd_bwd_ms=150.0), dict(ok, fwd_bwd_ms=210.0)) == "210: 1.40x (met)"
-    assert "NOT met" in ops_report._one_pass_cell(dict(ok, fwd_bwd_ms=180.0), dict(ok, fwd_bwd_ms=210.0))
-    assert ops_report._one_pass_cell(dict(ok, fwd_bwd_ms=150.0), {}) == ""
+    met = ops_report._one_pass_cell(dict(ok, fwd_bwd_ms=150.0), dict(ok, fwd_bwd_ms=210.0), "bf16")
+    assert met == "210: 1.40x (met)"
+    assert "NOT met" in ops_report._one_pass_cell(dict(ok, fwd_bwd_ms=180.0), dict(ok, fwd_bwd_ms=210.0), "bf16")
+    assert ops_report._one_pass_cell(dict(ok, fwd_bwd_ms=150.0), {}, "bf16") == ""
     same = ops_report._one_pass_cell(dict(ok, fwd_bwd_ms=30.0), dict(ok, fwd_bwd_ms=45.0), "fp32")
     assert same.startswith("45.0: 1.50x (NOT met; the plan keeps two passes at fp32")
 

@@ -205,10 +205,10 @@ def _linear_target_row(case, judged, ours, impls, floors):
     cells, met = [], [pct is not None and pct >= LINEAR_FLOOR_TARGET]
     for lce in ("torch_lce", "torch_lce_tuned"):
         cell, ok = _lce_cell(ours, impls.get(lce, {}))
+        small_cell, small_ok = _lce_cell(small, impls.get(lce, {}))
         cells.append(cell)
-        met.append(ok or _lce_cell(small, impls.get(lce, {}))[1])
-    small_cell = _lce_cell(small, impls.get("torch_lce_tuned", {}))[0]
-    if small_cell:
+        met.append(ok or small_ok)
+    if small_cell:  # the last one: against torch_lce_tuned
         small_cell = f"{_ms(small['fwd_bwd_ms'])}: {small_cell}"
     target = (f">= {LINEAR_FLOOR_TARGET:.0f}% and >= {LCE_SPEEDUP_TARGET:g}x at no more memory: {_mark(all(met))}"
               if judged else "")
@@ -254,10 +254,11 @@ def floor_targets_table(rows):
     return "\n\n".join(out)
 
 
-def _one_pass_cell(ours, two_pass, dtype="bf16"):
+def _one_pass_cell(ours, two_pass, dtype):
     """The two-pass row's time and sppo_fast's speed-up over it (issue 18: >= 1.3x), or "" if not measured.
-    sppo_fast takes one pass where the plan chooses it (bf16/fp16 logits); where it keeps two (fp32), the
-    two rows run the same code and their ratio is the run's noise, which the cell says."""
+    sppo_fast takes one pass where the plan chooses it (sppo_fast.plan.logits_one_pass: bf16/fp16 logits);
+    where it keeps two (fp32), the two rows run the same code and their ratio is the run's noise, which the
+    cell says."""
     if not _ok(two_pass):
         return ""
     x = two_pass["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
