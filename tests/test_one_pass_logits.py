@@ -40,7 +40,8 @@ def ulp_bound(dtype, oracle, targets, temperature, logits):
     z = logits.double() / temperature
     spread = (z.abs() + z.max(dim=1, keepdim=True).values.abs()).nan_to_num(0.0, 0.0, 0.0)
     bound = oracle.abs() * (eps / 2 + 1e-6 + spread * 2.0 ** -23)
-    # p under exp(-87.3) ~ 2^-126 is flushed to 0, as by every kernel here; fp16 rounds below its subnormals
+    # p under exp(-88) is 0 and just above it may be subnormal (under 2^-125), as in every kernel here; fp16
+    # rounds below its subnormals
     bound += (2.0 ** -25 if dtype == torch.float16 else 2.0 ** -125) / temperature
     rows = (targets >= 0).nonzero().squeeze(1)
     bound[rows, targets[rows]] += 2.0 ** -22 / temperature
