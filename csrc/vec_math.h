@@ -80,16 +80,56 @@ inline Vec exp_nonpositive(const Vec& d) {
 #endif
 }
 
-// Loads kBlock elements starting at `src` as two fp32 vectors.
+// A whole block of 2-byte elements as two fp32 vectors (widen_block) and back (narrow_block). For bf16 in
+// the AVX2 build the vectors hold the block in pair order, not element order: lo = elements 0-3 and 8-11,
+// hi = 4-7 and 12-15, as the in-lane unpacks give them; narrow_block's in-lane pack puts them back, so a
+// block loaded, transformed element by element and stored (or kept in fp32 and stored later, at the same
+// offsets) comes out in place. Tails (load_tail, store_block with count < kBlock) stay in element order.
+// ATen's conversion widens across the 128-bit lanes; on the Zen 3 EPYC the bf16 forward sweep (max and exp
+// passes, one thread, an L1-resident row) ran at 2.64-2.76 G/s in pair order against 2.07-2.09.
+template <typename scalar_t>
+inline void widen_block(const scalar_t* src, Vec& lo, Vec& hi) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+    lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), a));
+    hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), a));
+    return;
+  }
+#endif
+  auto both = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(src));
+  lo = std::get<0>(both);
+  hi = std::get<1>(both);
+}
+
+#if defined(CPU_CAPABILITY_AVX2)
+// fp32 -> bf16 bits in the low half of each lane, rounded to nearest even, NaN -> 0xffff: ATen's rounding.
+inline __m256i bf16_bits(const Vec& v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded =
+      _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  const __m256i ordered = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_ORD_Q));
+  return _mm256_blendv_epi8(_mm256_set1_epi32(0xffff), rounded, ordered);
+}
+#endif
+
+template <typename scalar_t>
+inline at::vec::Vectorized<scalar_t> narrow_block(const Vec& lo, const Vec& hi) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return _mm256_packus_epi32(bf16_bits(lo), bf16_bits(hi));
+#endif
+  return at::vec::convert_from_float<scalar_t>(lo, hi);
+}
+
+// Loads kBlock elements starting at `src` as two fp32 vectors (2-byte ones in widen_block's order).
 template <typename scalar_t>
 inline void load_block(const scalar_t* src, Vec& lo, Vec& hi) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     lo = Vec::loadu(src);
     hi = Vec::loadu(src + Vec::size());
   } else {
-    auto both = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(src));
-    lo = std::get<0>(both);
-    hi = std::get<1>(both);
+    widen_block(src, lo, hi);
   }
 }
 
@@ -102,7 +142,8 @@ inline void load_tail(const scalar_t* src, int64_t count, float fill, Vec& lo, V
   hi = Vec::loadu(buf + Vec::size());
 }
 
-// Stores the first `count` (<= kBlock) of the two fp32 vectors into `dst`, rounded to scalar_t.
+// Stores the first `count` (<= kBlock) of the two fp32 vectors into `dst`, rounded to scalar_t (a whole block
+// of 2-byte elements in widen_block's order, a tail in element order).
 template <typename scalar_t>
 inline void store_block(scalar_t* dst, const Vec& lo, const Vec& hi, int64_t count = kBlock) {
   if constexpr (std::is_same_v<scalar_t, float>) {
@@ -113,13 +154,10 @@ inline void store_block(scalar_t* dst, const Vec& lo, const Vec& hi, int64_t cou
       lo.store(dst, std::min<int64_t>(count, Vec::size()));
       if (count > Vec::size()) hi.store(dst + Vec::size(), count - Vec::size());
     }
+  } else if (count == kBlock) {
+    narrow_block<scalar_t>(lo, hi).store(dst);
   } else {
-    auto packed = at::vec::convert_from_float<scalar_t>(lo, hi);
-    if (count == kBlock) {
-      packed.store(dst);
-    } else {
-      packed.store(dst, static_cast<int>(count));
-    }
+    at::vec::convert_from_float<scalar_t>(lo, hi).store(dst, static_cast<int>(count));
   }
 }
 
@@ -151,7 +189,7 @@ inline void stream_block(scalar_t* dst, const Vec& lo, const Vec& hi) {
     _mm256_stream_ps(dst, lo);
     _mm256_stream_ps(dst + Vec::size(), hi);
   } else {
-    const __m256i packed = at::vec::convert_from_float<scalar_t>(lo, hi);
+    const __m256i packed = narrow_block<scalar_t>(lo, hi);
     _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), packed);
   }
 #else
