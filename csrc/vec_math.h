@@ -54,11 +54,18 @@ inline Vec exp_nonpositive(const Vec& d) {
   const Vec shifted = at::vec::fmadd(x, Vec(1.44269504088896341f), Vec(kRoundBias));
   const Vec n = shifted - Vec(kRoundBias);
 #endif
+#if defined(__FMA__)
   // r = x - n ln2 in one FMA, with ln2 rounded to fp32 (off by 1.9e-9): the product is exact inside the
   // FMA, so r is off by |n| 1.9e-9 (plus its one rounding), a relative error in e^r under 2^-24 for |d| < 30
   // and 2.4e-7 at d = -87, where e^d < 1e-37. Cody-Waite's two parts cost one more FMA per element in a
   // sweep bound by its FMAs.
   const Vec r = at::vec::fmadd(n, Vec(-0.693147180559945f), x);
+#else
+  // Without FMA (the default build) n ln2_f would be rounded, 2e-6 off at n = 87: Cody-Waite's two parts,
+  // n * 0.693359375 exact in fp32 (9 + 7 significant bits).
+  Vec r = at::vec::fmadd(n, Vec(-0.693359375f), x);
+  r = at::vec::fmadd(n, Vec(2.12194440e-4f), r);
+#endif
   Vec q(1.381461275741458e-3f);
   q = at::vec::fmadd(q, r, Vec(8.368710055947304e-3f));
   q = at::vec::fmadd(q, r, Vec(4.166838899254799e-2f));
