@@ -9,6 +9,8 @@ backend its own cases (`per_backend`): the Triton ones stay small; a GPU runs th
 of one backend only come last."""
 
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -324,6 +326,26 @@ def test_the_widest_build_this_cpu_runs_is_loaded(kernels):
     capability = torch.backends.cpu.get_cpu_capability()
     expected = capability if capability in ("AVX2", "AVX512") else "DEFAULT"
     assert kernels.module.CPU_CAPABILITY == expected, kernels.module.describe()
+
+
+NARROWER_BUILDS = {"AVX512": ("AVX2", "default"), "AVX2": ("default",)}
+
+
+@only("native")
+@pytest.mark.parametrize("capability", ["AVX2", "default"])
+def test_the_narrower_builds_pass_the_native_kernel_tests(kernels, capability):
+    """The widest build serves this CPU and the rest of the suite; the narrower ones serve other CPUs. Each
+    one this CPU can run passes this file's and tests/test_one_pass_logits.py's native tests too, in a child
+    with ATEN_CPU_CAPABILITY set (the default build's exp was once 4e-6 off with no test run on it)."""
+    if capability not in NARROWER_BUILDS.get(torch.backends.cpu.get_cpu_capability(), ()):
+        pytest.skip(f"{capability} is this CPU's own build or one it cannot run")
+    here = os.path.dirname(__file__)
+    files = [os.path.join(here, name) for name in ("test_kernels.py", "test_one_pass_logits.py")]
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files,
+         "-k", "not triton and not narrower"],
+        env={**os.environ, "ATEN_CPU_CAPABILITY": capability}, capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
 
 
 @only("native")
