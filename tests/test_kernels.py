@@ -369,7 +369,7 @@ def test_the_sweeps_exp_is_as_accurate_as_documented(kernels):
     vocab = 32
     d = torch.linspace(-95.0, -17.0, 31 * 800, dtype=torch.float64).float()
     rows = torch.arange(d.numel())
-    column = 1 + rows % (vocab - 1)  # every lane of both blocks
+    column = 1 + rows % (vocab - 1)  # every lane of the row's vector blocks
     logits = torch.full((d.numel(), vocab), float("-inf"))
     logits[:, 0] = 0.0
     logits[rows, column] = d
